@@ -1,0 +1,1 @@
+//! catalog (placeholder until its work lands).

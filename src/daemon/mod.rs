@@ -1,0 +1,1 @@
+//! daemon (placeholder until its work lands).

@@ -1,0 +1,1 @@
+//! nbd (placeholder until its work lands).

@@ -1,0 +1,1 @@
+//! quiesce (placeholder until its work lands).

@@ -1,0 +1,1 @@
+//! sys (placeholder until its work lands).

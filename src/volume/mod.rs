@@ -1,0 +1,1 @@
+//! volume (placeholder until its work lands).
