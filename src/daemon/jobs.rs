@@ -1,0 +1,246 @@
+//! The job runner: long work with an id, persisted state and live progress.
+//!
+//! A job waits for the locks of every volume it touches (work on one volume is serialized),
+//! then for one of `max_concurrent_jobs` slots, then runs its work on a blocking thread.
+//! Progress lives in memory while a job runs and is written to the catalog when it ends.
+//! On shutdown the running work is asked to stop; its row stays `working` so that the next
+//! start resumes or fails it (see `recovery`).
+
+use super::manager::Manager;
+use crate::api::{ApiError, ErrorKind};
+use crate::catalog::{now, JobRow, JobStatus};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+/// Live progress of a running job; also the store's `Progress`.
+#[derive(Debug, Default)]
+pub struct JobProgress {
+    done: AtomicU64,
+    total: AtomicU64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl JobProgress {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+impl crate::store::Progress for JobProgress {
+    fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+}
+
+/// The work of a job: runs on a blocking thread; an error fails the job with its message.
+pub type Work =
+    Box<dyn FnOnce(&Arc<Manager>, &JobProgress) -> Result<(), ApiError> + Send + 'static>;
+
+pub struct Jobs {
+    slots: Arc<Semaphore>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    live: Mutex<HashMap<String, Arc<JobProgress>>>,
+    /// Volumes with a job submitted and not yet ended, with how many.
+    busy: Mutex<HashMap<String, usize>>,
+    /// Set at shutdown: running work stops at its next progress check.
+    cancel: Arc<AtomicBool>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Jobs {
+    pub fn new(max_concurrent: u32) -> Jobs {
+        Jobs {
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1) as usize)),
+            locks: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+            cancel: Arc::new(AtomicBool::new(false)),
+            tracker: tokio_util::task::TaskTracker::default(),
+        }
+    }
+
+    /// Live (done, total) of a running job.
+    pub fn live_progress(&self, job_id: &str) -> Option<(u64, u64)> {
+        self.live.lock().ok()?.get(job_id).map(|p| p.get())
+    }
+
+    /// True while a job on `volume_id` is waiting or running.
+    pub fn volume_busy(&self, volume_id: &str) -> bool {
+        self.busy
+            .lock()
+            .map(|b| b.get(volume_id).is_some_and(|n| *n > 0))
+            .unwrap_or(true)
+    }
+
+    fn mark_busy(&self, keys: &[String], delta: isize) {
+        if let Ok(mut busy) = self.busy.lock() {
+            for k in keys {
+                let n = busy.entry(k.clone()).or_default();
+                *n = n.saturating_add_signed(delta);
+                if *n == 0 {
+                    busy.remove(k);
+                }
+            }
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Asks running work to stop and waits (bounded) for it to do so.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.slots.close();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "jobs still running at shutdown; they are resumed or failed at the next start"
+            );
+        }
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Persists `job` as pending and starts it; `lock_keys` name the volumes it serializes on.
+pub fn submit(
+    manager: &Arc<Manager>,
+    job: JobRow,
+    lock_keys: Vec<String>,
+    work: Work,
+) -> Result<String, ApiError> {
+    manager.with_catalog(|c| c.upsert_job(&job))?;
+    let id = job.id.clone();
+    let m = manager.clone();
+    let jobs = manager.jobs();
+    let progress = Arc::new(JobProgress {
+        cancel: jobs.cancel.clone(),
+        ..JobProgress::default()
+    });
+    if let Ok(mut live) = jobs.live.lock() {
+        live.insert(id.clone(), progress.clone());
+    }
+    let mut keys = lock_keys;
+    keys.sort();
+    keys.dedup();
+    jobs.mark_busy(&keys, 1);
+    jobs.tracker.spawn(async move {
+        run(m, job, keys, progress, work).await;
+    });
+    Ok(id)
+}
+
+async fn run(
+    manager: Arc<Manager>,
+    job: JobRow,
+    keys: Vec<String>,
+    progress: Arc<JobProgress>,
+    work: Work,
+) {
+    run_locked(&manager, job, &keys, progress, work).await;
+    manager.jobs().mark_busy(&keys, -1);
+}
+
+async fn run_locked(
+    manager: &Arc<Manager>,
+    mut job: JobRow,
+    keys: &[String],
+    progress: Arc<JobProgress>,
+    work: Work,
+) {
+    let jobs = manager.jobs();
+    // Locks in sorted order: two jobs over the same volumes can never deadlock.
+    let mut guards = Vec::with_capacity(keys.len());
+    for key in keys {
+        guards.push(jobs.lock_for(key).lock_owned().await);
+    }
+    let permit = jobs.slots.clone().acquire_owned().await;
+    if permit.is_err() || jobs.shutting_down() {
+        // Shutting down before the work began: the row stays pending for the next start.
+        forget(manager, &job.id);
+        return;
+    }
+    job.status = JobStatus::Working;
+    job.status_time = now();
+    if let Err(e) = manager.with_catalog(|c| c.upsert_job(&job)) {
+        tracing::error!(job = %job.id, error = %e.message, "cannot mark job working");
+    }
+    let _ = manager.set_status(&format!(
+        "working: {} {}",
+        job.action,
+        job.resource_ids.join(",")
+    ));
+    let m = manager.clone();
+    let p = progress.clone();
+    let result = tokio::task::spawn_blocking(move || work(&m, &p))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("job panicked: {e}"))));
+    drop(permit);
+    drop(guards);
+    if result.is_err() && progress.is_cancelled() {
+        // Interrupted by shutdown: leave it `working` so that recovery resumes or fails it.
+        tracing::info!(job = %job.id, "job interrupted by shutdown");
+        forget(manager, &job.id);
+        return;
+    }
+    let (done, total) = progress.get();
+    job.total_bytes = total;
+    job.done_bytes = done;
+    job.status_time = now();
+    match result {
+        Ok(()) => {
+            job.status = JobStatus::Successful;
+            job.done_bytes = total.max(done);
+            job.total_bytes = job.done_bytes;
+            tracing::info!(job = %job.id, action = %job.action, "job successful");
+        }
+        Err(e) => {
+            job.status = JobStatus::Failed;
+            job.error = Some(e.message.clone());
+            job.error_code = Some(e.kind.ret_code());
+            tracing::warn!(job = %job.id, action = %job.action, error = %e.message, "job failed");
+        }
+    }
+    if let Err(e) = manager.with_catalog(|c| c.upsert_job(&job)) {
+        tracing::error!(job = %job.id, error = %e.message, "cannot record job result");
+    }
+    forget(manager, &job.id);
+    let _ = manager.set_status("idle");
+}
+
+fn forget(manager: &Manager, id: &str) {
+    if let Ok(mut live) = manager.jobs().live.lock() {
+        live.remove(id);
+    }
+}
+
+/// A failed job's error for work that was stopped by shutdown.
+pub fn cancelled_error() -> ApiError {
+    ApiError::new(ErrorKind::Unavailable, "the daemon is shutting down")
+}
