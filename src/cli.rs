@@ -26,17 +26,22 @@ pub const DEFAULT_SOCKET: &str = "/run/blocksnap/blocksnap.sock";
 #[command(name = "blocksnap", version)]
 pub struct Cli {
     /// The daemon's control socket.
-    #[arg(long, env = "BLOCKSNAP_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    #[arg(long, env = "BLOCKSNAP_SOCKET", default_value = DEFAULT_SOCKET, global = true, help_heading = "Global options")]
     pub socket: PathBuf,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Json, global = true)]
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Json, global = true, help_heading = "Global options")]
     pub output: Output,
     /// Block until the job the call started has ended (progress on stderr when it is a
     /// terminal); a failed job makes the command exit non-zero.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub wait: bool,
     /// Zone, for QingCloud compatibility; must equal the daemon's zone if given.
-    #[arg(short = 'z', long = "zone", global = true)]
+    #[arg(
+        short = 'z',
+        long = "zone",
+        global = true,
+        help_heading = "Global options"
+    )]
     pub zone: Option<String>,
     #[command(subcommand)]
     pub verb: Verb,
@@ -53,34 +58,55 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Verb {
     /// Create sparse volume image(s); starts a job and returns `volumes`.
+    #[command(after_help = "Example: blocksnap create-volumes -s 64M -N test-snap --wait")]
     CreateVolumes(CreateVolumesArgs),
     /// List volumes (`volume_set`, `total_count`).
+    #[command(after_help = "Example: blocksnap describe-volumes -v vol-kihuzzei -o table")]
     DescribeVolumes(DescribeVolumesArgs),
     /// Attach volumes: a /dev/loopN appears (loop) or the NBD export starts (nbd).
+    #[command(after_help = "Example: blocksnap attach-volumes -v vol-kihuzzei --wait")]
     AttachVolumes(VolumesArgs),
     /// Detach volumes; refused while a filesystem from them is mounted.
+    #[command(after_help = "Example: blocksnap detach-volumes -v vol-kihuzzei")]
     DetachVolumes(VolumesArgs),
     /// Grow volumes to a new size.
+    #[command(after_help = "Example: blocksnap resize-volumes -v vol-kihuzzei -s 20G --wait")]
     ResizeVolumes(ResizeVolumesArgs),
     /// Delete volumes; refused while attached. Their snapshots survive.
+    #[command(after_help = "Example: blocksnap delete-volumes -v vol-kihuzzei")]
     DeleteVolumes(VolumesArgs),
     /// Snapshot volumes (filesystem-consistent when mounted); starts a job, returns `snapshots`.
+    #[command(
+        after_help = "Example: blocksnap create-snapshots -r vol-df3m8oal -F 1 -N full-snap --wait"
+    )]
     CreateSnapshots(CreateSnapshotsArgs),
     /// List snapshots (`snapshot_set`, `total_count`).
+    #[command(after_help = "Example: blocksnap describe-snapshots -r vol-df3m8oal -o table")]
     DescribeSnapshots(DescribeSnapshotsArgs),
     /// Delete snapshots, also ones in the middle of a chain.
+    #[command(after_help = "Example: blocksnap delete-snapshots -s ss-umocjmc3")]
     DeleteSnapshots(SnapshotsArgs),
     /// Create a new volume holding a snapshot's point-in-time image; returns `volume_id`.
+    #[command(
+        after_help = "Example: blocksnap create-volume-from-snapshot -s ss-umocjmc3 -N restore-2 --wait"
+    )]
     CreateVolumeFromSnapshot(CreateVolumeFromSnapshotArgs),
     /// Roll volumes back in place to snapshots (the volume must not be mounted).
+    #[command(after_help = "Example: blocksnap apply-snapshots -s ss-umocjmc3 --wait")]
     ApplySnapshots(SnapshotsArgs),
     /// Rename a snapshot or change its description.
+    #[command(
+        after_help = "Example: blocksnap modify-snapshot-attributes -s ss-umocjmc3 -N before-upgrade"
+    )]
     ModifySnapshotAttributes(ModifySnapshotAttributesArgs),
     /// Re-read each snapshot's chain and check every checksum; starts a job.
+    #[command(after_help = "Example: blocksnap verify-snapshots -s ss-umocjmc3 --wait")]
     VerifySnapshots(SnapshotsArgs),
     /// List jobs (`job_set`).
+    #[command(after_help = "Example: blocksnap describe-jobs -j j-9ebq2zp5sm3 -o table")]
     DescribeJobs(DescribeJobsArgs),
     /// Print the daemon's Prometheus metrics (GET /metrics).
+    #[command(after_help = "Example: blocksnap metrics")]
     Metrics,
 }
 

@@ -227,6 +227,27 @@ mod tests {
     }
 
     #[test]
+    fn connect_failures_name_their_cause() {
+        let path = Path::new("/run/blocksnap/blocksnap.sock");
+        let e = connect_error(path, io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert!(e
+            .message()
+            .starts_with("Permission denied on the socket /run/blocksnap/blocksnap.sock"));
+        let e = connect_error(path, io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert!(matches!(e, ClientError::NotRunning { .. }));
+        let e = connect_error(path, io::Error::from(io::ErrorKind::NotFound));
+        assert!(matches!(e, ClientError::SocketMissing { .. }));
+        let e = connect_error(path, io::Error::from_raw_os_error(libc::ENOTSOCK));
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(
+            e.message().starts_with("Cannot connect to the daemon at"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
     fn long_bodies_are_shortened() {
         let s = shorten(&[b'x'; 1000]);
         assert!(s.chars().count() == 301 && s.ends_with('…'));

@@ -99,13 +99,12 @@ impl Bar {
                 job_id: job_id.to_string(),
             };
         }
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} ETA {eta}",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        bar.set_style(style);
+        // A spinner until the daemon reports how many bytes the job moves, then a bar.
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         bar.set_message(format!("{job_id} pending"));
         bar.enable_steady_tick(Duration::from_millis(100));
         Bar {
@@ -118,7 +117,16 @@ impl Bar {
         let Some(bar) = &self.bar else { return };
         let done = progress["done_bytes"].as_u64().unwrap_or(0);
         let total = progress["total_bytes"].as_u64().unwrap_or(0);
-        if total > 0 {
+        if total > 0 && bar.length() != Some(total) {
+            if bar.length().is_none() {
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg} [{bar:25}] {bytes}/{total_bytes} ETA {eta}",
+                    )
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
             bar.set_length(total);
         }
         bar.set_position(done);
