@@ -23,7 +23,7 @@ pub const DEFAULT_SOCKET: &str = "/run/blocksnap/blocksnap.sock";
 /// Verbs and flags are those of `qingcloud iaas <verb>`; lists are comma-separated; sizes
 /// are a number of GiB or a number with a binary suffix (64M, 10G, 1T).
 #[derive(Debug, Parser)]
-#[command(name = "blocksnap", version)]
+#[command(name = "blocksnap", version, infer_long_args = true)]
 pub struct Cli {
     /// The daemon's control socket.
     #[arg(long, env = "BLOCKSNAP_SOCKET", default_value = DEFAULT_SOCKET, global = true, help_heading = "Global options")]
@@ -43,6 +43,16 @@ pub struct Cli {
         help_heading = "Global options"
     )]
     pub zone: Option<String>,
+    /// Accepted for QingCloud compatibility (its access-key file) and ignored: the socket's
+    /// permissions decide who may do what.
+    #[arg(
+        short = 'f',
+        long = "config",
+        global = true,
+        value_name = "CONF_FILE",
+        help_heading = "Global options"
+    )]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub verb: Verb,
 }
@@ -135,7 +145,7 @@ pub struct CreateVolumesArgs {
     #[arg(short = 's', long, value_parser = size_arg)]
     pub size: SizeArg,
     /// Name of the new volume(s).
-    #[arg(short = 'N', long)]
+    #[arg(short = 'N', long, alias = "volume_name")]
     pub volume_name: Option<String>,
     /// How many volumes to create (default 1).
     #[arg(short = 'c', long)]
@@ -154,13 +164,13 @@ pub struct DescribeVolumesArgs {
     #[arg(short = 's', long)]
     pub status: Vec<String>,
     /// Only volumes whose id or name contains this.
-    #[arg(short = 'W', long)]
+    #[arg(short = 'W', long, alias = "search_word")]
     pub search_word: Option<String>,
     /// Skip this many results.
-    #[arg(long)]
+    #[arg(short = 'O', long)]
     pub offset: Option<u64>,
     /// Return at most this many results.
-    #[arg(long)]
+    #[arg(short = 'L', long)]
     pub limit: Option<u64>,
 }
 
@@ -191,7 +201,7 @@ pub struct CreateSnapshotsArgs {
           num_args = 0..=1, default_missing_value = "1")]
     pub is_full: Option<u8>,
     /// Name of the new snapshot(s).
-    #[arg(short = 'N', long)]
+    #[arg(short = 'N', long, alias = "name")]
     pub snapshot_name: Option<String>,
     /// Take a crash-consistent snapshot even while processes hold the device open for writing.
     #[arg(long)]
@@ -220,10 +230,10 @@ pub struct DescribeSnapshotsArgs {
           num_args = 0..=1, default_missing_value = "1")]
     pub verbose: Option<u8>,
     /// Skip this many results.
-    #[arg(long)]
+    #[arg(short = 'O', long)]
     pub offset: Option<u64>,
     /// Return at most this many results.
-    #[arg(long)]
+    #[arg(short = 'L', long)]
     pub limit: Option<u64>,
 }
 
@@ -256,7 +266,7 @@ pub struct ModifySnapshotAttributesArgs {
     #[arg(short = 's', long)]
     pub snapshot: String,
     /// New name.
-    #[arg(short = 'N', long)]
+    #[arg(short = 'N', long, alias = "name")]
     pub snapshot_name: Option<String>,
     /// New description.
     #[arg(short = 'D', long)]
@@ -272,10 +282,10 @@ pub struct DescribeJobsArgs {
     #[arg(short = 's', long)]
     pub status: Vec<String>,
     /// Skip this many results.
-    #[arg(long)]
+    #[arg(short = 'O', long)]
     pub offset: Option<u64>,
     /// Return at most this many results.
-    #[arg(long)]
+    #[arg(short = 'L', long)]
     pub limit: Option<u64>,
 }
 

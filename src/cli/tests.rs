@@ -438,6 +438,54 @@ fn describe_jobs() {
 }
 
 #[test]
+fn qingcloud_cli_spellings_are_accepted() {
+    // qingcloud-cli's own long names, -O/-L on describe verbs, -f CONF_FILE (ignored).
+    assert_eq!(
+        body(&[
+            "create-volumes",
+            "-s",
+            "1",
+            "--volume_name",
+            "a",
+            "-f",
+            "/root/.qingcloud/config.yaml"
+        ]),
+        json!({"action": "CreateVolumes", "size": "1", "volume_name": "a"})
+    );
+    assert_eq!(
+        body(&["create-snapshots", "-r", "vol-aaaaaaaa", "--name", "s"])["snapshot_name"],
+        "s"
+    );
+    assert_eq!(
+        body(&[
+            "modify-snapshot-attributes",
+            "-s",
+            "ss-aaaaaaaa",
+            "--name",
+            "s"
+        ])["snapshot_name"],
+        "s"
+    );
+    for verb in ["describe-volumes", "describe-snapshots", "describe-jobs"] {
+        let b = body(&[verb, "-O", "20", "-L", "10"]);
+        assert_eq!(
+            (b["offset"].clone(), b["limit"].clone()),
+            (json!(20), json!(10)),
+            "{verb}"
+        );
+    }
+    assert_eq!(
+        body(&["describe-volumes", "--search_word", "x"])["search_word"],
+        "x"
+    );
+    // argparse-style unambiguous abbreviations of long flags.
+    assert_eq!(
+        body(&["describe-snapshots", "--snapshot-t", "1"])["snapshot_type"],
+        1
+    );
+}
+
+#[test]
 fn metrics_is_not_an_api_call() {
     assert_eq!(cli(&["metrics"]).to_body(), None);
 }
