@@ -10,6 +10,7 @@ mod size;
 
 pub use ids::{new_job_id, new_snapshot_id, new_volume_id, IdKind, JobId, SnapshotId, VolumeId};
 pub use items::{Job, Progress, Resource, Snapshot, Volume};
+pub use request::split_list;
 pub use request::{
     ApplySnapshots, AttachVolumes, CreateSnapshots, CreateVolumeFromSnapshot, CreateVolumes,
     DeleteSnapshots, DeleteVolumes, DescribeJobs, DescribeSnapshots, DescribeVolumes,

@@ -1,1 +1,17 @@
-//! sys (placeholder until its work lands).
+//! sys: every `unsafe` call and every ioctl of blocksnap, behind safe wrappers.
+//!
+//! One file per kernel interface: `loopdev` (loop devices through /dev/loop-control),
+//! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
+//! owning guard) and `reflink` (FICLONE). Ioctl numbers come from nix's macros, argument structs
+//! are `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
+//!
+//! This module depends on nothing else of ours except `crate::api::ErrorKind`, the small enum
+//! every error maps to.
+
+pub mod blkdev;
+pub mod freeze;
+pub mod loopdev;
+pub mod reflink;
+
+#[cfg(test)]
+pub(crate) mod test_util;

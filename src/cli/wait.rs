@@ -1,0 +1,141 @@
+//! `--wait`: poll `DescribeJobs` until the job the call started has ended, with a progress
+//! bar on stderr when stderr is a terminal.
+
+use super::{exit_code, Cli};
+use crate::api::{self, response_action, Request};
+use crate::client;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::time::Duration;
+
+/// How often the job is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Returns once the job succeeded; a failure (of the job, or of asking about it) is the
+/// response to print instead: `{"action", "ret_code", "message", "job_id"}`.
+pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Result<(), Value> {
+    let failure = |ret_code: i64, message: String| {
+        json!({
+            "action": response_action(action),
+            "ret_code": ret_code,
+            "message": message,
+            "job_id": job_id,
+        })
+    };
+    let bar = Bar::new(job_id);
+    let body = Request::DescribeJobs(api::DescribeJobs {
+        zone: cli.zone.clone(),
+        jobs: vec![job_id.to_string()],
+        ..Default::default()
+    })
+    .to_body();
+    loop {
+        let response = match client::call(&cli.socket, &body).await {
+            Ok(r) => r,
+            Err(e) => {
+                bar.finish();
+                return Err(failure(
+                    e.kind().ret_code().into(),
+                    format!("Lost track of job {job_id}: {}", e.message()),
+                ));
+            }
+        };
+        if exit_code(&response) != 0 {
+            bar.finish();
+            let code = response["ret_code"].as_i64().unwrap_or(5000);
+            let message = response["message"]
+                .as_str()
+                .unwrap_or("DescribeJobs failed");
+            return Err(failure(
+                code,
+                format!("Cannot follow job {job_id}: {message}"),
+            ));
+        }
+        let job = response["job_set"]
+            .as_array()
+            .and_then(|set| set.iter().find(|j| j["job_id"] == job_id));
+        let Some(job) = job else {
+            bar.finish();
+            return Err(failure(
+                api::ErrorKind::NotFound.ret_code().into(),
+                format!("Job {job_id} is not known to the daemon"),
+            ));
+        };
+        match job["status"].as_str().unwrap_or_default() {
+            "successful" => {
+                bar.finish();
+                return Ok(());
+            }
+            "failed" => {
+                bar.finish();
+                let code = match job.get("error_code").and_then(Value::as_i64) {
+                    Some(c) if c != 0 => c,
+                    _ => api::ErrorKind::Internal.ret_code().into(),
+                };
+                let message = match job["error"].as_str() {
+                    Some(e) if !e.is_empty() => e.to_string(),
+                    _ => format!("Job {job_id} failed"),
+                };
+                return Err(failure(code, message));
+            }
+            status => bar.update(status, &job["progress"]),
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// The progress bar, drawn only when stderr is a terminal.
+struct Bar {
+    bar: Option<ProgressBar>,
+    job_id: String,
+}
+
+impl Bar {
+    fn new(job_id: &str) -> Bar {
+        if !std::io::stderr().is_terminal() {
+            return Bar {
+                bar: None,
+                job_id: job_id.to_string(),
+            };
+        }
+        // A spinner until the daemon reports how many bytes the job moves, then a bar.
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!("{job_id} pending"));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Bar {
+            bar: Some(bar),
+            job_id: job_id.to_string(),
+        }
+    }
+
+    fn update(&self, status: &str, progress: &Value) {
+        let Some(bar) = &self.bar else { return };
+        let done = progress["done_bytes"].as_u64().unwrap_or(0);
+        let total = progress["total_bytes"].as_u64().unwrap_or(0);
+        if total > 0 && bar.length() != Some(total) {
+            if bar.length().is_none() {
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg} [{bar:25}] {bytes}/{total_bytes} ETA {eta}",
+                    )
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+            bar.set_length(total);
+        }
+        bar.set_position(done);
+        bar.set_message(format!("{} {status}", self.job_id));
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

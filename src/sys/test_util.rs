@@ -1,0 +1,181 @@
+//! Test helpers for root tests on real kernel objects: sparse images, loop devices, mkfs,
+//! mounts. Every guard undoes its kernel state in `Drop`, also when the test fails, unless
+//! `BLOCKSNAP_KEEP_TEST_DEVICES=1` asks to keep it for debugging.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::loopdev::{self, LoopAttachment, LoopError};
+
+/// True if the test may use root-only kernel features. Without root it skips (returns false,
+/// saying so on stderr), or fails when `BLOCKSNAP_REQUIRE_ROOT_TESTS=1`.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() && Path::new("/dev/loop-control").exists() {
+        return true;
+    }
+    if std::env::var("BLOCKSNAP_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("{test}: needs root and /dev/loop-control (BLOCKSNAP_REQUIRE_ROOT_TESTS=1)");
+    }
+    eprintln!("SKIPPED {test}: needs root and /dev/loop-control");
+    false
+}
+
+fn keep_devices() -> bool {
+    std::env::var("BLOCKSNAP_KEEP_TEST_DEVICES").as_deref() == Ok("1")
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) -> PathBuf {
+    let f = File::create(path).expect("create sparse image");
+    f.set_len(size).expect("size sparse image");
+    path.to_path_buf()
+}
+
+/// A loop device attached for a test, detached on drop.
+///
+/// Tests run in parallel and loop numbers are reused at once, so the guard detaches only while
+/// the device is still backed by its own file.
+pub struct LoopGuard {
+    pub attachment: LoopAttachment,
+    backing: PathBuf,
+    armed: bool,
+}
+
+impl LoopGuard {
+    pub fn attach(backing: &Path, direct_io: bool) -> LoopGuard {
+        let attachment = loopdev::attach(backing, direct_io).expect("attach loop device");
+        LoopGuard {
+            attachment,
+            backing: backing.to_path_buf(),
+            armed: true,
+        }
+    }
+
+    pub fn device(&self) -> &Path {
+        &self.attachment.device
+    }
+
+    /// Detaches now (the test's own detach) and disarms the guard.
+    pub fn detach(mut self) -> Result<loopdev::Detach, LoopError> {
+        self.armed = false;
+        loopdev::detach(&self.attachment.device)
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if keep_devices() {
+            eprintln!("keeping {}", self.attachment.device.display());
+            return;
+        }
+        match loopdev::find_by_backing(&self.backing) {
+            Ok(devices) if devices.contains(&self.attachment.device) => {}
+            Ok(_) => return,
+            Err(e) => {
+                eprintln!(
+                    "not detaching {}: cannot tell what backs it: {e}",
+                    self.attachment.device.display()
+                );
+                return;
+            }
+        }
+        // A just-unmounted device can stay claimed for a moment; retry briefly.
+        let start = Instant::now();
+        loop {
+            match loopdev::detach(&self.attachment.device) {
+                Ok(_) | Err(LoopError::NotAttached { .. }) => return,
+                Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    eprintln!("cannot detach {}: {e}", self.attachment.device.display());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs mkfs for `fstype` (ext4, xfs, btrfs) on `device`, quietly.
+pub fn mkfs(fstype: &str, device: &Path) {
+    let mut cmd = Command::new(format!("mkfs.{fstype}"));
+    match fstype {
+        "ext4" => cmd.args(["-q", "-F"]),
+        "xfs" | "btrfs" => cmd.args(["-q", "-f"]),
+        other => panic!("no mkfs recipe for {other}"),
+    };
+    let out = cmd.arg(device).output().expect("run mkfs");
+    assert!(
+        out.status.success(),
+        "mkfs.{fstype} {} failed: {}",
+        device.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mount made for a test, unmounted on drop.
+pub struct MountGuard {
+    pub target: PathBuf,
+}
+
+impl MountGuard {
+    pub fn mount(device: &Path, target: &Path, fstype: &str) -> MountGuard {
+        std::fs::create_dir_all(target).expect("create mountpoint");
+        mount(
+            Some(device),
+            target,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
+        MountGuard {
+            target: target.to_path_buf(),
+        }
+    }
+
+    #[allow(dead_code)] // used by the quiesce tests that land next
+    pub fn bind(source: &Path, target: &Path) -> MountGuard {
+        std::fs::create_dir_all(target).expect("create bind mountpoint");
+        mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("bind {} on {}: {e}", source.display(), target.display()));
+        MountGuard {
+            target: target.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if keep_devices() {
+            eprintln!("keeping mount {}", self.target.display());
+            return;
+        }
+        let start = Instant::now();
+        while let Err(e) = umount2(&self.target, MntFlags::empty()) {
+            if start.elapsed() > Duration::from_secs(5) {
+                eprintln!(
+                    "cannot unmount {}: {e}; detaching lazily",
+                    self.target.display()
+                );
+                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
