@@ -6,9 +6,16 @@ use serde::{de, Deserialize, Deserializer, Serialize};
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// A size in bytes, parsed from the wire's number-of-GiB or suffixed string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
+
+/// On the wire a size we send is exact bytes with a unit (`"67108864B"`): a bare number would
+/// be read back as GiB.
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}B", self.0))
+    }
+}
 
 /// Parses `"10"` (GiB), `"1.5"` (GiB), `"64M"`, `"512K"`, `"10G"`, `"1T"`, `"4096B"`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -92,5 +99,7 @@ mod tests {
         assert!(serde_json::from_str::<Size>("-5").is_err());
         assert!(serde_json::from_str::<Size>("true").is_err());
         assert!(serde_json::from_str::<Size>("99999999999999999999").is_err());
+        let s = Size(64 << 20);
+        assert_eq!(serde_json::from_value::<Size>(serde_json::to_value(s).unwrap()).unwrap(), s);
     }
 }
