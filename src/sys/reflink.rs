@@ -61,3 +61,48 @@ pub fn ficlone(src: &File, dst: &File) -> Result<(), ReflinkError> {
         Err(source) => Err(ReflinkError::Clone { source }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::test_util::{root_or_skip, ScratchFs};
+    use std::io::{Read, Write};
+
+    const MIB: u64 = 1 << 20;
+
+    fn clone_on(fs: &ScratchFs) -> Result<Vec<u8>, ReflinkError> {
+        let src_path = fs.mountpoint().join("src");
+        let mut src = File::create(&src_path).unwrap();
+        src.write_all(&vec![0xa5; 256 * 1024]).unwrap();
+        src.sync_all().unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dst_path = fs.mountpoint().join("dst");
+        let dst = File::create(&dst_path).unwrap();
+        ficlone(&src, &dst)?;
+        let mut out = Vec::new();
+        File::open(&dst_path)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        Ok(out)
+    }
+
+    #[test]
+    fn ficlone_works_on_xfs() {
+        if !root_or_skip("ficlone_works_on_xfs") {
+            return;
+        }
+        let fs = ScratchFs::new("xfs", 320 * MIB);
+        assert_eq!(clone_on(&fs).unwrap(), vec![0xa5; 256 * 1024]);
+    }
+
+    #[test]
+    fn ficlone_not_supported_on_ext4() {
+        if !root_or_skip("ficlone_not_supported_on_ext4") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        let err = clone_on(&fs).unwrap_err();
+        assert!(err.is_not_supported(), "{err:?}");
+    }
+}

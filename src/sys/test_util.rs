@@ -179,3 +179,54 @@ impl Drop for MountGuard {
         }
     }
 }
+
+/// A fresh filesystem on a loop device over a sparse image in its own temporary directory.
+/// Fields drop in order: unmount, detach, remove the directory.
+pub struct ScratchFs {
+    pub mount: MountGuard,
+    pub loop_dev: LoopGuard,
+    /// Held so that the image outlives the mount and the loop device.
+    #[allow(dead_code)]
+    pub dir: tempfile::TempDir,
+}
+
+impl ScratchFs {
+    /// `fstype` as for [`mkfs`]; xfs needs at least 300 MiB.
+    pub fn new(fstype: &str, size: u64) -> ScratchFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = sparse_file(&dir.path().join("fs.img"), size);
+        let loop_dev = LoopGuard::attach(&image, false);
+        mkfs(fstype, loop_dev.device());
+        let mount = MountGuard::mount(loop_dev.device(), &dir.path().join("mnt"), fstype);
+        ScratchFs {
+            mount,
+            loop_dev,
+            dir,
+        }
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mount.target
+    }
+
+    pub fn device(&self) -> &Path {
+        self.loop_dev.device()
+    }
+}
+
+/// Creates `path` with some bytes and fsyncs it on a thread; the receiver gets the outcome.
+/// On a frozen filesystem this blocks until the thaw, without hanging the test itself.
+pub fn write_in_background(path: &Path) -> std::sync::mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let result = (|| {
+            use std::io::Write;
+            let mut f = File::create(&path)?;
+            f.write_all(b"written")?;
+            f.sync_all()
+        })();
+        let _ = tx.send(result);
+    });
+    rx
+}
