@@ -128,7 +128,8 @@ impl FreezeSet {
         check_protected(&candidates, protected)?;
         let candidates = order_inner_first(candidates);
 
-        let frozen_at = Instant::now();
+        // Writers are held from the first FIFREEZE on; the first journal write is not counted.
+        let mut frozen_at = None;
         let mut members: Vec<Member> = Vec::with_capacity(candidates.len());
         for c in candidates {
             let mountpoint = c.mount.mountpoint.clone();
@@ -138,6 +139,7 @@ impl FreezeSet {
                     source,
                 })
                 .and_then(|()| {
+                    frozen_at.get_or_insert_with(Instant::now);
                     sysfreeze::freeze(c.dir, &mountpoint)
                         .map_err(|e| freeze_error(e, c.mount, &mountpoint))
                 });
@@ -160,7 +162,7 @@ impl FreezeSet {
         Ok(FreezeSet {
             inner: Arc::new(SetInner {
                 members,
-                frozen_at,
+                frozen_at: frozen_at.unwrap_or_else(Instant::now),
                 state: Mutex::new(SetState::Frozen),
             }),
         })
@@ -340,6 +342,16 @@ fn watch(inner: &SetInner, timeout: Duration, cancel: &(Mutex<bool>, Condvar), f
             tracing::error!(error = %e, "freeze timeout reached, and the watchdog cannot thaw");
         }
     }
+}
+
+/// Recovery at start: thaws each mountpoint a previous run recorded before freezing it.
+/// Per mountpoint, `Ok(true)` if it was still frozen and is thawed now, `Ok(false)` if it
+/// was not frozen. A freeze outlives the process that made it; only FITHAW undoes it.
+pub fn thaw_recorded(mountpoints: &[PathBuf]) -> Vec<(PathBuf, Result<bool, FreezeError>)> {
+    mountpoints
+        .iter()
+        .map(|m| (m.clone(), sysfreeze::thaw_path(m)))
+        .collect()
 }
 
 fn freeze_error(e: FreezeError, mount: &Mount, mountpoint: &Path) -> QuiesceError {
@@ -762,5 +774,27 @@ mod tests {
             vec![inner_mnt.clone(), outer.mountpoint().to_path_buf()]
         );
         set.thaw().unwrap();
+    }
+
+    #[test]
+    fn recovery_thaws_what_a_dead_process_left_frozen() {
+        if !root_or_skip("recovery_thaws_what_a_dead_process_left_frozen") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        // A process that freezes and exits: its freeze stays.
+        let status = std::process::Command::new("fsfreeze")
+            .arg("-f")
+            .arg(fs.mountpoint())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let journal = vec![fs.mountpoint().to_path_buf()];
+        let write = write_in_background(&fs.mountpoint().join("after-recovery"));
+        let results = thaw_recorded(&journal);
+        assert_eq!(results.len(), 1);
+        assert!(results[0].1.as_ref().unwrap(), "was frozen");
+        completes(write);
+        assert!(!thaw_recorded(&journal)[0].1.as_ref().unwrap());
     }
 }

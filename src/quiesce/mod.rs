@@ -12,11 +12,11 @@ mod mountinfo;
 mod writers;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use devices::{stat_dev, stat_rdev, DevId};
-pub use freeze::{FreezeSet, SetThawHandle, Watchdog};
+pub use freeze::{thaw_recorded, FreezeSet, SetThawHandle, Watchdog};
 pub use mountinfo::{mounts_of_device, parse_mountinfo, read_mountinfo, Mount};
 pub use writers::{open_writers, ProcessInfo};
 
@@ -101,8 +101,21 @@ pub enum QuiesceError {
         cause: Box<QuiesceError>,
         thaw: Vec<FreezeError>,
     },
+    #[error("{device} is not mounted but is open for writing by {}: only a crash-consistent snapshot is possible", list_processes(.writers))]
+    OpenForWriting {
+        device: PathBuf,
+        writers: Vec<ProcessInfo>,
+    },
     #[error("Filesystems stayed frozen past freeze_timeout ({} ms): the watchdog thawed them after {} ms, so the snapshot is not consistent", .timeout.as_millis(), .held.as_millis())]
     WatchdogFired { timeout: Duration, held: Duration },
+}
+
+fn list_processes(writers: &[ProcessInfo]) -> String {
+    writers
+        .iter()
+        .map(ProcessInfo::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn list(errors: &[FreezeError]) -> String {
@@ -135,7 +148,9 @@ impl QuiesceError {
                 io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
                 _ => ErrorKind::Io,
             },
-            QuiesceError::Shadowed { .. } | QuiesceError::AlreadyFrozen { .. } => ErrorKind::Busy,
+            QuiesceError::Shadowed { .. }
+            | QuiesceError::AlreadyFrozen { .. }
+            | QuiesceError::OpenForWriting { .. } => ErrorKind::Busy,
             QuiesceError::NotSupported { .. } | QuiesceError::WatchdogFired { .. } => {
                 ErrorKind::Unavailable
             }
@@ -146,5 +161,37 @@ impl QuiesceError {
     /// True when freezing is impossible here and a crash-consistent snapshot is the fallback.
     pub fn is_not_supported(&self) -> bool {
         matches!(self, QuiesceError::NotSupported { .. })
+    }
+}
+
+/// How a block device is in use: the filesystems mounted from it and the processes (other
+/// than this one) holding it open for writing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceUse {
+    pub mounts: Vec<Mount>,
+    pub writers: Vec<ProcessInfo>,
+}
+
+/// Looks up how `device` is in use right now.
+pub fn device_use(device: &Path) -> Result<DeviceUse, QuiesceError> {
+    let id = stat_rdev(device)?;
+    Ok(DeviceUse {
+        mounts: mounts_of_device(id.major, id.minor)?,
+        writers: open_writers(device)?,
+    })
+}
+
+impl DeviceUse {
+    /// For a device that is not mounted: refuses ([`QuiesceError::OpenForWriting`], naming
+    /// the processes) if anyone holds it open for writing.
+    pub fn ensure_no_writers(&self, device: &Path) -> Result<(), QuiesceError> {
+        if self.writers.is_empty() {
+            Ok(())
+        } else {
+            Err(QuiesceError::OpenForWriting {
+                device: device.to_path_buf(),
+                writers: self.writers.clone(),
+            })
+        }
     }
 }

@@ -172,6 +172,16 @@ mod tests {
         std::os::unix::fs::symlink(&device, &link).unwrap();
         assert_eq!(open_writers(&link).unwrap(), found);
 
+        let usage = crate::quiesce::device_use(&device).unwrap();
+        assert!(usage.mounts.is_empty());
+        let err = usage.ensure_no_writers(&device).unwrap_err();
+        assert_eq!(err.kind(), crate::api::ErrorKind::Busy);
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("sleep (pid {})", writer.0.id())),
+            "{message}"
+        );
+
         drop(writer);
         assert!(open_writers(&device).unwrap().is_empty());
         drop(reader);

@@ -214,6 +214,16 @@ impl ScratchFs {
     }
 }
 
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        // A test that failed while frozen must not leave the filesystem frozen (nor unmount
+        // it frozen); then the fields unmount, detach and remove.
+        if !keep_devices() {
+            let _ = super::freeze::thaw_path(&self.mount.target);
+        }
+    }
+}
+
 /// Creates `path` with some bytes and fsyncs it on a thread; the receiver gets the outcome.
 /// On a frozen filesystem this blocks until the thaw, without hanging the test itself.
 pub fn write_in_background(path: &Path) -> std::sync::mpsc::Receiver<std::io::Result<()>> {
