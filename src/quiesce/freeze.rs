@@ -25,6 +25,14 @@ use super::QuiesceError;
 use crate::sys::freeze::{self as sysfreeze, FreezeError, Frozen};
 use crate::sys::loopdev;
 
+// The daemon moves these into blocking tasks and watchdog threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<FreezeSet>();
+    send_sync::<SetThawHandle>();
+    send_sync::<Watchdog>();
+};
+
 /// One frozen superblock.
 struct Member {
     mountpoint: PathBuf,

@@ -301,6 +301,13 @@ pub fn attach(backing: &Path, direct_io: bool) -> Result<LoopAttachment, LoopErr
             device,
             number,
         };
+        if direct_io && !attachment.direct_io {
+            tracing::info!(
+                device = %attachment.device.display(),
+                backing = %backing.display(),
+                "direct I/O not available on this backing filesystem; using buffered I/O"
+            );
+        }
         match blkdev::size_bytes(&dev_file) {
             Ok(actual) if actual == expected => return Ok(attachment),
             outcome => {
@@ -600,6 +607,42 @@ fn status_of(device: &Path) -> Result<Option<(u64, u64)>, LoopError> {
     }
 }
 
+/// Every attached loop device with its backing file, sorted by number (for recovery and
+/// for finding devices whose backing file is gone).
+pub fn attached() -> Result<Vec<(PathBuf, BackingFile)>, LoopError> {
+    let mut out = Vec::new();
+    for number in loop_numbers()? {
+        let device = device_path(number);
+        match backing_file(&device) {
+            Ok(Some(backing)) => out.push((device, backing)),
+            // Detached meanwhile, or its node is gone: nothing to report.
+            Ok(None) | Err(LoopError::Device { .. }) | Err(LoopError::Sysfs { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The numbers of every loop device the kernel knows (attached or not), sorted.
+fn loop_numbers() -> Result<Vec<u32>, LoopError> {
+    let sys_block = Path::new("/sys/block");
+    let entries = fs::read_dir(sys_block).map_err(|source| LoopError::Sysfs {
+        path: sys_block.to_path_buf(),
+        source,
+    })?;
+    let mut numbers: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("loop"))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
 /// Every loop device currently backed by the file at `path` (matched by inode, so another
 /// name of the same file matches too), sorted by number.
 pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
@@ -609,21 +652,8 @@ pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
     };
     let meta = fs::metadata(path).map_err(backing_err)?;
     let canonical = fs::canonicalize(path).map_err(backing_err)?;
-    let sys_block = Path::new("/sys/block");
-    let entries = fs::read_dir(sys_block).map_err(|source| LoopError::Sysfs {
-        path: sys_block.to_path_buf(),
-        source,
-    })?;
     let mut numbers = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(number) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("loop"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for number in loop_numbers()? {
         let Some(raw) = read_backing(number)? else {
             continue;
         };
@@ -645,7 +675,6 @@ pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
             numbers.push(number);
         }
     }
-    numbers.sort_unstable();
     Ok(numbers.into_iter().map(device_path).collect())
 }
 
@@ -686,6 +715,10 @@ mod tests {
         let link = dir.path().join("hardlink.img");
         fs::hard_link(&image, &link).unwrap();
         assert_eq!(find_by_backing(&link).unwrap(), vec![device.clone()]);
+        assert!(attached()
+            .unwrap()
+            .iter()
+            .any(|(d, b)| d == &device && b.path == fs::canonicalize(&image).unwrap()));
 
         assert_eq!(guard.detach().unwrap(), Detach::Detached);
         assert!(find_by_backing(&image).unwrap().is_empty());

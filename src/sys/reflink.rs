@@ -3,8 +3,7 @@
 //! Only some filesystems can (xfs with reflink, btrfs); elsewhere the call fails with a
 //! [`ReflinkError::NotSupported`] so that callers can fall back to copying.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use crate::api::ErrorKind;
 
@@ -47,10 +46,10 @@ impl ReflinkError {
 ///
 /// Different filesystems (EXDEV), filesystems without reflink (EOPNOTSUPP, ENOTTY) and
 /// unsuitable files (EINVAL) give [`ReflinkError::NotSupported`].
-pub fn ficlone(src: &File, dst: &File) -> Result<(), ReflinkError> {
+pub fn ficlone(src: impl AsFd, dst: impl AsFd) -> Result<(), ReflinkError> {
     // SAFETY: both fds are open for the duration of the call; FICLONE takes the source fd as
     // a plain integer and touches no user memory.
-    match unsafe { ficlone_ioctl(dst.as_raw_fd(), src.as_raw_fd()) } {
+    match unsafe { ficlone_ioctl(dst.as_fd().as_raw_fd(), src.as_fd().as_raw_fd()) } {
         Ok(_) => Ok(()),
         Err(
             source @ (nix::Error::EOPNOTSUPP
@@ -66,6 +65,7 @@ pub fn ficlone(src: &File, dst: &File) -> Result<(), ReflinkError> {
 mod tests {
     use super::*;
     use crate::sys::test_util::{root_or_skip, ScratchFs};
+    use std::fs::File;
     use std::io::{Read, Write};
 
     const MIB: u64 = 1 << 20;
