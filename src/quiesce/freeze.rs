@@ -805,4 +805,46 @@ mod tests {
         completes(write);
         assert!(!thaw_recorded(&journal)[0].1.as_ref().unwrap());
     }
+
+    #[test]
+    fn btrfs_subvolumes_share_one_superblock() {
+        if !root_or_skip("btrfs_subvolumes_share_one_superblock") {
+            return;
+        }
+        let fs = ScratchFs::new("btrfs", 200 * MIB);
+        for sub in ["a", "b"] {
+            let out = std::process::Command::new("btrfs")
+                .args(["subvolume", "create"])
+                .arg(fs.mountpoint().join(sub))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let m1 = fs.dir.path().join("m1");
+        let m2 = fs.dir.path().join("m2");
+        let _a = MountGuard::mount_with(fs.device(), &m1, "btrfs", Some("subvol=a"));
+        let _b = MountGuard::mount_with(fs.device(), &m2, "btrfs", Some("subvol=b"));
+        // mountinfo names btrfs by an anonymous device: found through the source instead.
+        let mounts = mounts_of(fs.device());
+        assert_eq!(mounts.len(), 3, "{mounts:?}");
+
+        let set = FreezeSet::freeze(&mounts, &[], &mut |_| Ok(())).unwrap();
+        assert_eq!(set.mountpoints().len(), 1);
+        let write = write_in_background(&m2.join("blocked"));
+        assert!(write.recv_timeout(Duration::from_millis(200)).is_err());
+        set.thaw().unwrap();
+        completes(write);
+
+        // Subvolumes have their own st_dev, yet freezing one freezes the other: protected.
+        let only_a: Vec<Mount> = mounts
+            .iter()
+            .filter(|m| m.mountpoint == m1)
+            .cloned()
+            .collect();
+        let err = FreezeSet::freeze(&only_a, &[m2.join("store")], &mut |_| {
+            panic!("journal called for a protected filesystem")
+        })
+        .unwrap_err();
+        assert!(matches!(err, QuiesceError::Protected { .. }), "{err:?}");
+    }
 }

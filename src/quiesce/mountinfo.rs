@@ -136,12 +136,44 @@ pub fn read_mountinfo() -> Result<Vec<Mount>, QuiesceError> {
     parse_mountinfo(&text)
 }
 
-/// Every mount (bind mounts included) of the filesystem on block device `major:minor`.
+/// Every mount (bind mounts and btrfs subvolumes included) of the filesystem on block device
+/// `major:minor`.
+///
+/// Most filesystems show their device in mountinfo's major:minor; btrfs shows an anonymous
+/// device there instead, so a mount also matches when its source is a node for the device.
 pub fn mounts_of_device(major: u32, minor: u32) -> Result<Vec<Mount>, QuiesceError> {
-    Ok(read_mountinfo()?
+    let id = DevId::new(major, minor);
+    let mounts = read_mountinfo()?;
+    Ok(filter_mounts_of(id, mounts, |source| {
+        // Only paths can be device nodes ("proc", "none", "server:/export" are not).
+        if !source.starts_with('/') {
+            return None;
+        }
+        std::fs::metadata(source).ok().and_then(|m| {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            m.file_type()
+                .is_block_device()
+                .then(|| DevId::from_dev_t(m.rdev()))
+        })
+    }))
+}
+
+fn filter_mounts_of(
+    id: DevId,
+    mounts: Vec<Mount>,
+    rdev_of_source: impl Fn(&str) -> Option<DevId>,
+) -> Vec<Mount> {
+    // The superblocks (as mountinfo names them) whose source is this device.
+    let mut sb_devs: Vec<DevId> = vec![id];
+    for m in &mounts {
+        if m.dev() != id && !sb_devs.contains(&m.dev()) && rdev_of_source(&m.source) == Some(id) {
+            sb_devs.push(m.dev());
+        }
+    }
+    mounts
         .into_iter()
-        .filter(|m| m.major == major && m.minor == minor)
-        .collect())
+        .filter(|m| sb_devs.contains(&m.dev()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -210,6 +242,30 @@ mod tests {
         );
         let err = parse_mountinfo(b"22 27 0:21 / /proc rw no-separator\n").unwrap_err();
         assert!(matches!(err, QuiesceError::ParseMountinfo { line: 1, .. }));
+    }
+
+    #[test]
+    fn btrfs_mounts_match_by_source() {
+        let text = b"\
+27 1 254:0 / / rw - ext4 /dev/vda rw
+43 27 0:39 / /top rw - btrfs /dev/loop0 rw,subvolid=5,subvol=/
+44 27 0:39 /a /m1 rw - btrfs /dev/loop0 rw,subvolid=256,subvol=/a
+45 27 0:40 / /other rw - btrfs /dev/loop1 rw
+46 27 7:0 / /bogus rw - ext4 /dev/loop9 rw
+";
+        let mounts = parse_mountinfo(text).unwrap();
+        let rdev = |s: &str| match s {
+            "/dev/loop0" => Some(DevId::new(7, 0)),
+            "/dev/loop1" => Some(DevId::new(7, 1)),
+            "/dev/vda" => Some(DevId::new(254, 0)),
+            _ => None,
+        };
+        let ids: Vec<u32> = filter_mounts_of(DevId::new(7, 0), mounts, rdev)
+            .iter()
+            .map(|m| m.mount_id)
+            .collect();
+        // Both subvolume mounts (by source) and a mount whose major:minor is the device.
+        assert_eq!(ids, vec![43, 44, 46]);
     }
 
     #[test]

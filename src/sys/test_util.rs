@@ -128,21 +128,24 @@ pub struct MountGuard {
 
 impl MountGuard {
     pub fn mount(device: &Path, target: &Path, fstype: &str) -> MountGuard {
+        MountGuard::mount_with(device, target, fstype, None)
+    }
+
+    /// Mounts with filesystem-specific options (`data`), e.g. `subvol=a` for btrfs.
+    pub fn mount_with(
+        device: &Path,
+        target: &Path,
+        fstype: &str,
+        data: Option<&str>,
+    ) -> MountGuard {
         std::fs::create_dir_all(target).expect("create mountpoint");
-        mount(
-            Some(device),
-            target,
-            Some(fstype),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
+        mount(Some(device), target, Some(fstype), MsFlags::empty(), data)
+            .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
         MountGuard {
             target: target.to_path_buf(),
         }
     }
 
-    #[allow(dead_code)] // used by the quiesce tests that land next
     pub fn bind(source: &Path, target: &Path) -> MountGuard {
         std::fs::create_dir_all(target).expect("create bind mountpoint");
         mount(
