@@ -172,6 +172,8 @@ pub enum LoopError {
     DeviceBusy { device: PathBuf },
     #[error("Loop device {device} is not attached to any file")]
     NotAttached { device: PathBuf },
+    #[error("Loop device {device} is no longer backed by {path}")]
+    NotBackedBy { device: PathBuf, path: PathBuf },
     #[error("{device} is not a loop device")]
     NotLoopDevice { device: PathBuf },
     #[error("{op} failed on loop device {device}")]
@@ -206,7 +208,7 @@ impl LoopError {
             }
             LoopError::Control { .. } | LoopError::GetFree { .. } => ErrorKind::Unavailable,
             LoopError::Contended { .. } | LoopError::DeviceBusy { .. } => ErrorKind::Busy,
-            LoopError::NotAttached { .. } => ErrorKind::NotFound,
+            LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. } => ErrorKind::NotFound,
             LoopError::SizeMismatch { .. } => ErrorKind::Internal,
             LoopError::Configure { source, .. } | LoopError::Ioctl { source, .. } => match source {
                 nix::Error::EBUSY => ErrorKind::Busy,
@@ -449,6 +451,21 @@ fn loop_number(device: &Path) -> Result<u32, LoopError> {
 /// [`LoopError::NotAttached`] if nothing is attached. If other processes merely have it open,
 /// the kernel finishes the detach when they close it: that is [`Detach::Deferred`].
 pub fn detach(device: &Path) -> Result<Detach, LoopError> {
+    detach_checked(device, None)
+}
+
+/// Like [`detach`], but only while `device` is still backed by the file at `backing`
+/// ([`LoopError::NotBackedBy`] otherwise). The check goes through the descriptor that
+/// detaches, which keeps the device from being detached and reused by others in between.
+pub fn detach_backing(device: &Path, backing: &Path) -> Result<Detach, LoopError> {
+    let meta = fs::metadata(backing).map_err(|source| LoopError::Backing {
+        path: backing.to_path_buf(),
+        source,
+    })?;
+    detach_checked(device, Some((backing, meta.dev(), meta.ino())))
+}
+
+fn detach_checked(device: &Path, expect: Option<(&Path, u64, u64)>) -> Result<Detach, LoopError> {
     let number = loop_number(device)?;
     // O_EXCL on a block device fails with EBUSY while a filesystem (or anyone) claims it.
     let dev_file = match OpenOptions::new()
@@ -469,6 +486,29 @@ pub fn detach(device: &Path) -> Result<Detach, LoopError> {
             })
         }
     };
+    if let Some((path, dev, ino)) = expect {
+        match get_status(&dev_file) {
+            Ok(info) if (info.lo_device, info.lo_inode) == (dev, ino) => {}
+            Ok(_) => {
+                return Err(LoopError::NotBackedBy {
+                    device: device.to_path_buf(),
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(nix::Error::ENXIO) => {
+                return Err(LoopError::NotAttached {
+                    device: device.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(LoopError::Ioctl {
+                    device: device.to_path_buf(),
+                    op: "LOOP_GET_STATUS64",
+                    source,
+                })
+            }
+        }
+    }
     // SAFETY: `dev_file` is an open loop device; LOOP_CLR_FD takes no argument.
     match unsafe { abi::loop_clr_fd(dev_file.as_raw_fd()) } {
         Ok(_) => {}
@@ -722,6 +762,14 @@ mod tests {
 
         assert_eq!(guard.detach().unwrap(), Detach::Detached);
         assert!(find_by_backing(&image).unwrap().is_empty());
+        let err = detach_backing(&device, &image).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -861,6 +909,14 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Busy);
         }
         // Still attached after the refusal.
+        assert_eq!(
+            find_by_backing(&image).unwrap(),
+            vec![guard.device().to_path_buf()]
+        );
+        // A device backed by another file is left alone.
+        let other = sparse_file(&dir.path().join("other.img"), MIB);
+        let err = detach_backing(guard.device(), &other).unwrap_err();
+        assert!(matches!(err, LoopError::NotBackedBy { .. }), "{err:?}");
         assert_eq!(
             find_by_backing(&image).unwrap(),
             vec![guard.device().to_path_buf()]

@@ -75,24 +75,14 @@ impl Drop for LoopGuard {
             eprintln!("keeping {}", self.attachment.device.display());
             return;
         }
-        match loopdev::find_by_backing(&self.backing) {
-            Ok(devices) if devices.contains(&self.attachment.device) => {}
-            Ok(_) => return,
-            Err(e) => {
-                eprintln!(
-                    "not detaching {}: cannot tell what backs it: {e}",
-                    self.attachment.device.display()
-                );
-                return;
-            }
-        }
         // A just-unmounted device can stay claimed for a moment; retry briefly.
         let start = Instant::now();
         loop {
-            match loopdev::detach(&self.attachment.device) {
-                Ok(_) | Err(LoopError::NotAttached { .. }) => return,
-                Err(e) if start.elapsed() < Duration::from_secs(5) => {
-                    let _ = e;
+            match loopdev::detach_backing(&self.attachment.device, &self.backing) {
+                Ok(_) | Err(LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. }) => {
+                    return
+                }
+                Err(LoopError::DeviceBusy { .. }) if start.elapsed() < Duration::from_secs(5) => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
