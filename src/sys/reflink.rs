@@ -94,6 +94,13 @@ mod tests {
         }
         let fs = ScratchFs::new("xfs", 320 * MIB);
         assert_eq!(clone_on(&fs).unwrap(), vec![0xa5; 256 * 1024]);
+        // Both files now share their extents, and FIEMAP says so.
+        for name in ["src", "dst"] {
+            let f = File::open(fs.mountpoint().join(name)).unwrap();
+            let extents = crate::sys::fiemap::fiemap(&f, 0, u64::MAX, true).unwrap();
+            assert!(!extents.is_empty());
+            assert!(extents.iter().all(|e| e.is_shared()), "{name}: {extents:?}");
+        }
     }
 
     #[test]
