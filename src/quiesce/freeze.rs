@@ -51,7 +51,7 @@ enum SetState {
 
 struct SetInner {
     /// In freeze order; thawed in reverse.
-    members: Vec<Member>,
+    members: Members,
     frozen_at: Instant,
     state: Mutex<SetState>,
 }
@@ -73,8 +73,8 @@ impl SetInner {
         if let SetState::Thawed { .. } = *state {
             return Ok(ThawOutcome::Earlier(*state));
         }
-        let failures = thaw_reverse(&self.members);
-        let held = if self.members.is_empty() {
+        let failures = thaw_reverse(&self.members.0);
+        let held = if self.members.0.is_empty() {
             Duration::ZERO
         } else {
             self.frozen_at.elapsed()
@@ -85,6 +85,18 @@ impl SetInner {
         }
         *state = SetState::Thawed { held, by_watchdog };
         Ok(ThawOutcome::Now(held))
+    }
+}
+
+/// Frozen superblocks in freeze order; dropping them thaws in reverse order (the fallback
+/// when everything else failed or unwound; a no-op for what is already thawed).
+struct Members(Vec<Member>);
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for e in thaw_reverse(&self.0) {
+            tracing::error!(error = %e, "thaw on drop failed");
+        }
     }
 }
 
@@ -138,7 +150,8 @@ impl FreezeSet {
 
         // Writers are held from the first FIFREEZE on; the first journal write is not counted.
         let mut frozen_at = None;
-        let mut members: Vec<Member> = Vec::with_capacity(candidates.len());
+        // If anything below unwinds, dropping `members` thaws them in reverse order.
+        let mut members = Members(Vec::with_capacity(candidates.len()));
         for c in candidates {
             let mountpoint = c.mount.mountpoint.clone();
             let result = journal(&mountpoint)
@@ -152,9 +165,9 @@ impl FreezeSet {
                         .map_err(|e| freeze_error(e, c.mount, &mountpoint))
                 });
             match result {
-                Ok(frozen) => members.push(Member { mountpoint, frozen }),
+                Ok(frozen) => members.0.push(Member { mountpoint, frozen }),
                 Err(cause) => {
-                    let thaw = thaw_reverse(&members);
+                    let thaw = thaw_reverse(&members.0);
                     return Err(if thaw.is_empty() {
                         cause
                     } else {
@@ -166,7 +179,7 @@ impl FreezeSet {
                 }
             }
         }
-        tracing::debug!(count = members.len(), "filesystems frozen");
+        tracing::debug!(count = members.0.len(), "filesystems frozen");
         Ok(FreezeSet {
             inner: Arc::new(SetInner {
                 members,
@@ -223,6 +236,7 @@ impl FreezeSet {
     pub fn mountpoints(&self) -> Vec<&Path> {
         self.inner
             .members
+            .0
             .iter()
             .map(|m| m.mountpoint.as_path())
             .collect()
@@ -230,7 +244,7 @@ impl FreezeSet {
 
     /// True when nothing was frozen (no mounts given).
     pub fn is_empty(&self) -> bool {
-        self.inner.members.is_empty()
+        self.inner.members.0.is_empty()
     }
 }
 
@@ -846,5 +860,30 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, QuiesceError::Protected { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn panic_midway_thaws_what_was_frozen() {
+        if !root_or_skip("panic_midway_thaws_what_was_frozen") {
+            return;
+        }
+        let a = ScratchFs::new("ext4", 32 * MIB);
+        let b = ScratchFs::new("ext4", 32 * MIB);
+        let mut mounts = mounts_of(a.device());
+        mounts.extend(mounts_of(b.device()));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut calls = 0;
+            FreezeSet::freeze(&mounts, &[], &mut |_| {
+                calls += 1;
+                assert!(calls < 2, "journal panics with the first filesystem frozen");
+                Ok(())
+            })
+        }));
+        assert!(outcome.is_err());
+        assert!(
+            !sysfreeze::thaw_path(a.mountpoint()).unwrap(),
+            "a left frozen"
+        );
+        assert!(!sysfreeze::thaw_path(b.mountpoint()).unwrap());
     }
 }
