@@ -926,4 +926,25 @@ mod tests {
             Err(LoopError::NotLoopDevice { .. })
         ));
     }
+
+    #[test]
+    fn detach_while_open_is_deferred_until_close() {
+        if !root_or_skip("detach_while_open_is_deferred_until_close") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse_file(&dir.path().join("held.img"), 8 * MIB);
+        let guard = LoopGuard::attach(&image, false);
+        let device = guard.device().to_path_buf();
+        let holder = File::open(&device).unwrap();
+        assert_eq!(detach_backing(&device, &image).unwrap(), Detach::Deferred);
+        drop(holder);
+        // The kernel finishes the detach at the last close.
+        let start = Instant::now();
+        while !find_by_backing(&image).unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never detached");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(guard);
+    }
 }
