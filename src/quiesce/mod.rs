@@ -1,10 +1,11 @@
 //! quiesce: making a volume's filesystems consistent for a snapshot, and finding who writes.
 //!
 //! `mountinfo` finds the filesystems mounted from a device, `writers` the processes that hold
-//! it open for writing, and `freeze` freezes a set of filesystems (once per superblock,
-//! journalled before each freeze, never one that holds a protected path) with a watchdog
-//! that thaws at `freeze_timeout`. Every kernel call goes through `crate::sys`; there is no
-//! `unsafe` here.
+//! it open for writing ([`device_use`] gives both), and `freeze` freezes a set of
+//! filesystems (once per superblock, inner before outer, journalled before each freeze,
+//! never one that holds a protected path) with a watchdog that thaws at `freeze_timeout`;
+//! [`thaw_recorded`] undoes at start what a previous run journalled. Every kernel call goes
+//! through `crate::sys`; there is no `unsafe` here.
 
 mod devices;
 mod freeze;
