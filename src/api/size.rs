@@ -100,6 +100,9 @@ mod tests {
         assert!(serde_json::from_str::<Size>("true").is_err());
         assert!(serde_json::from_str::<Size>("99999999999999999999").is_err());
         let s = Size(64 << 20);
-        assert_eq!(serde_json::from_value::<Size>(serde_json::to_value(s).unwrap()).unwrap(), s);
+        assert_eq!(
+            serde_json::from_value::<Size>(serde_json::to_value(s).unwrap()).unwrap(),
+            s
+        );
     }
 }

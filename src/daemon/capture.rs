@@ -11,12 +11,12 @@ use super::jobs::JobProgress;
 use super::manager::Manager;
 use crate::api::{ApiError, ErrorKind, SnapshotId, VolumeId};
 use crate::catalog::{now, SnapshotRow};
-use crate::quiesce::{FreezeSet, Watchdog};
+use crate::quiesce::{FreezeSet, QuiesceError, Watchdog};
 use crate::store::SnapshotMeta;
 use crate::volume;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A reflink clone of a backing image, removed when dropped.
 struct ImageClone {
@@ -64,7 +64,6 @@ struct Hold<'a> {
     set: Option<FreezeSet>,
     watchdog: Option<Watchdog>,
     mountpoints: Vec<PathBuf>,
-    started: Instant,
     timeout: Duration,
 }
 
@@ -78,31 +77,30 @@ impl<'a> Hold<'a> {
         let Some(set) = self.set.take() else {
             return Ok(0);
         };
-        let fired = self.watchdog.take().is_some_and(|w| w.stop());
+        if let Some(w) = self.watchdog.take() {
+            w.disarm();
+        }
         let thawed = set.thaw();
-        let held = self.started.elapsed();
         for mp in &self.mountpoints {
             let mp = mp.to_string_lossy();
             if let Err(e) = self.manager.with_catalog(|c| c.clear_frozen(&mp)) {
                 tracing::error!(mountpoint = %mp, error = %e.message, "cannot clear the freeze journal");
             }
         }
-        if let Err(e) = thawed {
-            return Err(ApiError::new(
-                e.kind(),
-                format!("cannot thaw: {}", super::manager::message_chain(&e)),
-            ));
-        }
-        if fired {
-            return Err(ApiError::new(
+        match thawed {
+            Ok(held) => Ok(held.as_millis().max(1) as u64),
+            Err(QuiesceError::WatchdogFired { .. }) => Err(ApiError::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "writers were held for the whole freeze_timeout ({:.1}s) and the filesystem was thawed before the point-in-time image was complete; the snapshot was abandoned. Put the state dir on a reflink filesystem (xfs, btrfs) for millisecond freezes, or raise limits.freeze_timeout",
+                    "writers were held for the whole freeze_timeout ({:.1}s), so the filesystem was thawed before the point-in-time image was complete and the snapshot was abandoned; put the state dir on a reflink filesystem (xfs, btrfs) for millisecond freezes, or raise limits.freeze_timeout",
                     self.timeout.as_secs_f64()
                 ),
-            ));
+            )),
+            Err(e) => Err(ApiError::new(
+                e.kind(),
+                format!("cannot thaw: {}", super::manager::message_chain(&e)),
+            )),
         }
-        Ok(held.as_millis().max(1) as u64)
     }
 }
 
@@ -131,7 +129,6 @@ impl Manager {
             set: None,
             watchdog: None,
             mountpoints: Vec::new(),
-            started: Instant::now(),
             timeout,
         };
         if mounts.is_empty() {
@@ -146,11 +143,10 @@ impl Manager {
             self.with_catalog(|c| c.record_frozen(&mp.to_string_lossy(), volume_id))
                 .map_err(|e| std::io::Error::other(e.message))
         };
-        hold.started = Instant::now();
         match FreezeSet::freeze(mounts, &protected, &mut journal) {
             Ok(set) => {
-                hold.mountpoints = set.mountpoints();
-                hold.watchdog = Some(Watchdog::start(set.thaw_handle(), timeout));
+                hold.mountpoints = set.mountpoints().into_iter().map(Path::to_path_buf).collect();
+                hold.watchdog = Some(set.watchdog(timeout));
                 hold.set = Some(set);
                 Ok(hold)
             }

@@ -25,7 +25,7 @@ pub fn thaw_leftovers(catalog: &Catalog) {
         }
     };
     for row in rows {
-        match crate::quiesce::thaw_path(std::path::Path::new(&row.mountpoint)) {
+        match crate::sys::freeze::thaw_path(std::path::Path::new(&row.mountpoint)) {
             Ok(true) => {
                 tracing::warn!(mountpoint = %row.mountpoint, volume = %row.volume_id, "thawed a filesystem left frozen by a previous run")
             }

@@ -263,8 +263,11 @@ impl Manager {
                 self.nbd.remove_export(&v.id);
                 Ok(())
             }
-            _ => volume::detach_loop(std::path::Path::new(&v.device))
-                .map_err(|e| ApiError::from_volume(e, &v.id)),
+            _ => volume::detach_loop(
+                std::path::Path::new(&v.device),
+                &volume::image_path(&self.state_dir(), &v.id),
+            )
+            .map_err(|e| ApiError::from_volume(e, &v.id)),
         }
     }
 

@@ -240,3 +240,94 @@ pub fn thaw_path(path: &Path) -> Result<bool, FreezeError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::test_util::{root_or_skip, write_in_background, ScratchFs};
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    fn open_dir(path: &Path) -> File {
+        File::open(path).unwrap()
+    }
+
+    #[test]
+    fn write_waits_for_thaw() {
+        if !root_or_skip("write_waits_for_thaw") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        let frozen = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap();
+        let done = write_in_background(&fs.mountpoint().join("during-freeze"));
+        assert!(
+            done.recv_timeout(Duration::from_millis(400)).is_err(),
+            "a write completed on a frozen filesystem"
+        );
+        assert!(frozen.thaw().unwrap());
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("write still blocked after thaw")
+            .unwrap();
+    }
+
+    #[test]
+    fn double_freeze_is_already_frozen() {
+        if !root_or_skip("double_freeze_is_already_frozen") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        let frozen = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap();
+        let err = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap_err();
+        assert!(matches!(err, FreezeError::AlreadyFrozen { .. }), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        frozen.thaw().unwrap();
+    }
+
+    #[test]
+    fn thaw_path_reports_whether_it_was_frozen() {
+        if !root_or_skip("thaw_path_reports_whether_it_was_frozen") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        assert!(!thaw_path(fs.mountpoint()).unwrap());
+        // A freeze left behind (as by a crashed daemon) is undone by path.
+        let frozen = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap();
+        assert!(thaw_path(fs.mountpoint()).unwrap());
+        let err = frozen.thaw().unwrap_err();
+        assert!(matches!(err, FreezeError::NotFrozen { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn drop_thaws() {
+        if !root_or_skip("drop_thaws") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        let frozen = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap();
+        let handle = frozen.thaw_handle();
+        assert!(handle.is_frozen());
+        drop(frozen);
+        assert!(!handle.is_frozen());
+        write_in_background(&fs.mountpoint().join("after-drop"))
+            .recv_timeout(Duration::from_secs(10))
+            .expect("write blocked after drop")
+            .unwrap();
+    }
+
+    #[test]
+    fn thaw_handle_thaws_once_from_another_thread() {
+        if !root_or_skip("thaw_handle_thaws_once_from_another_thread") {
+            return;
+        }
+        let fs = ScratchFs::new("ext4", 32 * MIB);
+        let frozen = freeze(open_dir(fs.mountpoint()), fs.mountpoint()).unwrap();
+        let handle = frozen.thaw_handle();
+        let thawed_there = std::thread::spawn(move || handle.thaw().unwrap())
+            .join()
+            .unwrap();
+        assert!(thawed_there);
+        assert!(!frozen.thaw().unwrap(), "second thaw must be a no-op");
+        assert!(!thaw_path(fs.mountpoint()).unwrap());
+    }
+}

@@ -172,6 +172,8 @@ pub enum LoopError {
     DeviceBusy { device: PathBuf },
     #[error("Loop device {device} is not attached to any file")]
     NotAttached { device: PathBuf },
+    #[error("Loop device {device} is no longer backed by {path}")]
+    NotBackedBy { device: PathBuf, path: PathBuf },
     #[error("{device} is not a loop device")]
     NotLoopDevice { device: PathBuf },
     #[error("{op} failed on loop device {device}")]
@@ -206,7 +208,7 @@ impl LoopError {
             }
             LoopError::Control { .. } | LoopError::GetFree { .. } => ErrorKind::Unavailable,
             LoopError::Contended { .. } | LoopError::DeviceBusy { .. } => ErrorKind::Busy,
-            LoopError::NotAttached { .. } => ErrorKind::NotFound,
+            LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. } => ErrorKind::NotFound,
             LoopError::SizeMismatch { .. } => ErrorKind::Internal,
             LoopError::Configure { source, .. } | LoopError::Ioctl { source, .. } => match source {
                 nix::Error::EBUSY => ErrorKind::Busy,
@@ -301,6 +303,13 @@ pub fn attach(backing: &Path, direct_io: bool) -> Result<LoopAttachment, LoopErr
             device,
             number,
         };
+        if direct_io && !attachment.direct_io {
+            tracing::info!(
+                device = %attachment.device.display(),
+                backing = %backing.display(),
+                "direct I/O not available on this backing filesystem; using buffered I/O"
+            );
+        }
         match blkdev::size_bytes(&dev_file) {
             Ok(actual) if actual == expected => return Ok(attachment),
             outcome => {
@@ -442,6 +451,21 @@ fn loop_number(device: &Path) -> Result<u32, LoopError> {
 /// [`LoopError::NotAttached`] if nothing is attached. If other processes merely have it open,
 /// the kernel finishes the detach when they close it: that is [`Detach::Deferred`].
 pub fn detach(device: &Path) -> Result<Detach, LoopError> {
+    detach_checked(device, None)
+}
+
+/// Like [`detach`], but only while `device` is still backed by the file at `backing`
+/// ([`LoopError::NotBackedBy`] otherwise). The check goes through the descriptor that
+/// detaches, which keeps the device from being detached and reused by others in between.
+pub fn detach_backing(device: &Path, backing: &Path) -> Result<Detach, LoopError> {
+    let meta = fs::metadata(backing).map_err(|source| LoopError::Backing {
+        path: backing.to_path_buf(),
+        source,
+    })?;
+    detach_checked(device, Some((backing, meta.dev(), meta.ino())))
+}
+
+fn detach_checked(device: &Path, expect: Option<(&Path, u64, u64)>) -> Result<Detach, LoopError> {
     let number = loop_number(device)?;
     // O_EXCL on a block device fails with EBUSY while a filesystem (or anyone) claims it.
     let dev_file = match OpenOptions::new()
@@ -462,6 +486,29 @@ pub fn detach(device: &Path) -> Result<Detach, LoopError> {
             })
         }
     };
+    if let Some((path, dev, ino)) = expect {
+        match get_status(&dev_file) {
+            Ok(info) if (info.lo_device, info.lo_inode) == (dev, ino) => {}
+            Ok(_) => {
+                return Err(LoopError::NotBackedBy {
+                    device: device.to_path_buf(),
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(nix::Error::ENXIO) => {
+                return Err(LoopError::NotAttached {
+                    device: device.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(LoopError::Ioctl {
+                    device: device.to_path_buf(),
+                    op: "LOOP_GET_STATUS64",
+                    source,
+                })
+            }
+        }
+    }
     // SAFETY: `dev_file` is an open loop device; LOOP_CLR_FD takes no argument.
     match unsafe { abi::loop_clr_fd(dev_file.as_raw_fd()) } {
         Ok(_) => {}
@@ -600,6 +647,42 @@ fn status_of(device: &Path) -> Result<Option<(u64, u64)>, LoopError> {
     }
 }
 
+/// Every attached loop device with its backing file, sorted by number (for recovery and
+/// for finding devices whose backing file is gone).
+pub fn attached() -> Result<Vec<(PathBuf, BackingFile)>, LoopError> {
+    let mut out = Vec::new();
+    for number in loop_numbers()? {
+        let device = device_path(number);
+        match backing_file(&device) {
+            Ok(Some(backing)) => out.push((device, backing)),
+            // Detached meanwhile, or its node is gone: nothing to report.
+            Ok(None) | Err(LoopError::Device { .. }) | Err(LoopError::Sysfs { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The numbers of every loop device the kernel knows (attached or not), sorted.
+fn loop_numbers() -> Result<Vec<u32>, LoopError> {
+    let sys_block = Path::new("/sys/block");
+    let entries = fs::read_dir(sys_block).map_err(|source| LoopError::Sysfs {
+        path: sys_block.to_path_buf(),
+        source,
+    })?;
+    let mut numbers: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("loop"))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
 /// Every loop device currently backed by the file at `path` (matched by inode, so another
 /// name of the same file matches too), sorted by number.
 pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
@@ -609,21 +692,8 @@ pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
     };
     let meta = fs::metadata(path).map_err(backing_err)?;
     let canonical = fs::canonicalize(path).map_err(backing_err)?;
-    let sys_block = Path::new("/sys/block");
-    let entries = fs::read_dir(sys_block).map_err(|source| LoopError::Sysfs {
-        path: sys_block.to_path_buf(),
-        source,
-    })?;
     let mut numbers = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(number) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("loop"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for number in loop_numbers()? {
         let Some(raw) = read_backing(number)? else {
             continue;
         };
@@ -645,7 +715,6 @@ pub fn find_by_backing(path: &Path) -> Result<Vec<PathBuf>, LoopError> {
             numbers.push(number);
         }
     }
-    numbers.sort_unstable();
     Ok(numbers.into_iter().map(device_path).collect())
 }
 
@@ -686,9 +755,21 @@ mod tests {
         let link = dir.path().join("hardlink.img");
         fs::hard_link(&image, &link).unwrap();
         assert_eq!(find_by_backing(&link).unwrap(), vec![device.clone()]);
+        assert!(attached()
+            .unwrap()
+            .iter()
+            .any(|(d, b)| d == &device && b.path == fs::canonicalize(&image).unwrap()));
 
         assert_eq!(guard.detach().unwrap(), Detach::Detached);
         assert!(find_by_backing(&image).unwrap().is_empty());
+        let err = detach_backing(&device, &image).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -832,9 +913,38 @@ mod tests {
             find_by_backing(&image).unwrap(),
             vec![guard.device().to_path_buf()]
         );
+        // A device backed by another file is left alone.
+        let other = sparse_file(&dir.path().join("other.img"), MIB);
+        let err = detach_backing(guard.device(), &other).unwrap_err();
+        assert!(matches!(err, LoopError::NotBackedBy { .. }), "{err:?}");
+        assert_eq!(
+            find_by_backing(&image).unwrap(),
+            vec![guard.device().to_path_buf()]
+        );
         assert!(matches!(
             detach(Path::new("/dev/null")),
             Err(LoopError::NotLoopDevice { .. })
         ));
+    }
+
+    #[test]
+    fn detach_while_open_is_deferred_until_close() {
+        if !root_or_skip("detach_while_open_is_deferred_until_close") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse_file(&dir.path().join("held.img"), 8 * MIB);
+        let guard = LoopGuard::attach(&image, false);
+        let device = guard.device().to_path_buf();
+        let holder = File::open(&device).unwrap();
+        assert_eq!(detach_backing(&device, &image).unwrap(), Detach::Deferred);
+        drop(holder);
+        // The kernel finishes the detach at the last close.
+        let start = Instant::now();
+        while !find_by_backing(&image).unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never detached");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(guard);
     }
 }

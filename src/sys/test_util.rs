@@ -75,24 +75,14 @@ impl Drop for LoopGuard {
             eprintln!("keeping {}", self.attachment.device.display());
             return;
         }
-        match loopdev::find_by_backing(&self.backing) {
-            Ok(devices) if devices.contains(&self.attachment.device) => {}
-            Ok(_) => return,
-            Err(e) => {
-                eprintln!(
-                    "not detaching {}: cannot tell what backs it: {e}",
-                    self.attachment.device.display()
-                );
-                return;
-            }
-        }
         // A just-unmounted device can stay claimed for a moment; retry briefly.
         let start = Instant::now();
         loop {
-            match loopdev::detach(&self.attachment.device) {
-                Ok(_) | Err(LoopError::NotAttached { .. }) => return,
-                Err(e) if start.elapsed() < Duration::from_secs(5) => {
-                    let _ = e;
+            match loopdev::detach_backing(&self.attachment.device, &self.backing) {
+                Ok(_) | Err(LoopError::NotAttached { .. } | LoopError::NotBackedBy { .. }) => {
+                    return
+                }
+                Err(LoopError::DeviceBusy { .. }) if start.elapsed() < Duration::from_secs(5) => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -128,21 +118,24 @@ pub struct MountGuard {
 
 impl MountGuard {
     pub fn mount(device: &Path, target: &Path, fstype: &str) -> MountGuard {
+        MountGuard::mount_with(device, target, fstype, None)
+    }
+
+    /// Mounts with filesystem-specific options (`data`), e.g. `subvol=a` for btrfs.
+    pub fn mount_with(
+        device: &Path,
+        target: &Path,
+        fstype: &str,
+        data: Option<&str>,
+    ) -> MountGuard {
         std::fs::create_dir_all(target).expect("create mountpoint");
-        mount(
-            Some(device),
-            target,
-            Some(fstype),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
+        mount(Some(device), target, Some(fstype), MsFlags::empty(), data)
+            .unwrap_or_else(|e| panic!("mount {} on {}: {e}", device.display(), target.display()));
         MountGuard {
             target: target.to_path_buf(),
         }
     }
 
-    #[allow(dead_code)] // used by the quiesce tests that land next
     pub fn bind(source: &Path, target: &Path) -> MountGuard {
         std::fs::create_dir_all(target).expect("create bind mountpoint");
         mount(
@@ -178,4 +171,65 @@ impl Drop for MountGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A fresh filesystem on a loop device over a sparse image in its own temporary directory.
+/// Fields drop in order: unmount, detach, remove the directory.
+pub struct ScratchFs {
+    pub mount: MountGuard,
+    pub loop_dev: LoopGuard,
+    /// Held so that the image outlives the mount and the loop device.
+    #[allow(dead_code)]
+    pub dir: tempfile::TempDir,
+}
+
+impl ScratchFs {
+    /// `fstype` as for [`mkfs`]; xfs needs at least 300 MiB.
+    pub fn new(fstype: &str, size: u64) -> ScratchFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = sparse_file(&dir.path().join("fs.img"), size);
+        let loop_dev = LoopGuard::attach(&image, false);
+        mkfs(fstype, loop_dev.device());
+        let mount = MountGuard::mount(loop_dev.device(), &dir.path().join("mnt"), fstype);
+        ScratchFs {
+            mount,
+            loop_dev,
+            dir,
+        }
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mount.target
+    }
+
+    pub fn device(&self) -> &Path {
+        self.loop_dev.device()
+    }
+}
+
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        // A test that failed while frozen must not leave the filesystem frozen (nor unmount
+        // it frozen); then the fields unmount, detach and remove.
+        if !keep_devices() {
+            let _ = super::freeze::thaw_path(&self.mount.target);
+        }
+    }
+}
+
+/// Creates `path` with some bytes and fsyncs it on a thread; the receiver gets the outcome.
+/// On a frozen filesystem this blocks until the thaw, without hanging the test itself.
+pub fn write_in_background(path: &Path) -> std::sync::mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let result = (|| {
+            use std::io::Write;
+            let mut f = File::create(&path)?;
+            f.write_all(b"written")?;
+            f.sync_all()
+        })();
+        let _ = tx.send(result);
+    });
+    rx
 }

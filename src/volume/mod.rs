@@ -151,8 +151,9 @@ pub fn attach_loop(image: &Path) -> Result<String, VolumeError> {
     Ok(a.device.to_string_lossy().into_owned())
 }
 
-pub fn detach_loop(device: &Path) -> Result<(), VolumeError> {
-    match loopdev::detach(device)? {
+/// Detaches `device` if it is still backed by `image` (a loop number can be reused).
+pub fn detach_loop(device: &Path, image: &Path) -> Result<(), VolumeError> {
+    match loopdev::detach_backing(device, image)? {
         loopdev::Detach::Detached => {}
         loopdev::Detach::Deferred => {
             tracing::warn!(device = %device.display(), "device still open elsewhere; the kernel detaches it when closed")
