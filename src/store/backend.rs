@@ -295,6 +295,11 @@ impl MemBackend {
         self.lock().insert(key.to_string(), Arc::new(bytes));
     }
 
+    /// Removes a blob directly (tests simulate lost files with this).
+    pub fn remove(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
     /// A copy of a blob's bytes.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.lock().get(key).map(|b| b.to_vec())

@@ -188,7 +188,7 @@ fn data_ranges(source: &File, src_len: u64, bs: u64, size: u64) -> Vec<Range<u64
         if src_len == 0 {
             vec![]
         } else {
-            vec![0..(src_len.div_ceil(bs) * bs).min(size)]
+            std::iter::once(0..(src_len.div_ceil(bs) * bs).min(size)).collect()
         }
     };
     let is_regular = source.metadata().map(|m| m.is_file()).unwrap_or(false);
@@ -233,7 +233,8 @@ fn zero_span(
     let Some(base) = base else {
         return Ok(());
     };
-    let mut b = from / bs;
+    // `from` is a block boundary or the end of the volume.
+    let mut b = from.div_ceil(bs);
     while b * bs < to {
         if base.get(b) != ZERO_HASH {
             let start = b * bs;

@@ -527,4 +527,6 @@ pub(crate) fn now_unix() -> i64 {
 }
 
 #[cfg(test)]
-pub(crate) mod test_util;
+mod test_util;
+#[cfg(test)]
+mod tests;

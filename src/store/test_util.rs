@@ -40,18 +40,10 @@ pub fn sparse(dir: &Path, name: &str, size: u64) -> File {
 
 /// Writes `len` pseudo-random bytes (from `seed`) at `off`.
 pub fn scribble(f: &File, off: u64, len: usize, seed: u64) {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
-    let buf: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
+    let mut buf = vec![0u8; len];
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.finalize_xof().fill(&mut buf);
     f.write_all_at(&buf, off).unwrap();
 }
 
