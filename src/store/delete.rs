@@ -35,6 +35,8 @@ pub struct RecoveryReport {
     pub stale_files: Vec<String>,
     /// Snapshots whose manifest fails its checks; left in place for an operator.
     pub corrupt: Vec<SnapshotId>,
+    /// Interrupted deletes that damaged data kept from finishing (rolled back), with why.
+    pub failed_deletes: Vec<(SnapshotId, String)>,
 }
 
 impl Store {
@@ -42,6 +44,11 @@ impl Store {
     pub fn delete(&self, id: &SnapshotId, progress: &dyn Progress) -> Result<(), StoreError> {
         let _guard = self.lock();
         let m = self.manifest(id)?;
+        // Refuse up front when the fold cannot even start: nothing has changed yet.
+        self.delta_index(&m)?;
+        for child in self.children(id)? {
+            self.delta_index(&child)?;
+        }
         if !self.is_deleting(id)? {
             let key = deleting_key(id);
             let mut w = self
@@ -52,7 +59,22 @@ impl Store {
                 .map_err(|e| StoreError::backend(&key, e))?;
             w.commit().map_err(|e| StoreError::backend(&key, e))?;
         }
-        self.finish_delete(&m, progress)
+        self.finish_or_roll_back(&m, progress)
+    }
+
+    /// Finishes a delete; when damaged data makes that impossible, withdraws the marker so the
+    /// snapshot is listed again (children already folded no longer need it; the rest still do).
+    fn finish_or_roll_back(&self, m: &Manifest, progress: &dyn Progress) -> Result<(), StoreError> {
+        match self.finish_delete(m, progress) {
+            Err(e) if e.kind() == crate::api::ErrorKind::Corrupt => {
+                let key = deleting_key(&m.id);
+                self.backend()
+                    .delete(&key)
+                    .map_err(|e| StoreError::backend(&key, e))?;
+                Err(e)
+            }
+            other => other,
+        }
     }
 
     /// Snapshots (committed, including ones being deleted) whose parent is `id`.
@@ -224,8 +246,13 @@ impl Store {
             }
         }
         for m in pending_deletes {
-            self.finish_delete(&m, &super::NoProgress)?;
-            report.deleted.push(m.id);
+            match self.finish_or_roll_back(&m, &super::NoProgress) {
+                Ok(()) => report.deleted.push(m.id),
+                Err(e) if e.kind() == crate::api::ErrorKind::Corrupt => {
+                    report.failed_deletes.push((m.id, e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(report)
     }

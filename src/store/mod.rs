@@ -3,7 +3,9 @@
 //! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), restore and
 //! verify (`restore`), delete-with-fold and crash recovery (`delete`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
-//! catalog, and never calls `crate::sys`. Every operation is blocking.
+//! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
+//! operation is blocking. `recover` must run before other work (at daemon start); the parent
+//! block-hash list is held in memory during a capture (32 bytes per block).
 //!
 //! Commit rule: a snapshot exists iff `snapshots/<id>/manifest` decodes and checks; its delta
 //! and block-hash file are committed (durably) before the manifest. A `deleting` marker in a

@@ -545,3 +545,27 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn delete_of_damaged_snapshot_fails_and_rolls_back() {
+    let (store, mem) = mem_store();
+    let c = build_chain(&store, 3);
+    let key = "snapshots/ss-00000002/delta.0";
+    let mut b = mem.get(key).unwrap();
+    b[32 + 32 + 5] ^= 1;
+    mem.set(key, b);
+    let err = store.delete(&sid(2), &NoProgress).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
+    assert_eq!(store.list().unwrap().len(), 3);
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(1)).unwrap(),
+        c.digests[&sid(1)]
+    );
+    assert_eq!(store.recover().unwrap(), RecoveryReport::default());
+    // Its parent cannot go either: folding would have to copy the damaged record.
+    let err = store.delete(&sid(1), &NoProgress).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
+    assert_eq!(store.list().unwrap().len(), 3);
+    // The newest one has no children and goes.
+    store.delete(&sid(3), &NoProgress).unwrap();
+}
