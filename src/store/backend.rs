@@ -194,7 +194,8 @@ impl Backend for FsBackend {
         ));
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         Ok(Box::new(FsWriter {
-            file: Some(BufWriter::with_capacity(4 << 20, file)),
+            // Small buffer: big writes (delta buffers of 1 MiB) bypass it without a copy.
+            file: Some(BufWriter::with_capacity(256 << 10, file)),
             tmp,
             dest,
         }))

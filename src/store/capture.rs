@@ -14,7 +14,7 @@ use std::io::{Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 
 /// Bytes read per pread (rounded up to whole blocks).
 const CHUNK: u64 = 4 << 20;
@@ -258,20 +258,22 @@ fn process_chunk(
     let count = buf.len().div_ceil(bs as usize);
     let hashes = &mut new.hashes[first..first + count];
     let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-    let half = count / 2;
-    let (ha, hb) = hashes.split_at_mut(half);
-    let (ba, bb) = blocks.split_at(half);
-    std::thread::scope(|s| {
-        if !ba.is_empty() {
-            s.spawn(|| {
-                for (h, b) in ha.iter_mut().zip(ba) {
-                    *h = hash_block(b);
-                }
-            });
-        }
-        for (h, b) in hb.iter_mut().zip(bb) {
+    // Two threads take batches of blocks from a shared queue, so a thread that is scheduled
+    // out on a busy host does not hold the other back.
+    let batch = (256 << 10) / bs as usize + 1;
+    let work = Mutex::new(hashes.chunks_mut(batch).zip(blocks.chunks(batch)));
+    let hash_batches = || loop {
+        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let Some((hs, bs)) = next else { break };
+        for (h, b) in hs.iter_mut().zip(bs) {
             *h = hash_block(b);
         }
+    };
+    std::thread::scope(|s| {
+        if count > batch {
+            s.spawn(hash_batches);
+        }
+        hash_batches();
     });
     for (i, block) in blocks.iter().enumerate() {
         let idx = (first + i) as u64;

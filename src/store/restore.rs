@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
+use std::sync::{mpsc, Arc};
 
 /// How the restore target is prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +144,12 @@ pub(crate) fn extent_map(layers: &[Vec<IndexEntry>], size: u64) -> Vec<Piece> {
     pieces
 }
 
+/// A piece with the record it reads from (record offset, record bytes with header).
+struct Fetched {
+    piece: Piece,
+    rec: Option<(u64, Arc<Vec<u8>>)>,
+}
+
 /// Coalesces contiguous writes into large pwrites.
 struct Out<'a> {
     target: &'a File,
@@ -241,41 +248,73 @@ impl Store {
             start: 0,
             buf: Vec::with_capacity(OUT_BUF),
         };
-        // One cached record per layer: a record split by newer pieces is read once.
-        let mut cache: Vec<Option<(usize, Vec<u8>)>> = vec![None; chain.len()];
         let mut pos = 0u64;
-        for p in &pieces {
-            if progress.cancelled() {
-                return Err(StoreError::Cancelled { id: id.clone() });
-            }
-            if p.offset > pos && mode == RestoreMode::Overwrite {
-                out.flush()?;
-                zero_range(target, block_dev, pos, p.offset - pos)?;
-            }
-            match p.src {
-                Src::Zero => {
-                    if mode == RestoreMode::Overwrite {
-                        out.flush()?;
-                        zero_range(target, block_dev, p.offset, p.len)?;
+        std::thread::scope(|s| -> Result<(), StoreError> {
+            let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(8);
+            let (chain, layers, pieces) = (&chain, &layers, &pieces);
+            // Read-ahead: records are read and checked while earlier ones are written.
+            s.spawn(move || {
+                // One cached record per layer: a record split by newer pieces is read once.
+                let mut cache: Vec<Option<(usize, Arc<Vec<u8>>)>> = vec![None; chain.len()];
+                for p in pieces {
+                    let msg = match p.src {
+                        Src::Zero => Ok(Fetched {
+                            piece: *p,
+                            rec: None,
+                        }),
+                        Src::Data { layer, rec } => {
+                            let slot = &mut cache[layer];
+                            let hit = match slot {
+                                Some((r, buf)) if *r == rec => Ok(buf.clone()),
+                                _ => {
+                                    let mut buf = Vec::new();
+                                    let checked = self
+                                        .read_record(&chain[layer], &layers[layer][rec], &mut buf)
+                                        .map(|_| ());
+                                    checked.map(|()| Arc::new(buf))
+                                }
+                            };
+                            hit.map(|buf| {
+                                *slot = Some((rec, buf.clone()));
+                                Fetched {
+                                    piece: *p,
+                                    rec: Some((layers[layer][rec].offset, buf)),
+                                }
+                            })
+                        }
+                    };
+                    let failed = msg.is_err();
+                    if tx.send(msg).is_err() || failed {
+                        return;
                     }
                 }
-                Src::Data { layer, rec } => {
-                    let e = &layers[layer][rec];
-                    let slot = &mut cache[layer];
-                    if !matches!(slot, Some((r, _)) if *r == rec) {
-                        let mut buf = slot.take().map(|(_, b)| b).unwrap_or_default();
-                        self.read_record(&chain[layer], e, &mut buf)?;
-                        *slot = Some((rec, buf));
+            });
+            for msg in rx {
+                let Fetched { piece: p, rec } = msg?;
+                if progress.cancelled() {
+                    return Err(StoreError::Cancelled { id: id.clone() });
+                }
+                if p.offset > pos && mode == RestoreMode::Overwrite {
+                    out.flush()?;
+                    zero_range(target, block_dev, pos, p.offset - pos)?;
+                }
+                match rec {
+                    None => {
+                        if mode == RestoreMode::Overwrite {
+                            out.flush()?;
+                            zero_range(target, block_dev, p.offset, p.len)?;
+                        }
                     }
-                    if let Some((_, buf)) = slot {
-                        let from = (32 + p.offset - e.offset) as usize;
+                    Some((rec_offset, buf)) => {
+                        let from = (32 + p.offset - rec_offset) as usize;
                         out.write(p.offset, &buf[from..from + p.len as usize])?;
                     }
                 }
+                progress.advance(p.offset + p.len - pos);
+                pos = p.offset + p.len;
             }
-            progress.advance(p.offset + p.len - pos);
-            pos = p.offset + p.len;
-        }
+            Ok(())
+        })?;
         out.flush()?;
         if pos < size && mode == RestoreMode::Overwrite {
             zero_range(target, block_dev, pos, size - pos)?;

@@ -569,3 +569,92 @@ fn delete_of_damaged_snapshot_fails_and_rolls_back() {
     // The newest one has no children and goes.
     store.delete(&sid(3), &NoProgress).unwrap();
 }
+
+/// Throughput against `cp --sparse=always` and `b3sum`. Not a pass/fail test: it prints.
+/// `cargo --config 'profile.dev.package.blocksnap.opt-level=3' test --lib bench_throughput
+/// -- --ignored --nocapture` (size in MiB from `BLOCKSNAP_BENCH_MIB`, default 512).
+#[test]
+#[ignore = "benchmark: prints timings, takes seconds to minutes"]
+fn bench_throughput() {
+    use std::process::Command;
+    use std::time::Instant;
+    let mib: u64 = std::env::var("BLOCKSNAP_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let size = mib * MIB;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let img = sparse(dir.path(), "img", size);
+    // Three quarters data, one quarter holes, in 16 MiB stretches.
+    let mut off = 0;
+    while off < size {
+        if (off / (16 * MIB)) % 4 != 3 {
+            scribble(&img, off, (16 * MIB).min(size - off) as usize, off);
+        }
+        off += 16 * MIB;
+    }
+    img.sync_all().unwrap();
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("{what:<28} {s:8.3} s  {:8.0} MiB/s", mib as f64 / s);
+        s
+    };
+    let img_path = dir.path().join("img");
+    let cp = time("cp --sparse=always", &mut || {
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&img_path)
+            .arg(dir.path().join("cp-copy"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+    time("cp --sparse=always + fsync", &mut || {
+        let copy = dir.path().join("cp-copy2");
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&img_path)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        File::open(&copy).unwrap().sync_all().unwrap();
+    });
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let full = time("capture full", &mut || {
+        capture(&store, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
+    });
+    for i in 0..(size / MIB) {
+        if i % 97 == 0 {
+            scribble(&img, i * MIB + 4096, 8192, i);
+        }
+    }
+    let b3 = time("b3sum", &mut || {
+        let st = Command::new("b3sum").arg(&img_path).output().unwrap();
+        assert!(st.status.success());
+    });
+    let inc = time("capture incremental", &mut || {
+        capture(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, BS),
+            &img,
+            &NoProgress,
+        )
+        .unwrap();
+    });
+    let target = sparse(dir.path(), "restored", 0);
+    let rest = time("restore (fresh)", &mut || {
+        store
+            .restore(&sid(2), &target, RestoreMode::Fresh, &NoProgress)
+            .unwrap();
+    });
+    assert_eq!(digest(&target), digest(&img));
+    eprintln!(
+        "full/cp {:.2}  incremental/b3sum {:.2}  restore/cp {:.2} (time ratios; lower is faster)",
+        full / cp,
+        inc / b3,
+        rest / cp
+    );
+}

@@ -12,6 +12,8 @@ use super::{
 };
 use crate::api::SnapshotId;
 use std::io::{self, Write};
+use std::sync::mpsc;
+use std::thread;
 
 /// Hash of an all-zero block in block-hash lists.
 pub const ZERO_HASH: [u8; HASH_LEN] = [0; HASH_LEN];
@@ -122,16 +124,24 @@ impl Store {
     }
 }
 
-/// Streams records into a delta blob and finishes it with index and footer.
+/// Streams records into a delta blob and finishes it with index and footer. A worker thread
+/// hashes (BLAKE3 of the whole file) and writes, so the caller's thread only encodes records.
 pub(crate) struct DeltaWriter {
     id: [u8; 16],
     key: String,
-    w: Box<dyn BlobWriter>,
     pos: u64,
     index: Vec<IndexEntry>,
-    hasher: blake3::Hasher,
     payload: u64,
+    cur: Vec<u8>,
+    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    back: mpsc::Receiver<Vec<u8>>,
+    worker: Option<thread::JoinHandle<WorkerResult>>,
 }
+
+type WorkerResult = io::Result<(Box<dyn BlobWriter>, blake3::Hasher)>;
+
+/// Bytes gathered before a buffer goes to the worker.
+const SEND_AT: usize = 1 << 20;
 
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
@@ -148,29 +158,76 @@ impl DeltaWriter {
         generation: u32,
     ) -> Result<DeltaWriter, StoreError> {
         let key = file_key(id, &delta_name(generation));
-        let w = store
+        let mut w = store
             .backend()
             .put(&key)
+            .map_err(|e| StoreError::backend(&key, e))?;
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (back_tx, back) = mpsc::channel::<Vec<u8>>();
+        let worker = thread::Builder::new()
+            .name("delta-writer".into())
+            .spawn(move || -> WorkerResult {
+                let mut hasher = blake3::Hasher::new();
+                for buf in rx {
+                    hasher.update(&buf);
+                    w.write_all(&buf)?;
+                    let _ = back_tx.send(buf);
+                }
+                Ok((w, hasher))
+            })
             .map_err(|e| StoreError::backend(&key, e))?;
         let mut d = DeltaWriter {
             id: format::id_bytes(id),
             key,
-            w,
             pos: 0,
             index: Vec::new(),
-            hasher: blake3::Hasher::new(),
             payload: 0,
+            cur: Vec::with_capacity(SEND_AT + (1 << 16)),
+            tx: Some(tx),
+            back,
+            worker: Some(worker),
         };
-        d.write(&format::encode_delta_header(id))?;
+        d.put(&format::encode_delta_header(id))?;
         Ok(d)
     }
 
-    fn write(&mut self, b: &[u8]) -> Result<(), StoreError> {
-        self.hasher.update(b);
+    fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
         self.pos += b.len() as u64;
-        self.w
-            .write_all(b)
-            .map_err(|e| StoreError::backend(&self.key, e))
+        self.cur.extend_from_slice(b);
+        if self.cur.len() >= SEND_AT {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), StoreError> {
+        let mut next = self.back.try_recv().unwrap_or_default();
+        next.clear();
+        let full = std::mem::replace(&mut self.cur, next);
+        let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
+        if sent != Some(true) {
+            // The worker stopped: its error says why.
+            return Err(self.join().err().unwrap_or_else(|| {
+                StoreError::backend(&self.key, io::Error::other("delta writer stopped"))
+            }));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<(Box<dyn BlobWriter>, blake3::Hasher), StoreError> {
+        self.tx = None;
+        let key = self.key.clone();
+        match self.worker.take().map(|h| h.join()) {
+            Some(Ok(r)) => r.map_err(|e| StoreError::backend(&key, e)),
+            Some(Err(_)) => Err(StoreError::backend(
+                &key,
+                io::Error::other("delta writer panicked"),
+            )),
+            None => Err(StoreError::backend(
+                &key,
+                io::Error::other("delta writer already finished"),
+            )),
+        }
     }
 
     /// Appends a record; `payload` is empty for a zero record. Ordering is the caller's duty.
@@ -188,8 +245,8 @@ impl DeltaWriter {
             file_pos: self.pos,
             crc: format::record_crc(&self.id, offset, length, kind, payload),
         };
-        self.write(&format::encode_record_header(&e))?;
-        self.write(payload)?;
+        self.put(&format::encode_record_header(&e))?;
+        self.put(payload)?;
         self.payload += payload.len() as u64;
         self.index.push(e);
         Ok(())
@@ -206,16 +263,28 @@ impl DeltaWriter {
         for e in &self.index {
             index.extend_from_slice(&format::encode_index_entry(e));
         }
-        self.write(&index)?;
-        self.write(&format::encode_footer(&footer, &index))?;
+        self.put(&index)?;
+        self.put(&format::encode_footer(&footer, &index))?;
+        self.send()?;
+        let (w, hasher) = self.join()?;
         let key = self.key.clone();
-        self.w.commit().map_err(|e| StoreError::backend(&key, e))?;
+        w.commit().map_err(|e| StoreError::backend(&key, e))?;
         Ok(DeltaSummary {
             len: self.pos,
-            blake3: self.hasher.finalize().to_hex().to_string(),
+            blake3: hasher.finalize().to_hex().to_string(),
             record_count: footer.record_count,
             payload_bytes: footer.payload_bytes,
         })
+    }
+}
+
+impl Drop for DeltaWriter {
+    fn drop(&mut self) {
+        // Unfinished: stop the worker; dropping its blob writer discards the blob.
+        self.tx = None;
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
     }
 }
 
