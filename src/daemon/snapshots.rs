@@ -657,7 +657,12 @@ impl Manager {
         for id in ids {
             let sid: api::SnapshotId = id.parse().map_err(ApiError::bad)?;
             let report = self.store().verify(&sid, progress)?;
-            bad.extend(report.problems().into_iter().map(|p| format!("{id}: {p}")));
+            bad.extend(report.problems.iter().map(|p| {
+                format!(
+                    "snapshot {} ({}) bytes {}..{}: {}",
+                    p.snapshot, p.file, p.start, p.end, p.reason
+                )
+            }));
         }
         if bad.is_empty() {
             Ok(())

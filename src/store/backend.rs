@@ -1,0 +1,443 @@
+//! Where the store's blobs live: a small, object-store shaped `Backend` trait, a filesystem
+//! backend and an in-memory backend (with fault injection, for crash tests).
+//!
+//! Keys are `/`-separated relative paths (`snapshots/ss-xxxxxxxx/manifest`). A blob appears
+//! under its key only through `BlobWriter::commit`, atomically and durably; dropping a writer
+//! without committing discards it. This is exactly what an S3 multipart upload offers, so an
+//! object-store backend fits the same trait. Knows nothing of the format above it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A streaming writer for one blob; nothing is visible under the key before `commit`.
+pub trait BlobWriter: Write + Send {
+    /// Makes the blob durable and visible under its key atomically. A failure means the blob
+    /// is lost (a failed fsync is never retried).
+    fn commit(self: Box<Self>) -> io::Result<()>;
+}
+
+/// The storage a `Store` sits on.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Starts writing a blob that will replace `key` on commit.
+    fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>>;
+    /// Reads exactly `buf.len()` bytes at `offset`; a short blob is `UnexpectedEof`.
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The blob's length; `NotFound` when absent.
+    fn size(&self, key: &str) -> io::Result<u64>;
+    /// Every key starting with `prefix`, sorted; includes leftovers of unfinished writes
+    /// (for the filesystem backend, `*.tmp-*` files) so that recovery can remove them.
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
+    /// Removes a blob durably; an absent key is not an error.
+    fn delete(&self, key: &str) -> io::Result<()>;
+}
+
+/// Reads a whole blob (for small blobs: manifests, block-hash files).
+pub fn read_all(b: &dyn Backend, key: &str, limit: u64) -> io::Result<Vec<u8>> {
+    let len = b.size(key)?;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{key} is {len} bytes, more than the {limit} allowed"),
+        ));
+    }
+    let mut buf = vec![0u8; len as usize];
+    b.read_at(key, 0, &mut buf)?;
+    Ok(buf)
+}
+
+/// Marks a key as a leftover of an unfinished write.
+pub const TMP_MARK: &str = ".tmp-";
+
+/// Blobs as files under a root directory: temporary name, fsync, rename, fsync the directory.
+#[derive(Debug)]
+pub struct FsBackend {
+    root: PathBuf,
+}
+
+impl FsBackend {
+    pub fn new(root: &Path) -> FsBackend {
+        FsBackend {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn path(&self, key: &str) -> io::Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{key:?} is not a valid key"),
+            ));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let key = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if entry.file_type()?.is_dir() {
+                self.walk(&entry.path(), &key, out)?;
+            } else {
+                out.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (and missing parents) and makes each new entry durable.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+struct FsWriter {
+    file: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl FsWriter {
+    fn file(&mut self) -> io::Result<&mut BufWriter<File>> {
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))
+    }
+}
+
+impl Write for FsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file()?.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file()?.flush()
+    }
+}
+
+impl BlobWriter for FsWriter {
+    fn commit(mut self: Box<Self>) -> io::Result<()> {
+        // On any error `Drop` removes the temporary: the data is lost either way.
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest)?;
+        match self.dest.parent() {
+            Some(dir) => sync_dir(dir),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FsWriter {
+    fn drop(&mut self) {
+        // After a successful commit the temporary no longer exists; otherwise this aborts.
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+impl Backend for FsBackend {
+    fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>> {
+        let dest = self.path(key)?;
+        if let Some(dir) = dest.parent() {
+            create_dir_durable(dir)?;
+        }
+        let tmp = PathBuf::from(format!(
+            "{}{TMP_MARK}{:016x}",
+            dest.display(),
+            rand::random::<u64>()
+        ));
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        Ok(Box::new(FsWriter {
+            // Small buffer: big writes (delta buffers of 1 MiB) bypass it without a copy.
+            file: Some(BufWriter::with_capacity(256 << 10, file)),
+            tmp,
+            dest,
+        }))
+    }
+
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        File::open(self.path(key)?)?.read_exact_at(buf, offset)
+    }
+
+    fn size(&self, key: &str) -> io::Result<u64> {
+        Ok(fs::metadata(self.path(key)?)?.len())
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        // Walk from the deepest directory the prefix names, then filter.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(dir_part)?
+        };
+        let mut out = Vec::new();
+        self.walk(&start, dir_part, &mut out)?;
+        out.retain(|k| k.starts_with(prefix));
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> io::Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let Some(dir) = path.parent() else {
+            return Ok(());
+        };
+        sync_dir(dir)?;
+        // Drop the directory once it is empty (a deleted snapshot leaves nothing behind).
+        if dir != self.root && fs::remove_dir(dir).is_ok() {
+            if let Some(up) = dir.parent() {
+                sync_dir(up)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Blobs in memory: for fast tests. `fail_after(n)` makes the n-th mutating operation from now
+/// (a commit or a delete) and every one after it fail, which is how crash tests stop the store
+/// at each step: committed blobs are exactly what a crash would leave behind.
+#[derive(Debug, Default)]
+pub struct MemBackend {
+    blobs: Mutex<BTreeMap<String, Arc<Vec<u8>>>>,
+    ops_left: AtomicU64,
+}
+
+impl MemBackend {
+    pub fn new() -> MemBackend {
+        MemBackend {
+            blobs: Mutex::default(),
+            ops_left: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Lets `n` more mutating operations succeed, then fails the rest.
+    pub fn fail_after(&self, n: u64) {
+        self.ops_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Stops injecting failures.
+    pub fn heal(&self) {
+        self.ops_left.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vec<u8>>>> {
+        // A panic while holding this lock can only come from a test; the map stays usable.
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn step(&self) -> io::Result<()> {
+        let left = self.ops_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(io::Error::other("injected failure"));
+        }
+        if left != u64::MAX {
+            self.ops_left.store(left - 1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Replaces a blob's bytes directly (tests corrupt blobs with this).
+    pub fn set(&self, key: &str, bytes: Vec<u8>) {
+        self.lock().insert(key.to_string(), Arc::new(bytes));
+    }
+
+    /// Removes a blob directly (tests simulate lost files with this).
+    pub fn remove(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// A copy of a blob's bytes.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.lock().get(key).map(|b| b.to_vec())
+    }
+
+    /// Total bytes held.
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().values().map(|b| b.len() as u64).sum()
+    }
+}
+
+struct MemWriter {
+    backend: Arc<MemBackend>,
+    key: String,
+    buf: Vec<u8>,
+}
+
+impl Write for MemWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlobWriter for MemWriter {
+    fn commit(self: Box<Self>) -> io::Result<()> {
+        self.backend.step()?;
+        let MemWriter { backend, key, buf } = *self;
+        backend.lock().insert(key, Arc::new(buf));
+        Ok(())
+    }
+}
+
+/// `MemBackend` is used through an `Arc` so its writers can reach back into it.
+#[derive(Debug, Clone, Default)]
+pub struct SharedMem(pub Arc<MemBackend>);
+
+impl SharedMem {
+    pub fn new() -> SharedMem {
+        SharedMem(Arc::new(MemBackend::new()))
+    }
+}
+
+impl Backend for SharedMem {
+    fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(MemWriter {
+            backend: self.0.clone(),
+            key: key.to_string(),
+            buf: Vec::new(),
+        }))
+    }
+
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let blob = self
+            .0
+            .lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let end = start.saturating_add(buf.len());
+        if end > blob.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&blob[start..end]);
+        Ok(())
+    }
+
+    fn size(&self, key: &str) -> io::Result<u64> {
+        self.0
+            .lock()
+            .get(key)
+            .map(|b| b.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, key.to_string()))
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        Ok(self
+            .0
+            .lock()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> io::Result<()> {
+        self.0.step()?;
+        self.0.lock().remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(b: &dyn Backend) {
+        let mut w = b.put("snapshots/ss-1/blob").unwrap();
+        w.write_all(b"hello").unwrap();
+        assert!(
+            b.size("snapshots/ss-1/blob").is_err(),
+            "visible before commit"
+        );
+        w.commit().unwrap();
+        let mut buf = [0u8; 3];
+        b.read_at("snapshots/ss-1/blob", 1, &mut buf).unwrap();
+        assert_eq!(&buf, b"ell");
+        assert!(b.read_at("snapshots/ss-1/blob", 4, &mut buf).is_err());
+        let w = b.put("snapshots/ss-2/x").unwrap();
+        drop(w);
+        assert_eq!(b.list("snapshots/").unwrap(), vec!["snapshots/ss-1/blob"]);
+        b.delete("snapshots/ss-1/blob").unwrap();
+        b.delete("snapshots/ss-1/blob").unwrap();
+        assert!(b.list("snapshots/").unwrap().is_empty());
+    }
+
+    #[test]
+    fn fs_backend_semantics() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FsBackend::new(dir.path());
+        exercise(&b);
+        assert!(b.put("../escape").is_err());
+    }
+
+    #[test]
+    fn mem_backend_semantics_and_faults() {
+        let b = SharedMem::new();
+        exercise(&b);
+        b.0.fail_after(1);
+        b.put("a").unwrap().commit().unwrap();
+        assert!(b.put("b").unwrap().commit().is_err());
+        assert!(b.delete("a").is_err());
+        b.0.heal();
+        assert_eq!(b.list("").unwrap(), vec!["a"]);
+    }
+}

@@ -1,0 +1,293 @@
+//! Capture: turns a point-in-time image (a regular file or a block device) into a snapshot.
+//!
+//! Change detection compares each block's BLAKE3 with the parent's block-hash list — never a
+//! CRC32. Holes (SEEK_DATA/SEEK_HOLE) are not read; all-zero blocks become zero records when
+//! the base (the parent's image, or all zeros for a full snapshot) was not zero there.
+//! Pipeline: a reader thread issues large sequential preads, the calling thread hashes each
+//! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`.
+
+use super::writer::{hash_block, BlockHashes, ZERO_HASH};
+use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
+use nix::unistd::{lseek, Whence};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::sync::{mpsc, Mutex};
+
+/// Bytes read per pread (rounded up to whole blocks).
+const CHUNK: u64 = 4 << 20;
+
+/// Captures `source` as a new committed snapshot described by `meta` (see module docs).
+pub fn capture(
+    store: &Store,
+    meta: SnapshotMeta,
+    source: &File,
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let base = base_hashes(store, &meta)?;
+    let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let bs = u64::from(meta.block_size);
+    let size = meta.volume_size;
+    let src_len = source_len(source)?.min(size);
+    let ranges = data_ranges(source, src_len, bs, size);
+    progress.set_total(size);
+    let mut new = BlockHashes::zeros(meta.block_size, size);
+    let chunk = CHUNK.div_ceil(bs) * bs;
+
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let ranges_ref = &ranges;
+        s.spawn(move || {
+            for r in ranges_ref {
+                let mut off = r.start;
+                while off < r.end {
+                    let len = chunk.min(r.end - off);
+                    let mut buf = back_rx.try_recv().unwrap_or_default();
+                    buf.resize(len as usize, 0);
+                    let res = read_image(source, off, &mut buf, src_len).map(|()| (off, buf));
+                    let failed = res.is_err();
+                    if tx.send(res).is_err() || failed {
+                        return;
+                    }
+                    off += len;
+                }
+            }
+        });
+        let mut pos = 0u64;
+        for msg in rx {
+            let (off, buf) = msg?;
+            if progress.cancelled() {
+                return Err(StoreError::Cancelled {
+                    id: meta.id.clone(),
+                });
+            }
+            // Everything between the previous chunk and this one is a hole: zeros.
+            zero_span(&mut writer, &base, pos, off, bs, size)?;
+            process_chunk(&mut writer, &base, &mut new, off, &buf, bs)?;
+            progress.advance(off + buf.len() as u64 - pos);
+            pos = off + buf.len() as u64;
+            let _ = back_tx.send(buf);
+        }
+        zero_span(&mut writer, &base, pos, size, bs, size)?;
+        progress.advance(size - pos);
+        Ok(())
+    })?;
+    writer.commit(&new)
+}
+
+/// Captures a snapshot when the caller knows which byte ranges changed since the parent
+/// (e.g. a dirty bitmap kept in an NBD write path). The new block-hash list is the parent's
+/// with the dirty blocks re-hashed; only dirty blocks whose hash changed are stored. Without a
+/// parent, the base is an all-zero volume and `dirty` must cover every non-zero byte.
+pub fn capture_extents(
+    store: &Store,
+    meta: SnapshotMeta,
+    source: &File,
+    dirty: &[Range<u64>],
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let base = base_hashes(store, &meta)?;
+    let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let bs = u64::from(meta.block_size);
+    let size = meta.volume_size;
+    let src_len = source_len(source)?.min(size);
+    let mut new = match &base {
+        Some(b) => b.clone(),
+        None => BlockHashes::zeros(meta.block_size, size),
+    };
+    // Block-align, clip, sort and merge the dirty set.
+    let mut blocks: Vec<Range<u64>> = dirty
+        .iter()
+        .filter(|r| r.start < r.end && r.start < size)
+        .map(|r| (r.start / bs * bs)..(r.end.min(size).div_ceil(bs) * bs).min(size))
+        .collect();
+    blocks.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::new();
+    for r in blocks {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    progress.set_total(merged.iter().map(|r| r.end - r.start).sum());
+    let chunk = CHUNK.div_ceil(bs) * bs;
+    let mut buf = Vec::new();
+    for r in &merged {
+        let mut off = r.start;
+        while off < r.end {
+            if progress.cancelled() {
+                return Err(StoreError::Cancelled {
+                    id: meta.id.clone(),
+                });
+            }
+            let len = chunk.min(r.end - off);
+            buf.resize(len as usize, 0);
+            read_image(source, off, &mut buf, src_len)?;
+            process_chunk(&mut writer, &base, &mut new, off, &buf, bs)?;
+            progress.advance(len);
+            off += len;
+        }
+    }
+    writer.commit(&new)
+}
+
+/// The parent's block hashes, resized to the new volume; `None` for a full snapshot.
+fn base_hashes(store: &Store, meta: &SnapshotMeta) -> Result<Option<BlockHashes>, StoreError> {
+    let Some(parent) = &meta.parent else {
+        return Ok(None);
+    };
+    let pm = store.manifest(parent)?;
+    if pm.block_size != meta.block_size {
+        return Err(StoreError::Invalid(format!(
+            "parent {parent} has block size {}, not {}",
+            pm.block_size, meta.block_size
+        )));
+    }
+    Ok(Some(store.block_hashes(&pm)?.resized(meta.volume_size)))
+}
+
+fn source_len(source: &File) -> Result<u64, StoreError> {
+    let err = |e| StoreError::Image {
+        what: "source image",
+        start: 0,
+        end: 0,
+        source: e,
+    };
+    let md = source.metadata().map_err(err)?;
+    if md.file_type().is_block_device() {
+        let mut f = source;
+        f.seek(SeekFrom::End(0)).map_err(err)
+    } else {
+        Ok(md.len())
+    }
+}
+
+/// Reads `buf.len()` bytes at `off`; bytes past `src_len` read as zeros.
+fn read_image(source: &File, off: u64, buf: &mut [u8], src_len: u64) -> Result<(), StoreError> {
+    let avail = src_len.saturating_sub(off).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    tail.fill(0);
+    source
+        .read_exact_at(head, off)
+        .map_err(|e| StoreError::Image {
+            what: "source image",
+            start: off,
+            end: off + avail as u64,
+            source: e,
+        })
+}
+
+/// Block-aligned ranges that may hold data, from SEEK_DATA/SEEK_HOLE; the whole image when
+/// the source cannot tell (block devices, filesystems without support).
+fn data_ranges(source: &File, src_len: u64, bs: u64, size: u64) -> Vec<Range<u64>> {
+    let fd = source.as_raw_fd();
+    let whole = || {
+        if src_len == 0 {
+            vec![]
+        } else {
+            std::iter::once(0..(src_len.div_ceil(bs) * bs).min(size)).collect()
+        }
+    };
+    let is_regular = source.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if !is_regular {
+        return whole();
+    }
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut pos = 0u64;
+    while pos < src_len {
+        let data = match lseek(fd, pos as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => return whole(),
+        };
+        if data >= src_len {
+            break;
+        }
+        let hole = match lseek(fd, data as i64, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(src_len),
+            Err(_) => return whole(),
+        };
+        let start = data / bs * bs;
+        let end = (hole.div_ceil(bs) * bs).min(size);
+        match out.last_mut() {
+            Some(last) if start <= last.end => last.end = last.end.max(end),
+            _ => out.push(start..end),
+        }
+        pos = hole.max(data + 1);
+    }
+    out
+}
+
+/// Blocks in `[from, to)` read as zeros: record a zero extent where the base was not zero.
+fn zero_span(
+    w: &mut SnapshotWriter,
+    base: &Option<BlockHashes>,
+    from: u64,
+    to: u64,
+    bs: u64,
+    size: u64,
+) -> Result<(), StoreError> {
+    let Some(base) = base else {
+        return Ok(());
+    };
+    // `from` is a block boundary or the end of the volume.
+    let mut b = from.div_ceil(bs);
+    while b * bs < to {
+        if base.get(b) != ZERO_HASH {
+            let start = b * bs;
+            w.add_zero(start, bs.min(size - start))?;
+        }
+        b += 1;
+    }
+    Ok(())
+}
+
+/// Hashes a chunk's blocks (two threads), updates `new`, records blocks that differ from base.
+fn process_chunk(
+    w: &mut SnapshotWriter,
+    base: &Option<BlockHashes>,
+    new: &mut BlockHashes,
+    off: u64,
+    buf: &[u8],
+    bs: u64,
+) -> Result<(), StoreError> {
+    let first = (off / bs) as usize;
+    let count = buf.len().div_ceil(bs as usize);
+    let hashes = &mut new.hashes[first..first + count];
+    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
+    // Two threads take batches of blocks from a shared queue, so a thread that is scheduled
+    // out on a busy host does not hold the other back.
+    let batch = (256 << 10) / bs as usize + 1;
+    let work = Mutex::new(hashes.chunks_mut(batch).zip(blocks.chunks(batch)));
+    let hash_batches = || loop {
+        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let Some((hs, bs)) = next else { break };
+        for (h, b) in hs.iter_mut().zip(bs) {
+            *h = hash_block(b);
+        }
+    };
+    std::thread::scope(|s| {
+        if count > batch {
+            s.spawn(hash_batches);
+        }
+        hash_batches();
+    });
+    for (i, block) in blocks.iter().enumerate() {
+        let idx = (first + i) as u64;
+        let h = new.hashes[first + i];
+        let was = base.as_ref().map_or(ZERO_HASH, |b| b.get(idx));
+        if h == was {
+            continue;
+        }
+        let start = idx * bs;
+        if h == ZERO_HASH {
+            w.add_zero(start, block.len() as u64)?;
+        } else {
+            w.add_data(start, block)?;
+        }
+    }
+    Ok(())
+}

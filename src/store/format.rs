@@ -1,0 +1,458 @@
+//! The store's byte layout: delta files, block-hash files, manifests and the `format` file.
+//!
+//! Pure encode/decode over byte slices; it never touches a backend. Every integer is
+//! little-endian. These layouts are locked by the golden test (`tests/fixtures/store/`);
+//! changing a byte means a new version number.
+//!
+//! # `format` (store root)
+//! The ASCII text `blocksnap-store\nversion 1\n`. A directory holding anything else is refused.
+//!
+//! # Delta file `snapshots/<id>/delta.<generation>`
+//! ```text
+//! header  32 B : magic "BSNPDLT1" | version u32 = 1 | reserved u32 = 0 | snapshot id, 16 B ASCII, 0-padded
+//! record* 32 B : magic "BREC" | kind u8 (1 data, 2 zero) | reserved 3 B = 0 | offset u64 | length u64
+//!                | crc32 u32 | reserved u32 = 0
+//!                followed by `length` payload bytes for a data record, nothing for a zero record
+//! index   32 B per record : offset u64 | length u64 | file position of the record header u64
+//!                | kind u8 | reserved 3 B = 0 | crc32 u32
+//! footer  40 B : magic "BSNPEND1" | record count u64 | index position u64 | payload bytes u64
+//!                | reserved u32 = 0 | crc32 u32 over (index bytes ‖ footer bytes 0..36)
+//! ```
+//! A record's CRC32 (IEEE polynomial, `crc32fast`) covers the 16-byte snapshot id, offset,
+//! length, kind and payload, so a valid record copied to another offset or another snapshot fails.
+//! Records are strictly ascending and non-overlapping; the index must describe exactly the records
+//! laid out back to back from byte 32 to the index position, and the footer ends the file, so
+//! truncation and appended bytes are caught without scanning.
+//!
+//! # Block-hash file `snapshots/<id>/hashes`
+//! ```text
+//! header 48 B : magic "BSNPHSH1" | version u32 = 1 | block size u32 | volume size u64
+//!               | block count u64 | snapshot id 16 B
+//! hashes      : block count × 32 B BLAKE3 of the block's bytes (the last block may be short);
+//!               32 zero bytes mark an all-zero block
+//! trailer 32 B: BLAKE3 of everything before it
+//! ```
+//!
+//! # Manifest `snapshots/<id>/manifest`
+//! ```text
+//! magic "BSNPMAN1" | version u32 = 1 | body length u32 | body (JSON of `Manifest`) | BLAKE3 of all before, 32 B
+//! ```
+
+use crate::api::SnapshotId;
+
+pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 1\n";
+
+pub const DELTA_MAGIC: &[u8; 8] = b"BSNPDLT1";
+pub const RECORD_MAGIC: &[u8; 4] = b"BREC";
+pub const FOOTER_MAGIC: &[u8; 8] = b"BSNPEND1";
+pub const HASHES_MAGIC: &[u8; 8] = b"BSNPHSH1";
+pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNPMAN1";
+pub const VERSION: u32 = 1;
+
+pub const DELTA_HEADER_LEN: u64 = 32;
+pub const RECORD_HEADER_LEN: u64 = 32;
+pub const INDEX_ENTRY_LEN: u64 = 32;
+pub const FOOTER_LEN: u64 = 40;
+pub const HASHES_HEADER_LEN: u64 = 48;
+pub const HASH_LEN: usize = 32;
+
+/// Largest data record a reader accepts: bounds every allocation made from on-disk lengths.
+pub const MAX_DATA_RECORD: u64 = 64 << 20;
+/// Largest manifest body a reader accepts.
+pub const MAX_MANIFEST_BODY: u32 = 1 << 20;
+
+/// What a record says about its byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// The range holds the record's payload.
+    Data,
+    /// The range is all zeros; no payload.
+    Zero,
+}
+
+impl RecordKind {
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RecordKind::Data => 1,
+            RecordKind::Zero => 2,
+        }
+    }
+    pub fn from_byte(b: u8) -> Option<RecordKind> {
+        match b {
+            1 => Some(RecordKind::Data),
+            2 => Some(RecordKind::Zero),
+            _ => None,
+        }
+    }
+}
+
+/// One index entry: where a record lies in the image and in the delta file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: RecordKind,
+    pub file_pos: u64,
+    pub crc: u32,
+}
+
+impl IndexEntry {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+    /// Payload bytes this record carries in the file.
+    pub fn payload_len(&self) -> u64 {
+        match self.kind {
+            RecordKind::Data => self.length,
+            RecordKind::Zero => 0,
+        }
+    }
+}
+
+/// Why bytes failed to decode; turned into `StoreError::Corrupt` with context by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError(pub String);
+
+impl std::fmt::Display for FormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, FormatError> {
+    Err(FormatError(msg.into()))
+}
+
+/// The snapshot id as the fixed 16 bytes stored in headers and covered by CRCs.
+pub fn id_bytes(id: &SnapshotId) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (o, b) in out.iter_mut().zip(id.as_str().bytes()) {
+        *o = b;
+    }
+    out
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// CRC32 of a record: snapshot id ‖ offset ‖ length ‖ kind ‖ payload.
+pub fn record_crc(
+    id: &[u8; 16],
+    offset: u64,
+    length: u64,
+    kind: RecordKind,
+    payload: &[u8],
+) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(id);
+    h.update(&offset.to_le_bytes());
+    h.update(&length.to_le_bytes());
+    h.update(&[kind.to_byte()]);
+    h.update(payload);
+    h.finalize()
+}
+
+pub fn encode_delta_header(id: &SnapshotId) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[0..8].copy_from_slice(DELTA_MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..32].copy_from_slice(&id_bytes(id));
+    h
+}
+
+pub fn decode_delta_header(b: &[u8], id: &SnapshotId) -> Result<(), FormatError> {
+    if b.len() != 32 || &b[0..8] != DELTA_MAGIC {
+        return bad("delta header has no delta magic");
+    }
+    if u32_at(b, 8) != VERSION {
+        return bad(format!("delta version {} is unknown", u32_at(b, 8)));
+    }
+    if b[16..32] != id_bytes(id) {
+        return bad("delta header belongs to another snapshot");
+    }
+    Ok(())
+}
+
+pub fn encode_record_header(e: &IndexEntry) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[0..4].copy_from_slice(RECORD_MAGIC);
+    h[4] = e.kind.to_byte();
+    h[8..16].copy_from_slice(&e.offset.to_le_bytes());
+    h[16..24].copy_from_slice(&e.length.to_le_bytes());
+    h[24..28].copy_from_slice(&e.crc.to_le_bytes());
+    h
+}
+
+/// Checks a record header read from `e.file_pos` against its index entry.
+pub fn check_record_header(b: &[u8], e: &IndexEntry) -> Result<(), FormatError> {
+    if b.len() != 32 || &b[0..4] != RECORD_MAGIC {
+        return bad("record header has no record magic");
+    }
+    if b[5..8] != [0, 0, 0] || b[28..32] != [0, 0, 0, 0] {
+        return bad("record header reserved bytes are not zero");
+    }
+    if b[4] != e.kind.to_byte()
+        || u64_at(b, 8) != e.offset
+        || u64_at(b, 16) != e.length
+        || u32_at(b, 24) != e.crc
+    {
+        return bad("record header disagrees with the index");
+    }
+    Ok(())
+}
+
+pub fn encode_index_entry(e: &IndexEntry) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..8].copy_from_slice(&e.offset.to_le_bytes());
+    b[8..16].copy_from_slice(&e.length.to_le_bytes());
+    b[16..24].copy_from_slice(&e.file_pos.to_le_bytes());
+    b[24] = e.kind.to_byte();
+    b[28..32].copy_from_slice(&e.crc.to_le_bytes());
+    b
+}
+
+/// The decoded footer of a delta file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footer {
+    pub record_count: u64,
+    pub index_pos: u64,
+    pub payload_bytes: u64,
+}
+
+pub fn encode_footer(f: &Footer, index_bytes: &[u8]) -> [u8; 40] {
+    let mut b = [0u8; 40];
+    b[0..8].copy_from_slice(FOOTER_MAGIC);
+    b[8..16].copy_from_slice(&f.record_count.to_le_bytes());
+    b[16..24].copy_from_slice(&f.index_pos.to_le_bytes());
+    b[24..32].copy_from_slice(&f.payload_bytes.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(index_bytes);
+    h.update(&b[0..36]);
+    b[36..40].copy_from_slice(&h.finalize().to_le_bytes());
+    b
+}
+
+/// Decodes the footer of a delta file of `file_len` bytes; checks that the index fits exactly.
+pub fn decode_footer(b: &[u8], file_len: u64) -> Result<Footer, FormatError> {
+    if b.len() != 40 || &b[0..8] != FOOTER_MAGIC {
+        return bad("delta footer has no footer magic (truncated or appended bytes?)");
+    }
+    let f = Footer {
+        record_count: u64_at(b, 8),
+        index_pos: u64_at(b, 16),
+        payload_bytes: u64_at(b, 24),
+    };
+    if b[32..36] != [0, 0, 0, 0] {
+        return bad("delta footer reserved bytes are not zero");
+    }
+    let index_len = f.record_count.checked_mul(INDEX_ENTRY_LEN);
+    let expected = index_len
+        .and_then(|l| l.checked_add(f.index_pos))
+        .and_then(|l| l.checked_add(FOOTER_LEN));
+    if expected != Some(file_len) || f.index_pos < DELTA_HEADER_LEN {
+        return bad("delta footer does not match the file length");
+    }
+    Ok(f)
+}
+
+/// Checks the footer CRC and decodes the index; validates the record layout it describes.
+pub fn decode_index(
+    index_bytes: &[u8],
+    footer_bytes: &[u8],
+    footer: &Footer,
+    volume_size: u64,
+) -> Result<Vec<IndexEntry>, FormatError> {
+    let mut h = crc32fast::Hasher::new();
+    h.update(index_bytes);
+    h.update(&footer_bytes[0..36]);
+    if h.finalize() != u32_at(footer_bytes, 36) {
+        return bad("delta index or footer checksum mismatch");
+    }
+    let mut out = Vec::with_capacity(index_bytes.len() / 32);
+    let mut pos = DELTA_HEADER_LEN;
+    let mut prev_end = 0u64;
+    let mut payload = 0u64;
+    for chunk in index_bytes.chunks_exact(32) {
+        let Some(kind) = RecordKind::from_byte(chunk[24]) else {
+            return bad("index entry has an unknown kind");
+        };
+        let e = IndexEntry {
+            offset: u64_at(chunk, 0),
+            length: u64_at(chunk, 8),
+            file_pos: u64_at(chunk, 16),
+            kind,
+            crc: u32_at(chunk, 28),
+        };
+        if chunk[25..28] != [0, 0, 0] {
+            return bad("index entry reserved bytes are not zero");
+        }
+        let end = e.offset.checked_add(e.length);
+        if e.length == 0 || end.map_or(true, |end| end > volume_size) {
+            return bad(format!(
+                "index entry at offset {} length {} lies outside the volume",
+                e.offset, e.length
+            ));
+        }
+        if !out.is_empty() && e.offset < prev_end {
+            return bad(format!(
+                "index entry at offset {} is out of order",
+                e.offset
+            ));
+        }
+        if e.kind == RecordKind::Data && e.length > MAX_DATA_RECORD {
+            return bad(format!("data record at offset {} is too long", e.offset));
+        }
+        if e.file_pos != pos {
+            return bad(format!(
+                "index entry at offset {} has a wrong file position",
+                e.offset
+            ));
+        }
+        pos += RECORD_HEADER_LEN + e.payload_len();
+        payload += e.payload_len();
+        prev_end = e.end();
+        out.push(e);
+    }
+    if pos != footer.index_pos || payload != footer.payload_bytes {
+        return bad("delta index does not describe the records up to the index");
+    }
+    Ok(out)
+}
+
+pub fn encode_hashes_header(
+    id: &SnapshotId,
+    block_size: u32,
+    volume_size: u64,
+    count: u64,
+) -> [u8; 48] {
+    let mut b = [0u8; 48];
+    b[0..8].copy_from_slice(HASHES_MAGIC);
+    b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&block_size.to_le_bytes());
+    b[16..24].copy_from_slice(&volume_size.to_le_bytes());
+    b[24..32].copy_from_slice(&count.to_le_bytes());
+    b[32..48].copy_from_slice(&id_bytes(id));
+    b
+}
+
+/// Decodes a whole block-hash file: returns (block size, volume size, hashes).
+pub fn decode_hashes(
+    b: &[u8],
+    id: &SnapshotId,
+) -> Result<(u32, u64, Vec<[u8; HASH_LEN]>), FormatError> {
+    let hdr = HASHES_HEADER_LEN as usize;
+    if b.len() < hdr + HASH_LEN || &b[0..8] != HASHES_MAGIC {
+        return bad("block-hash file has no magic or is truncated");
+    }
+    let body_end = b.len() - HASH_LEN;
+    if blake3::hash(&b[..body_end]).as_bytes() != &b[body_end..] {
+        return bad("block-hash file checksum mismatch");
+    }
+    if u32_at(b, 8) != VERSION {
+        return bad("block-hash file version is unknown");
+    }
+    if b[32..48] != id_bytes(id) {
+        return bad("block-hash file belongs to another snapshot");
+    }
+    let block_size = u32_at(b, 12);
+    let volume_size = u64_at(b, 16);
+    let count = u64_at(b, 24);
+    if block_size == 0 || count != volume_size.div_ceil(u64::from(block_size)) {
+        return bad("block-hash file block count does not match its volume size");
+    }
+    if Some((body_end - hdr) as u64) != count.checked_mul(HASH_LEN as u64) {
+        return bad("block-hash file length does not match its block count");
+    }
+    let hashes = b[hdr..body_end]
+        .chunks_exact(HASH_LEN)
+        .map(|c| {
+            let mut a = [0u8; HASH_LEN];
+            a.copy_from_slice(c);
+            a
+        })
+        .collect();
+    Ok((block_size, volume_size, hashes))
+}
+
+/// Wraps a manifest body (JSON) in its envelope.
+pub fn encode_manifest(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 48);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Unwraps a manifest envelope and returns the body.
+pub fn decode_manifest(b: &[u8]) -> Result<&[u8], FormatError> {
+    if b.len() < 16 + HASH_LEN || &b[0..8] != MANIFEST_MAGIC {
+        return bad("manifest has no manifest magic or is truncated");
+    }
+    let len = u32_at(b, 12);
+    if len > MAX_MANIFEST_BODY || b.len() != 16 + len as usize + HASH_LEN {
+        return bad("manifest length does not match its header");
+    }
+    let end = 16 + len as usize;
+    if blake3::hash(&b[..end]).as_bytes() != &b[end..] {
+        return bad("manifest checksum mismatch");
+    }
+    if u32_at(b, 8) != VERSION {
+        return bad("manifest version is unknown");
+    }
+    Ok(&b[16..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid() -> SnapshotId {
+        "ss-abcdefgh".parse().unwrap()
+    }
+
+    #[test]
+    fn record_crc_binds_snapshot_and_offset() {
+        let a = record_crc(&id_bytes(&sid()), 0, 4, RecordKind::Data, b"abcd");
+        let moved = record_crc(&id_bytes(&sid()), 4096, 4, RecordKind::Data, b"abcd");
+        let other: SnapshotId = "ss-zzzzzzzz".parse().unwrap();
+        let foreign = record_crc(&id_bytes(&other), 0, 4, RecordKind::Data, b"abcd");
+        assert_ne!(a, moved);
+        assert_ne!(a, foreign);
+    }
+
+    #[test]
+    fn manifest_envelope_round_trips_and_catches_flips() {
+        let enc = encode_manifest(b"{\"x\":1}");
+        assert_eq!(decode_manifest(&enc).unwrap(), b"{\"x\":1}");
+        for i in 0..enc.len() {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x10;
+            assert!(decode_manifest(&bad).is_err(), "flip at {i}");
+        }
+        assert!(decode_manifest(&enc[..enc.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn footer_rejects_wrong_length() {
+        let f = Footer {
+            record_count: 0,
+            index_pos: 32,
+            payload_bytes: 0,
+        };
+        let b = encode_footer(&f, &[]);
+        assert!(decode_footer(&b, 72).is_ok());
+        assert!(decode_footer(&b, 73).is_err());
+    }
+}

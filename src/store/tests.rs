@@ -1,0 +1,660 @@
+//! Store tests: round trips, deletes, crashes at every step, corruption, golden bytes.
+
+use super::test_util::*;
+use super::*;
+use std::collections::BTreeMap;
+use std::fs::File;
+
+const BS: u32 = 65536;
+const MIB: u64 = 1 << 20;
+
+/// A chain of snapshots of one evolving sparse image; remembers each image's digest.
+struct Chain {
+    dir: tempfile::TempDir,
+    img: File,
+    size: u64,
+    ids: Vec<SnapshotId>,
+    digests: BTreeMap<SnapshotId, (u64, String)>,
+}
+
+impl Chain {
+    fn new(size: u64) -> Chain {
+        let dir = tempfile::tempdir().unwrap();
+        let img = sparse(dir.path(), "image", size);
+        Chain {
+            dir,
+            img,
+            size,
+            ids: Vec::new(),
+            digests: BTreeMap::new(),
+        }
+    }
+
+    fn snap(&mut self, store: &Store, n: u32) -> Result<Manifest, StoreError> {
+        let id = sid(n);
+        let m = meta(&id, self.ids.last(), self.size, BS);
+        let man = capture(store, m, &self.img, &NoProgress)?;
+        self.ids.push(id.clone());
+        self.digests.insert(id, digest(&self.img));
+        Ok(man)
+    }
+
+    fn check_all(&self, store: &Store) {
+        for m in store.list().unwrap() {
+            let got = restored(store, self.dir.path(), &m.id).unwrap();
+            assert_eq!(&got, &self.digests[&m.id], "restore of {}", m.id);
+        }
+    }
+}
+
+/// Writes a few random extents, some unaligned, one of zeros over data.
+fn mutate(img: &File, size: u64, seed: u64) {
+    let mut x = seed;
+    for i in 0..6 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) % (size - 200_000);
+        let len = 1 + ((x >> 8) % 150_000) as usize;
+        scribble(img, off, len, seed * 100 + i);
+    }
+    use std::os::unix::fs::FileExt;
+    let zoff = (seed * 3 * MIB / 2) % (size - 2 * MIB);
+    img.write_all_at(&vec![0u8; 3 * BS as usize], zoff).unwrap();
+}
+
+#[test]
+fn full_and_incrementals_round_trip_on_the_filesystem() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Store::open(store_dir.path()).unwrap();
+    let mut c = Chain::new(16 * MIB + 12345);
+    scribble(&c.img, 0, 300_000, 1);
+    scribble(&c.img, 9 * MIB, 2 * MIB as usize, 2);
+    let full = c.snap(&store, 1).unwrap();
+    assert!(full.is_full());
+    assert!(
+        full.stored_bytes < 3 * MIB,
+        "holes were stored: {}",
+        full.stored_bytes
+    );
+    for n in 2..6 {
+        mutate(&c.img, c.size, n as u64);
+        let m = c.snap(&store, n).unwrap();
+        assert_eq!(m.parent.as_ref(), Some(&sid(n - 1)));
+        assert!(
+            m.stored_bytes <= 2 * MIB,
+            "incremental too big: {}",
+            m.stored_bytes
+        );
+    }
+    // The volume grows; the incremental still works.
+    c.size += 3 * MIB;
+    c.img.set_len(c.size).unwrap();
+    scribble(&c.img, c.size - 100, 100, 9);
+    c.snap(&store, 6).unwrap();
+    c.check_all(&store);
+    assert_eq!(store.chain(&sid(6)).unwrap().len(), 6);
+    // An unchanged image gives an empty incremental.
+    let empty = c.snap(&store, 7).unwrap();
+    assert_eq!(empty.record_count, 0);
+    let again = Store::open(store_dir.path()).unwrap();
+    assert_eq!(again.list().unwrap().len(), 7);
+    assert!(again.verify(&sid(7), &NoProgress).unwrap().is_ok());
+}
+
+#[test]
+fn capture_extents_matches_a_full_scan() {
+    let (store, _) = mem_store();
+    let mut c = Chain::new(8 * MIB);
+    scribble(&c.img, 0, 5 * MIB as usize, 1);
+    c.snap(&store, 1).unwrap();
+    scribble(&c.img, 100_000, 5000, 2);
+    scribble(&c.img, 7 * MIB, 4096, 3);
+    let dirty = [100_000..105_000, 7 * MIB..7 * MIB + 4096];
+    let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
+    let got = capture_extents(&store, m, &c.img, &dirty, &NoProgress).unwrap();
+    assert_eq!(got.record_count, 1 + 1);
+    c.ids.push(sid(2));
+    c.digests.insert(sid(2), digest(&c.img));
+    c.check_all(&store);
+    let scan = store.block_hashes(&got).unwrap();
+    c.snap(&store, 3).unwrap();
+    assert_eq!(
+        scan.hashes,
+        store
+            .block_hashes(&store.manifest(&sid(3)).unwrap())
+            .unwrap()
+            .hashes
+    );
+}
+
+#[test]
+fn overwrite_restore_zeroes_old_data() {
+    let (store, _) = mem_store();
+    let mut c = Chain::new(4 * MIB);
+    scribble(&c.img, MIB, 100_000, 1);
+    c.snap(&store, 1).unwrap();
+    let target = sparse(c.dir.path(), "old", 4 * MIB);
+    scribble(&target, 0, 4 * MIB as usize, 7);
+    store
+        .restore(&sid(1), &target, RestoreMode::Overwrite, &NoProgress)
+        .unwrap();
+    assert_eq!(digest(&target), c.digests[&sid(1)]);
+}
+
+fn build_chain(store: &Store, n: u32) -> Chain {
+    let mut c = Chain::new(6 * MIB);
+    scribble(&c.img, 0, 4 * MIB as usize, 1);
+    c.snap(store, 1).unwrap();
+    for i in 2..=n {
+        mutate(&c.img, c.size, i as u64);
+        c.snap(store, i).unwrap();
+    }
+    c
+}
+
+#[test]
+fn delete_first_middle_last_keeps_others_identical_and_frees_space() {
+    for victim in [1, 3, 5] {
+        let (store, mem) = mem_store();
+        let mut c = build_chain(&store, 5);
+        let before = mem.total_bytes();
+        store.delete(&sid(victim), &NoProgress).unwrap();
+        c.digests.remove(&sid(victim));
+        assert!(
+            mem.total_bytes() < before,
+            "no space freed deleting {victim}"
+        );
+        assert_eq!(store.list().unwrap().len(), 4);
+        assert!(matches!(
+            store.manifest(&sid(victim)),
+            Err(StoreError::NotFound { .. })
+        ));
+        c.check_all(&store);
+        if victim == 1 {
+            assert!(store.manifest(&sid(2)).unwrap().is_full());
+        }
+        for m in store.list().unwrap() {
+            assert!(store.verify(&m.id, &NoProgress).unwrap().is_ok());
+        }
+    }
+    // Deleting everything, newest first and oldest first, leaves nothing behind.
+    let (store, mem) = mem_store();
+    build_chain(&store, 3);
+    for i in [2, 1, 3] {
+        store.delete(&sid(i), &NoProgress).unwrap();
+    }
+    assert_eq!(mem.total_bytes(), format::FORMAT_FILE_CONTENT.len() as u64);
+}
+
+#[test]
+fn delete_with_two_children_folds_into_both() {
+    let (store, _) = mem_store();
+    let mut c = build_chain(&store, 2);
+    // A second child of snapshot 1 (after a rollback, say).
+    mutate(&c.img, c.size, 42);
+    let m = meta(&sid(9), Some(&sid(1)), c.size, BS);
+    capture(&store, m, &c.img, &NoProgress).unwrap();
+    c.digests.insert(sid(9), digest(&c.img));
+    store.delete(&sid(1), &NoProgress).unwrap();
+    c.digests.remove(&sid(1));
+    c.check_all(&store);
+}
+
+#[test]
+fn crash_at_every_step_of_capture_recovers() {
+    for step in 0..10 {
+        let (store, mem) = mem_store();
+        let mut c = build_chain(&store, 2);
+        mutate(&c.img, c.size, 77);
+        mem.fail_after(step);
+        let res = c.snap(&store, 3);
+        mem.heal();
+        let report = store.recover().unwrap();
+        if res.is_ok() {
+            assert_eq!(store.list().unwrap().len(), 3);
+        } else {
+            c.digests.remove(&sid(3));
+            assert_eq!(store.list().unwrap().len(), 2, "step {step}: {report:?}");
+            assert!(mem.get("snapshots/ss-00000003/manifest").is_none());
+        }
+        c.check_all(&store);
+    }
+}
+
+#[test]
+fn crash_at_every_step_of_delete_recovers() {
+    for victim in [1, 2, 3] {
+        for step in 0..12 {
+            let (store, mem) = mem_store();
+            let mut c = build_chain(&store, 3);
+            mem.fail_after(step);
+            let res = store.delete(&sid(victim), &NoProgress);
+            mem.heal();
+            let report = store.recover().unwrap();
+            let ids: Vec<_> = store.list().unwrap().into_iter().map(|m| m.id).collect();
+            let marker_written = step > 0;
+            if res.is_ok() || marker_written {
+                assert!(
+                    !ids.contains(&sid(victim)),
+                    "victim {victim} step {step}: {report:?}"
+                );
+                c.digests.remove(&sid(victim));
+            } else {
+                assert!(ids.contains(&sid(victim)));
+            }
+            assert_eq!(ids.len(), c.digests.len());
+            c.check_all(&store);
+            // Nothing stray remains: every key belongs to a listed snapshot.
+            let keys = mem.total_bytes();
+            store.recover().unwrap();
+            assert_eq!(keys, mem.total_bytes());
+        }
+    }
+}
+
+#[test]
+fn recover_removes_filesystem_leftovers() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Store::open(store_dir.path()).unwrap();
+    let c = build_chain(&store, 2);
+    let snaps = store_dir.path().join("snapshots");
+    std::fs::create_dir(snaps.join("ss-00000009")).unwrap();
+    std::fs::write(snaps.join("ss-00000009/delta.0"), b"partial").unwrap();
+    std::fs::write(snaps.join("ss-00000002/hashes.tmp-0123"), b"x").unwrap();
+    std::fs::write(snaps.join("ss-00000002/delta.7"), b"old").unwrap();
+    let r = store.recover().unwrap();
+    assert_eq!(r.removed, vec![sid(9)]);
+    assert_eq!(r.stale_files.len(), 2);
+    assert!(!snaps.join("ss-00000009").exists());
+    c.check_all(&store);
+    assert!(store.recover().unwrap() == RecoveryReport::default());
+}
+
+#[test]
+fn open_refuses_foreign_directories() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("precious.txt"), b"x").unwrap();
+    let e = Store::open(d.path()).unwrap_err();
+    assert_eq!(e.kind(), crate::api::ErrorKind::InvalidArgument);
+    let d2 = tempfile::tempdir().unwrap();
+    std::fs::write(d2.path().join("format"), b"something else").unwrap();
+    assert!(Store::open(d2.path()).is_err());
+    let d3 = tempfile::tempdir().unwrap();
+    Store::open(&d3.path().join("new")).unwrap();
+    Store::open(&d3.path().join("new")).unwrap();
+}
+
+#[test]
+fn attributes_change_atomically() {
+    let (store, _) = mem_store();
+    build_chain(&store, 1);
+    let m = store
+        .set_attributes(&sid(1), Some("nightly"), None)
+        .unwrap();
+    assert_eq!(m.name, "nightly");
+    let m = store
+        .set_attributes(&sid(1), None, Some("before upgrade"))
+        .unwrap();
+    assert_eq!(
+        (m.name.as_str(), m.description.as_str()),
+        ("nightly", "before upgrade")
+    );
+    assert_eq!(store.manifest(&sid(1)).unwrap(), m);
+    assert_eq!(
+        store
+            .set_attributes(&sid(5), None, None)
+            .unwrap_err()
+            .kind(),
+        crate::api::ErrorKind::NotFound
+    );
+}
+
+/// Each way of damaging snapshot 2's files, applied to a fresh chain of three.
+type Damage = Box<dyn Fn(&MemBackend)>;
+
+fn corruptions() -> Vec<(&'static str, Damage)> {
+    let delta = "snapshots/ss-00000002/delta.0";
+    let edit = |key: &'static str, f: fn(&mut Vec<u8>)| -> Damage {
+        Box::new(move |mem: &MemBackend| {
+            let mut b = mem.get(key).unwrap();
+            f(&mut b);
+            mem.set(key, b);
+        })
+    };
+    vec![
+        ("payload bit", edit(delta, |b| b[32 + 32 + 10] ^= 1)),
+        ("record header", edit(delta, |b| b[32 + 9] ^= 1)),
+        (
+            "index",
+            edit(delta, |b| {
+                let n = b.len();
+                b[n - 40 - 20] ^= 1
+            }),
+        ),
+        (
+            "footer",
+            edit(delta, |b| {
+                let n = b.len();
+                b[n - 30] ^= 1
+            }),
+        ),
+        ("truncated", edit(delta, |b| b.truncate(b.len() - 7))),
+        ("appended", edit(delta, |b| b.extend_from_slice(b"junk"))),
+        (
+            "manifest",
+            edit("snapshots/ss-00000002/manifest", |b| b[40] ^= 4),
+        ),
+        (
+            "hashes",
+            edit("snapshots/ss-00000002/hashes", |b| b[60] ^= 1),
+        ),
+        (
+            "deleted delta",
+            Box::new(move |mem: &MemBackend| mem.remove(delta)),
+        ),
+        (
+            "swapped records",
+            Box::new(move |mem: &MemBackend| swap_first_records(mem, delta)),
+        ),
+    ]
+}
+
+/// Swaps the first two records (equal length) in place, index included: each record's own CRC
+/// stays valid, but it no longer covers the offset it sits at.
+fn swap_first_records(mem: &MemBackend, key: &str) {
+    let mut b = mem.get(key).unwrap();
+    let rec = |b: &[u8], at: usize| -> (u64, u64) {
+        let len = u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap());
+        (at as u64, 32 + len)
+    };
+    let (p0, l0) = rec(&b, 32);
+    let (p1, l1) = rec(&b, (p0 + l0) as usize);
+    assert_eq!(l0, l1, "fixture needs two equal records");
+    let (p0, p1, l) = (p0 as usize, p1 as usize, l0 as usize);
+    let first = b[p0..p0 + l].to_vec();
+    let second = b[p1..p1 + l].to_vec();
+    // Keep the offsets in place so the layout stays sorted; swap everything else.
+    b[p0..p0 + l].copy_from_slice(&second);
+    b[p1..p1 + l].copy_from_slice(&first);
+    b[p0 + 8..p0 + 16].copy_from_slice(&first[8..16]);
+    b[p1 + 8..p1 + 16].copy_from_slice(&second[8..16]);
+    // Fix up the index and footer too, so that only the records' own CRCs can tell.
+    let n = b.len();
+    let footer_at = n - 40;
+    let index_pos =
+        u64::from_le_bytes(b[footer_at + 16..footer_at + 24].try_into().unwrap()) as usize;
+    let crc0: [u8; 4] = b[index_pos + 28..index_pos + 32].try_into().unwrap();
+    let crc1: [u8; 4] = b[index_pos + 60..index_pos + 64].try_into().unwrap();
+    b[index_pos + 28..index_pos + 32].copy_from_slice(&crc1);
+    b[index_pos + 60..index_pos + 64].copy_from_slice(&crc0);
+    let footer = format::Footer {
+        record_count: u64::from_le_bytes(b[footer_at + 8..footer_at + 16].try_into().unwrap()),
+        index_pos: index_pos as u64,
+        payload_bytes: u64::from_le_bytes(b[footer_at + 24..footer_at + 32].try_into().unwrap()),
+    };
+    let new_footer = format::encode_footer(&footer, &b[index_pos..footer_at]);
+    b[footer_at..].copy_from_slice(&new_footer);
+    mem.set(key, b);
+}
+
+#[test]
+fn corruption_is_reported_and_never_restored_as_data() {
+    for (what, damage) in corruptions() {
+        let (store, mem) = mem_store();
+        let mut c = Chain::new(4 * MIB);
+        scribble(&c.img, 0, 3 * MIB as usize, 1);
+        c.snap(&store, 1).unwrap();
+        // Two equal, separate data records in snapshot 2.
+        scribble(&c.img, 0, 1 << 20, 2);
+        scribble(&c.img, 2 * MIB, 1 << 20, 3);
+        c.snap(&store, 2).unwrap();
+        mutate(&c.img, c.size, 4);
+        c.snap(&store, 3).unwrap();
+        damage(&mem);
+        let report = store.verify(&sid(3), &NoProgress);
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => panic!("{what}: verify failed: {e}"),
+        };
+        assert!(!report.is_ok(), "{what}: verify saw nothing");
+        assert!(
+            report.problems.iter().all(|p| p.snapshot == sid(2)),
+            "{what}: {report:?}"
+        );
+        assert!(
+            report.problems.iter().all(|p| p.start < p.end),
+            "{what}: {report:?}"
+        );
+        if what == "hashes" {
+            // Restore does not need the block hashes: it still gives the right bytes.
+            assert_eq!(
+                restored(&store, c.dir.path(), &sid(3)).unwrap(),
+                c.digests[&sid(3)]
+            );
+            continue;
+        }
+        for id in [sid(2), sid(3)] {
+            let err = restored(&store, c.dir.path(), &id).expect_err(what);
+            assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{what}: {err}");
+        }
+        assert_eq!(
+            restored(&store, c.dir.path(), &sid(1)).unwrap(),
+            c.digests[&sid(1)]
+        );
+    }
+}
+
+#[test]
+fn bit_flips_anywhere_in_a_delta_are_caught_by_verify() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(MIB);
+    scribble(&c.img, 0, 200_000, 1);
+    c.snap(&store, 1).unwrap();
+    let key = "snapshots/ss-00000001/delta.0";
+    let good = mem.get(key).unwrap();
+    for i in (0..good.len())
+        .step_by(997)
+        .chain(good.len() - 40..good.len())
+    {
+        let mut b = good.clone();
+        b[i] ^= 0x80;
+        mem.set(key, b);
+        assert!(
+            !store.verify(&sid(1), &NoProgress).unwrap().is_ok(),
+            "flip at {i}"
+        );
+    }
+}
+
+/// Deterministic inputs of the golden fixture: 3 blocks of 4 KiB, full then incremental.
+fn golden_store() -> (Store, Arc<MemBackend>) {
+    let (store, mem) = mem_store();
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse(dir.path(), "img", 3 * 4096 + 100);
+    scribble(&img, 0, 5000, 1);
+    scribble(&img, 3 * 4096, 100, 2);
+    let mut m = meta(&sid(1), None, 3 * 4096 + 100, 4096);
+    m.snapshot_time = 1_700_000_000;
+    let mut man = capture(&store, m, &img, &NoProgress).unwrap();
+    man.create_time = 1_700_000_001;
+    store.write_manifest(&man).unwrap();
+    use std::os::unix::fs::FileExt;
+    img.write_all_at(&[0u8; 4096], 0).unwrap();
+    scribble(&img, 8192, 10, 3);
+    let m = meta(&sid(2), Some(&sid(1)), 3 * 4096 + 100, 4096);
+    let mut man = capture(&store, m, &img, &NoProgress).unwrap();
+    man.create_time = 1_700_000_002;
+    store.write_manifest(&man).unwrap();
+    (store, mem)
+}
+
+const GOLDEN: &[&str] = &[
+    "format",
+    "snapshots/ss-00000001/manifest",
+    "snapshots/ss-00000001/delta.0",
+    "snapshots/ss-00000001/hashes",
+    "snapshots/ss-00000002/manifest",
+    "snapshots/ss-00000002/delta.0",
+    "snapshots/ss-00000002/hashes",
+];
+
+fn fixture_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store")
+}
+
+#[test]
+#[ignore = "regenerates the golden fixtures; run with --ignored after an intended format change"]
+fn regenerate_golden_fixtures() {
+    let (_, mem) = golden_store();
+    for key in GOLDEN {
+        let path = fixture_dir().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, mem.get(key).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn golden_format_is_unchanged() {
+    let (_, mem) = golden_store();
+    for key in GOLDEN {
+        let want = std::fs::read(fixture_dir().join(key)).unwrap();
+        assert!(
+            mem.get(key).unwrap() == want,
+            "{key} differs from the golden fixture"
+        );
+    }
+    // And the fixtures themselves open, verify and restore as a store.
+    let d = tempfile::tempdir().unwrap();
+    copy_tree(&fixture_dir(), d.path());
+    let store = Store::open(d.path()).unwrap();
+    assert_eq!(store.list().unwrap().len(), 2);
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    restored(&store, d.path(), &sid(2)).unwrap();
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_tree(&e.path(), &dest);
+        } else if e.file_name() != "README.md" && e.file_name() != "generate.sh" {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn delete_of_damaged_snapshot_fails_and_rolls_back() {
+    let (store, mem) = mem_store();
+    let c = build_chain(&store, 3);
+    let key = "snapshots/ss-00000002/delta.0";
+    let mut b = mem.get(key).unwrap();
+    b[32 + 32 + 5] ^= 1;
+    mem.set(key, b);
+    let err = store.delete(&sid(2), &NoProgress).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
+    assert_eq!(store.list().unwrap().len(), 3);
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(1)).unwrap(),
+        c.digests[&sid(1)]
+    );
+    assert_eq!(store.recover().unwrap(), RecoveryReport::default());
+    // Its parent cannot go either: folding would have to copy the damaged record.
+    let err = store.delete(&sid(1), &NoProgress).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
+    assert_eq!(store.list().unwrap().len(), 3);
+    // The newest one has no children and goes.
+    store.delete(&sid(3), &NoProgress).unwrap();
+}
+
+/// Throughput against `cp --sparse=always` and `b3sum`. Not a pass/fail test: it prints.
+/// `cargo --config 'profile.dev.package.blocksnap.opt-level=3' test --lib bench_throughput
+/// -- --ignored --nocapture` (size in MiB from `BLOCKSNAP_BENCH_MIB`, default 512).
+#[test]
+#[ignore = "benchmark: prints timings, takes seconds to minutes"]
+fn bench_throughput() {
+    use std::process::Command;
+    use std::time::Instant;
+    let mib: u64 = std::env::var("BLOCKSNAP_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let size = mib * MIB;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let img = sparse(dir.path(), "img", size);
+    // Three quarters data, one quarter holes, in 16 MiB stretches.
+    let mut off = 0;
+    while off < size {
+        if (off / (16 * MIB)) % 4 != 3 {
+            scribble(&img, off, (16 * MIB).min(size - off) as usize, off);
+        }
+        off += 16 * MIB;
+    }
+    img.sync_all().unwrap();
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("{what:<28} {s:8.3} s  {:8.0} MiB/s", mib as f64 / s);
+        s
+    };
+    let img_path = dir.path().join("img");
+    let cp = time("cp --sparse=always", &mut || {
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&img_path)
+            .arg(dir.path().join("cp-copy"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+    time("cp --sparse=always + fsync", &mut || {
+        let copy = dir.path().join("cp-copy2");
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&img_path)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        File::open(&copy).unwrap().sync_all().unwrap();
+    });
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let full = time("capture full", &mut || {
+        capture(&store, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
+    });
+    for i in 0..(size / MIB) {
+        if i % 97 == 0 {
+            scribble(&img, i * MIB + 4096, 8192, i);
+        }
+    }
+    let b3 = time("b3sum", &mut || {
+        let st = Command::new("b3sum").arg(&img_path).output().unwrap();
+        assert!(st.status.success());
+    });
+    let inc = time("capture incremental", &mut || {
+        capture(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, BS),
+            &img,
+            &NoProgress,
+        )
+        .unwrap();
+    });
+    let target = sparse(dir.path(), "restored", 0);
+    let rest = time("restore (fresh)", &mut || {
+        store
+            .restore(&sid(2), &target, RestoreMode::Fresh, &NoProgress)
+            .unwrap();
+    });
+    assert_eq!(digest(&target), digest(&img));
+    eprintln!(
+        "full/cp {:.2}  incremental/b3sum {:.2}  restore/cp {:.2} (time ratios; lower is faster)",
+        full / cp,
+        inc / b3,
+        rest / cp
+    );
+}

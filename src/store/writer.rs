@@ -1,0 +1,539 @@
+//! Writing a snapshot: `SnapshotWriter` (begin → add extents → commit or abort), the delta
+//! file writer it and the delete-fold share, and block-hash lists.
+//!
+//! Extents must arrive in ascending order; adjacent ones are coalesced into records of at most
+//! `max(block size, 1 MiB)` payload bytes. Commit writes the delta, then the block-hash file,
+//! then the manifest, each durably; the snapshot exists from the manifest's rename on.
+
+use super::format::{self, IndexEntry, RecordKind, HASH_LEN};
+use super::{
+    backend, delta_name, file_key, now_unix, BlobWriter, Manifest, SnapshotMeta, Store, StoreError,
+    HASHES_FILE,
+};
+use crate::api::SnapshotId;
+use std::io::{self, Write};
+use std::sync::mpsc;
+use std::thread;
+
+/// Hash of an all-zero block in block-hash lists.
+pub const ZERO_HASH: [u8; HASH_LEN] = [0; HASH_LEN];
+
+/// The BLAKE3 of a block, or `ZERO_HASH` when every byte is zero.
+pub fn hash_block(block: &[u8]) -> [u8; HASH_LEN] {
+    if is_zero(block) {
+        ZERO_HASH
+    } else {
+        *blake3::hash(block).as_bytes()
+    }
+}
+
+/// True when every byte is zero (OR-folds 64-byte lanes so the compiler vectorizes it).
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    let body = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, x| a | x) == 0);
+    body && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// One strong hash per block of a snapshot's full point-in-time image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    pub block_size: u32,
+    pub volume_size: u64,
+    pub hashes: Vec<[u8; HASH_LEN]>,
+}
+
+impl BlockHashes {
+    /// A list of all-zero blocks for a volume.
+    pub fn zeros(block_size: u32, volume_size: u64) -> BlockHashes {
+        let n = volume_size.div_ceil(u64::from(block_size)) as usize;
+        BlockHashes {
+            block_size,
+            volume_size,
+            hashes: vec![ZERO_HASH; n],
+        }
+    }
+
+    /// The hash of block `i`, or `ZERO_HASH` beyond the list (a volume that grew reads zeros).
+    pub fn get(&self, i: u64) -> [u8; HASH_LEN] {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.hashes.get(i).copied())
+            .unwrap_or(ZERO_HASH)
+    }
+
+    /// The same list resized for a volume of `volume_size` bytes.
+    pub fn resized(&self, volume_size: u64) -> BlockHashes {
+        let n = volume_size.div_ceil(u64::from(self.block_size));
+        let mut hashes: Vec<_> = (0..n).map(|i| self.get(i)).collect();
+        // The old last block may have been short; if it is now longer its hash is stale, and
+        // the caller re-hashes it (capture treats it as changed by using a sentinel).
+        if self.volume_size % u64::from(self.block_size) != 0 && volume_size > self.volume_size {
+            let last = self.volume_size / u64::from(self.block_size);
+            if let Some(h) = hashes.get_mut(last as usize) {
+                *h = [0xff; HASH_LEN];
+            }
+        }
+        BlockHashes {
+            block_size: self.block_size,
+            volume_size,
+            hashes,
+        }
+    }
+}
+
+impl Store {
+    /// The block-hash list of a committed snapshot, checked against its manifest.
+    pub fn block_hashes(&self, m: &Manifest) -> Result<BlockHashes, StoreError> {
+        let key = file_key(&m.id, &m.hashes_file);
+        let limit = m.volume_size.div_ceil(u64::from(m.block_size)) * HASH_LEN as u64 + 1024;
+        let bytes = match backend::read_all(self.backend(), &key, limit) {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                return Err(StoreError::corrupt(
+                    &m.id,
+                    &m.hashes_file,
+                    (0, 0),
+                    e.to_string(),
+                ))
+            }
+            Err(e) => return Err(StoreError::backend(&key, e)),
+        };
+        let len = bytes.len() as u64;
+        let (block_size, volume_size, hashes) = format::decode_hashes(&bytes, &m.id)
+            .map_err(|e| StoreError::corrupt(&m.id, &m.hashes_file, (0, len), e.0))?;
+        if block_size != m.block_size || volume_size != m.volume_size {
+            return Err(StoreError::corrupt(
+                &m.id,
+                &m.hashes_file,
+                (0, len),
+                "block-hash file disagrees with the manifest",
+            ));
+        }
+        Ok(BlockHashes {
+            block_size,
+            volume_size,
+            hashes,
+        })
+    }
+}
+
+/// Streams records into a delta blob and finishes it with index and footer. A worker thread
+/// hashes (BLAKE3 of the whole file) and writes, so the caller's thread only encodes records.
+pub(crate) struct DeltaWriter {
+    id: [u8; 16],
+    key: String,
+    pos: u64,
+    index: Vec<IndexEntry>,
+    payload: u64,
+    cur: Vec<u8>,
+    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    back: mpsc::Receiver<Vec<u8>>,
+    worker: Option<thread::JoinHandle<WorkerResult>>,
+}
+
+type WorkerResult = io::Result<(Box<dyn BlobWriter>, blake3::Hasher)>;
+
+/// Bytes gathered before a buffer goes to the worker.
+const SEND_AT: usize = 1 << 20;
+
+/// What a finished delta looks like, for the manifest.
+pub(crate) struct DeltaSummary {
+    pub len: u64,
+    pub blake3: String,
+    pub record_count: u64,
+    pub payload_bytes: u64,
+}
+
+impl DeltaWriter {
+    pub fn create(
+        store: &Store,
+        id: &SnapshotId,
+        generation: u32,
+    ) -> Result<DeltaWriter, StoreError> {
+        let key = file_key(id, &delta_name(generation));
+        let mut w = store
+            .backend()
+            .put(&key)
+            .map_err(|e| StoreError::backend(&key, e))?;
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (back_tx, back) = mpsc::channel::<Vec<u8>>();
+        let worker = thread::Builder::new()
+            .name("delta-writer".into())
+            .spawn(move || -> WorkerResult {
+                let mut hasher = blake3::Hasher::new();
+                for buf in rx {
+                    hasher.update(&buf);
+                    w.write_all(&buf)?;
+                    let _ = back_tx.send(buf);
+                }
+                Ok((w, hasher))
+            })
+            .map_err(|e| StoreError::backend(&key, e))?;
+        let mut d = DeltaWriter {
+            id: format::id_bytes(id),
+            key,
+            pos: 0,
+            index: Vec::new(),
+            payload: 0,
+            cur: Vec::with_capacity(SEND_AT + (1 << 16)),
+            tx: Some(tx),
+            back,
+            worker: Some(worker),
+        };
+        d.put(&format::encode_delta_header(id))?;
+        Ok(d)
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
+        self.pos += b.len() as u64;
+        self.cur.extend_from_slice(b);
+        if self.cur.len() >= SEND_AT {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), StoreError> {
+        let mut next = self.back.try_recv().unwrap_or_default();
+        next.clear();
+        let full = std::mem::replace(&mut self.cur, next);
+        let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
+        if sent != Some(true) {
+            // The worker stopped: its error says why.
+            return Err(self.join().err().unwrap_or_else(|| {
+                StoreError::backend(&self.key, io::Error::other("delta writer stopped"))
+            }));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<(Box<dyn BlobWriter>, blake3::Hasher), StoreError> {
+        self.tx = None;
+        let key = self.key.clone();
+        match self.worker.take().map(|h| h.join()) {
+            Some(Ok(r)) => r.map_err(|e| StoreError::backend(&key, e)),
+            Some(Err(_)) => Err(StoreError::backend(
+                &key,
+                io::Error::other("delta writer panicked"),
+            )),
+            None => Err(StoreError::backend(
+                &key,
+                io::Error::other("delta writer already finished"),
+            )),
+        }
+    }
+
+    /// Appends a record; `payload` is empty for a zero record. Ordering is the caller's duty.
+    pub fn record(
+        &mut self,
+        offset: u64,
+        length: u64,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let e = IndexEntry {
+            offset,
+            length,
+            kind,
+            file_pos: self.pos,
+            crc: format::record_crc(&self.id, offset, length, kind, payload),
+        };
+        self.put(&format::encode_record_header(&e))?;
+        self.put(payload)?;
+        self.payload += payload.len() as u64;
+        self.index.push(e);
+        Ok(())
+    }
+
+    /// Writes index and footer and commits the blob durably.
+    pub fn finish(mut self) -> Result<DeltaSummary, StoreError> {
+        let footer = format::Footer {
+            record_count: self.index.len() as u64,
+            index_pos: self.pos,
+            payload_bytes: self.payload,
+        };
+        let mut index = Vec::with_capacity(self.index.len() * 32);
+        for e in &self.index {
+            index.extend_from_slice(&format::encode_index_entry(e));
+        }
+        self.put(&index)?;
+        self.put(&format::encode_footer(&footer, &index))?;
+        self.send()?;
+        let (w, hasher) = self.join()?;
+        let key = self.key.clone();
+        w.commit().map_err(|e| StoreError::backend(&key, e))?;
+        Ok(DeltaSummary {
+            len: self.pos,
+            blake3: hasher.finalize().to_hex().to_string(),
+            record_count: footer.record_count,
+            payload_bytes: footer.payload_bytes,
+        })
+    }
+}
+
+impl Drop for DeltaWriter {
+    fn drop(&mut self) {
+        // Unfinished: stop the worker; dropping its blob writer discards the blob.
+        self.tx = None;
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Writes a block-hash list durably under `key`.
+pub(crate) fn write_hashes(
+    store: &Store,
+    id: &SnapshotId,
+    h: &BlockHashes,
+) -> Result<(), StoreError> {
+    let key = file_key(id, HASHES_FILE);
+    let err = |e| StoreError::backend(&key, e);
+    let mut w = store.backend().put(&key).map_err(err)?;
+    let header =
+        format::encode_hashes_header(id, h.block_size, h.volume_size, h.hashes.len() as u64);
+    let mut sum = blake3::Hasher::new();
+    sum.update(&header);
+    w.write_all(&header).map_err(err)?;
+    for chunk in h.hashes.chunks(4096) {
+        let flat: Vec<u8> = chunk.iter().flatten().copied().collect();
+        sum.update(&flat);
+        w.write_all(&flat).map_err(err)?;
+    }
+    w.write_all(sum.finalize().as_bytes()).map_err(err)?;
+    w.commit().map_err(err)
+}
+
+enum Pending {
+    None,
+    Data { offset: u64 },
+    Zero { offset: u64, len: u64 },
+}
+
+/// Builds one new snapshot. Dropping it without `commit` discards everything it wrote.
+pub struct SnapshotWriter {
+    store: Store,
+    meta: SnapshotMeta,
+    delta: Option<DeltaWriter>,
+    pending: Pending,
+    buf: Vec<u8>,
+    max_record: u64,
+    next_offset: u64,
+}
+
+impl SnapshotWriter {
+    /// Starts a snapshot; checks the metadata and the parent (same block size, committed).
+    pub fn begin(store: &Store, meta: SnapshotMeta) -> Result<SnapshotWriter, StoreError> {
+        let bs = meta.block_size;
+        if !(4096..=4 << 20).contains(&bs) || !bs.is_power_of_two() {
+            return Err(StoreError::Invalid(format!(
+                "block size {bs} must be a power of two from 4K to 4M"
+            )));
+        }
+        let dir = super::snap_dir(&meta.id);
+        let existing = store
+            .backend()
+            .list(&dir)
+            .map_err(|e| StoreError::backend(&dir, e))?;
+        if !existing.is_empty() {
+            return Err(StoreError::Exists {
+                id: meta.id.clone(),
+            });
+        }
+        if let Some(parent) = &meta.parent {
+            let p = store.manifest(parent)?;
+            if store.is_deleting(parent)? {
+                return Err(StoreError::NotFound { id: parent.clone() });
+            }
+            if p.block_size != bs {
+                return Err(StoreError::Invalid(format!(
+                    "parent {parent} has block size {}, not {bs}",
+                    p.block_size
+                )));
+            }
+        }
+        let delta = DeltaWriter::create(store, &meta.id, 0)?;
+        Ok(SnapshotWriter {
+            store: store.clone(),
+            max_record: u64::from(bs).max(1 << 20),
+            meta,
+            delta: Some(delta),
+            pending: Pending::None,
+            buf: Vec::new(),
+            next_offset: 0,
+        })
+    }
+
+    /// The snapshot's id.
+    pub fn id(&self) -> &SnapshotId {
+        &self.meta.id
+    }
+
+    fn check_range(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let end = offset.checked_add(len);
+        if offset < self.next_offset || end.map_or(true, |e| e > self.meta.volume_size) {
+            return Err(StoreError::Invalid(format!(
+                "extent {offset}+{len} is out of order or beyond the volume of {} bytes",
+                self.meta.volume_size
+            )));
+        }
+        self.next_offset = offset + len;
+        Ok(())
+    }
+
+    fn delta(&mut self) -> Result<&mut DeltaWriter, StoreError> {
+        self.delta
+            .as_mut()
+            .ok_or_else(|| StoreError::Invalid("snapshot writer already finished".into()))
+    }
+
+    fn flush_pending(&mut self) -> Result<(), StoreError> {
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::None => Ok(()),
+            Pending::Data { offset } => {
+                let buf = std::mem::take(&mut self.buf);
+                let r = self
+                    .delta()?
+                    .record(offset, buf.len() as u64, RecordKind::Data, &buf);
+                self.buf = buf;
+                self.buf.clear();
+                r
+            }
+            Pending::Zero { offset, len } => {
+                self.delta()?.record(offset, len, RecordKind::Zero, &[])
+            }
+        }
+    }
+
+    /// Adds bytes of the image at `offset` (after every extent added before).
+    pub fn add_data(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_range(offset, data.len() as u64)?;
+        let mut offset = offset;
+        let mut data = data;
+        while !data.is_empty() {
+            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset);
+            if !extends || self.buf.len() as u64 >= self.max_record {
+                self.flush_pending()?;
+                self.pending = Pending::Data { offset };
+            }
+            let room = (self.max_record - self.buf.len() as u64) as usize;
+            let take = room.min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            offset += take as u64;
+            data = &data[take..];
+        }
+        Ok(())
+    }
+
+    /// Records that `len` bytes at `offset` are zero.
+    pub fn add_zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(offset, len)?;
+        if let Pending::Zero { offset: o, len: l } = &mut self.pending {
+            if *o + *l == offset {
+                *l += len;
+                return Ok(());
+            }
+        }
+        self.flush_pending()?;
+        self.pending = Pending::Zero { offset, len };
+        Ok(())
+    }
+
+    /// Makes the snapshot durable and visible; `hashes` describes its full image.
+    pub fn commit(mut self, hashes: &BlockHashes) -> Result<Manifest, StoreError> {
+        let result = self.commit_inner(hashes);
+        if result.is_err() {
+            self.discard();
+        }
+        result
+    }
+
+    fn commit_inner(&mut self, hashes: &BlockHashes) -> Result<Manifest, StoreError> {
+        let m = &self.meta;
+        if hashes.block_size != m.block_size
+            || hashes.volume_size != m.volume_size
+            || hashes.hashes.len() as u64 != m.volume_size.div_ceil(u64::from(m.block_size))
+        {
+            return Err(StoreError::Invalid(
+                "block-hash list does not match the snapshot".into(),
+            ));
+        }
+        self.flush_pending()?;
+        let delta = self
+            .delta
+            .take()
+            .ok_or_else(|| StoreError::Invalid("snapshot writer already finished".into()))?;
+        let summary = delta.finish()?;
+        write_hashes(&self.store, &self.meta.id, hashes)?;
+        let m = &self.meta;
+        let manifest = Manifest {
+            id: m.id.clone(),
+            volume_id: m.volume_id.clone(),
+            volume_name: m.volume_name.clone(),
+            name: m.name.clone(),
+            description: m.description.clone(),
+            owner: m.owner.clone(),
+            parent: m.parent.clone(),
+            volume_size: m.volume_size,
+            block_size: m.block_size,
+            snapshot_time: m.snapshot_time,
+            create_time: now_unix(),
+            freeze_ms: m.freeze_ms,
+            consistency: m.consistency.clone(),
+            stored_bytes: summary.payload_bytes,
+            record_count: summary.record_count,
+            generation: 0,
+            delta_file: delta_name(0),
+            delta_len: summary.len,
+            delta_blake3: summary.blake3,
+            hashes_file: HASHES_FILE.to_string(),
+        };
+        let _guard = self.store.lock();
+        // The parent may have been deleted while we streamed: then this delta means nothing.
+        if let Some(parent) = &manifest.parent {
+            if self.store.is_deleting(parent)? {
+                return Err(StoreError::NotFound { id: parent.clone() });
+            }
+            self.store.manifest(parent)?;
+        }
+        self.store.write_manifest(&manifest)?;
+        Ok(manifest)
+    }
+
+    /// Removes whatever was written; the snapshot never existed.
+    pub fn abort(mut self) {
+        self.discard();
+    }
+
+    fn discard(&mut self) {
+        self.delta = None;
+        let dir = super::snap_dir(&self.meta.id);
+        // Best effort: what stays behind has no manifest and `recover` removes it.
+        if let Ok(keys) = self.store.backend().list(&dir) {
+            for k in keys {
+                let _ = self.store.backend().delete(&k);
+            }
+        }
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if self.delta.is_some() {
+            self.discard();
+        }
+    }
+}
