@@ -3,7 +3,9 @@
 //! - [`proto`]: constants, pure parsers and encoders of the wire format (fuzzable);
 //! - [`export`]: the [`Export`] trait the server serves, and [`FileExport`];
 //! - [`server`]: [`NbdServer`], the handshake and transmission phases over unix or TCP
-//!   sockets, one tokio task per connection and requests served concurrently.
+//!   sockets, one tokio task per connection and requests served concurrently;
+//! - [`tracked`]: [`TrackedExport`], changed-block tracking (persistent write-intent
+//!   bitmap) and copy-before-write for point-in-time capture.
 //!
 //! This module knows nothing of volumes, the catalog or HTTP; it may call `nix`, tokio and
 //! `crate::api` (for error kinds) only.
@@ -11,11 +13,13 @@
 pub mod export;
 pub mod proto;
 pub mod server;
+pub mod tracked;
 
 use std::path::{Path, PathBuf};
 
 pub use export::{Export, Extent, FileExport};
 pub use server::NbdServer;
+pub use tracked::{DirtyRange, EpochScope, Recovery, TrackedExport};
 
 use crate::api::ErrorKind;
 
