@@ -575,8 +575,11 @@ pub fn check_request(h: &RequestHeader, caps: &SessionCaps) -> Result<Command, R
             if !caps.block_status {
                 return Err(reject(EINVAL, "block status without a metadata context"));
             }
-            if !inside {
-                return Err(reject(EINVAL, "block status past the end of the export"));
+            if !inside || len == 0 {
+                return Err(reject(
+                    EINVAL,
+                    "block status of an empty range or past the end",
+                ));
             }
             Ok(Command::BlockStatus {
                 offset,
@@ -871,6 +874,7 @@ mod tests {
         };
         let h = parse_request_header(&header(CMD_BLOCK_STATUS, 0, 0, 10)).unwrap();
         assert_eq!(check_request(&h, &no_meta).unwrap_err().errno, EINVAL);
+        assert_eq!(check(CMD_BLOCK_STATUS, 0, 0, 0).unwrap_err().errno, EINVAL);
         let h = parse_request_header(&header(CMD_READ, CMD_FLAG_DF, 0, 10)).unwrap();
         assert_eq!(check_request(&h, &no_meta).unwrap_err().errno, EINVAL);
     }
@@ -911,6 +915,37 @@ mod tests {
         );
         assert_eq!(bs.len(), 20 + 12);
         assert_eq!(truncate_utf8("héllo", 2), "h");
+    }
+
+    #[test]
+    fn parsers_never_panic_on_random_bytes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e6264);
+        for _ in 0..20_000 {
+            let n = rng.gen_range(0..64);
+            let mut buf: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            // Plausible prefixes reach deeper into the parsers than pure noise.
+            if n >= 4 && rng.gen_bool(0.5) {
+                let len = rng.gen_range(0..n as u32);
+                buf[..4].copy_from_slice(&len.to_be_bytes());
+            }
+            let _ = parse_info_request(&buf);
+            let _ = parse_meta_context_request(&buf);
+            let _ = parse_export_name(&buf);
+            let mut opt = [0u8; OPTION_HEADER_LEN];
+            rng.fill(&mut opt[..]);
+            let _ = parse_option_header(&opt);
+            let mut req = [0u8; REQUEST_HEADER_LEN];
+            rng.fill(&mut req[..]);
+            if rng.gen_bool(0.5) {
+                req[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                req[6] = 0;
+                req[7] = rng.gen_range(0..10);
+            }
+            if let Ok(h) = parse_request_header(&req) {
+                let _ = check_request(&h, &caps());
+            }
+        }
     }
 
     #[test]
