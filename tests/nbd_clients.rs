@@ -251,6 +251,7 @@ fn fio_nbd_engine_verifies() {
             "--iodepth=16",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
