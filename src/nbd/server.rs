@@ -42,6 +42,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DESCRIPTORS: usize = 1024;
 /// Zero extents smaller than this are sent as data rather than as hole chunks.
 const MIN_HOLE_CHUNK: u64 = 4096;
+/// Reads shorter than this are sent as one data chunk without looking for holes.
+const MIN_HOLE_LOOKUP: u64 = 64 * 1024;
 
 /// An NBD server holding named exports. Cheap to clone; clones share exports.
 #[derive(Clone, Default)]
@@ -665,7 +667,8 @@ fn read_structured(export: &dyn Export, handle: u64, offset: u64, len: u32, df: 
     if len == 0 {
         return proto::done_chunk(handle).to_vec();
     }
-    let segments = if df {
+    // Small reads skip the hole lookup: two lseeks cost more than sending the zeroes.
+    let segments = if df || u64::from(len) < MIN_HOLE_LOOKUP {
         vec![(offset, u64::from(len), false)]
     } else {
         read_segments(export, offset, u64::from(len))
