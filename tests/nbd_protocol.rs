@@ -260,3 +260,27 @@ fn removing_an_export_disconnects_its_clients() {
     c.send_option(7, &d);
     assert_eq!(c.option_reply().0, (1 << 31) + 6);
 }
+
+#[test]
+fn shutdown_answers_in_flight_requests_then_disconnects() {
+    let mut s = Served::start(MIB);
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    let mut idle = Raw::connect(&s.sock);
+    idle.greet();
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[3u8; 4096]);
+    assert_eq!(c.status(), (0, 1));
+    let started = std::time::Instant::now();
+    s.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "serve_unix returned promptly"
+    );
+    assert!(c.closed_by_server());
+    assert!(idle.closed_by_server());
+    assert!(std::os::unix::net::UnixStream::connect(&s.sock)
+        .map(|mut x| {
+            let mut b = [0u8; 1];
+            matches!(std::io::Read::read(&mut x, &mut b), Ok(0) | Err(_))
+        })
+        .unwrap_or(true));
+}
