@@ -284,3 +284,40 @@ fn shutdown_answers_in_flight_requests_then_disconnects() {
         })
         .unwrap_or(true));
 }
+
+#[test]
+fn a_hundred_sessions_at_once() {
+    let s = Served::start(16 * MIB);
+    let sock = s.sock.clone();
+    // All connected before any of them does I/O, so they really overlap.
+    let sessions: Vec<Raw> = (0..100)
+        .map(|_| Raw::open(&sock, EXPORT, true, false).0)
+        .collect();
+    let workers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || {
+                let off = i as u64 * 65536;
+                c.request(CMD_WRITE, FLAG_FUA, 1, off, 65536, &vec![i as u8; 65536]);
+                assert_eq!(c.status(), (0, 1));
+                c.request(CMD_READ, 0, 2, off, 65536, &[]);
+                let mut got = Vec::new();
+                loop {
+                    let ch = c.chunk();
+                    if ch.kind == 1 {
+                        got.extend_from_slice(&ch.payload[8..]);
+                    }
+                    if ch.flags & 1 != 0 {
+                        break;
+                    }
+                }
+                assert!(got.len() == 65536 && got.iter().all(|&b| b == i as u8));
+                c.request(CMD_DISC, 0, 3, 0, 0, &[]);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
