@@ -312,7 +312,13 @@ impl<E: Export> TrackedExport<E> {
         let nblocks = blocks_of(size);
         let nregions = regions_of(size);
 
-        if len == 0 {
+        let mut h = [0u8; HEADER_LEN];
+        if len >= HEADER_LEN as u64 {
+            file.read_exact_at(&mut h, 0)
+                .map_err(err("read the header of"))?;
+        }
+        // Empty, or created but never initialised (a crash right after creation).
+        if len < HEADER_LEN as u64 || h.iter().all(|&b| b == 0) {
             let bf = BitmapFile {
                 file,
                 path,
@@ -320,6 +326,7 @@ impl<E: Export> TrackedExport<E> {
                 generation: 0,
             };
             let fine_len = nblocks.div_ceil(8);
+            bf.file.set_len(0).map_err(bf.io_err("size"))?;
             bf.file
                 .set_len(BitmapFile::fine_at(size) + fine_len)
                 .map_err(bf.io_err("size"))?;
@@ -335,9 +342,6 @@ impl<E: Export> TrackedExport<E> {
             ));
         }
 
-        let mut h = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut h, 0)
-            .map_err(err("read the header of"))?;
         let corrupt = |reason: &str| NbdError::BitmapCorrupt {
             path: path.clone(),
             reason: reason.to_string(),
@@ -363,6 +367,9 @@ impl<E: Export> TrackedExport<E> {
                 found: le64(16),
                 expected: size,
             });
+        }
+        if len < BitmapFile::fine_at(size) + nblocks.div_ceil(8) {
+            return Err(corrupt("file is truncated"));
         }
         let bf = BitmapFile {
             file,
@@ -615,6 +622,13 @@ impl<E: Export> TrackedExport<E> {
             copy_lock: Mutex::new(()),
         }));
         Ok(ranges)
+    }
+
+    /// The epoch switch for an incremental snapshot: [`start_epoch`](Self::start_epoch)
+    /// with [`EpochScope::Dirty`]. Returns the 4 KiB-granular ranges changed since the last
+    /// committed snapshot; stream them with `read_snapshot_block`, then `finish_epoch`.
+    pub fn take_dirty_for_snapshot(&self, spill_path: &Path) -> Result<Vec<DirtyRange>, NbdError> {
+        self.start_epoch(EpochScope::Dirty, spill_path)
     }
 
     /// The point-in-time content of the block at `offset` (4 KiB aligned; the last block
@@ -916,5 +930,18 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt);
+        // A truncated file is corrupt too; an all-zero header (never initialised) is new.
+        f.write_all_at(&[0], 20).unwrap();
+        f.set_len(4096).unwrap();
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        let e = TrackedExport::open(inner, &dir.path().join("cbt"))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt);
+        f.set_len(0).unwrap();
+        f.set_len(8192).unwrap();
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        let t = TrackedExport::open(inner, &dir.path().join("cbt")).unwrap();
+        assert_eq!(t.recovery(), Recovery::New);
     }
 }
