@@ -370,3 +370,35 @@ fn nbdfuse_loop_ext4_mount_and_fsck() {
     // The image on the server side is a valid ext4 filesystem too.
     run_ok("e2fsck", &["-f", "-n", s.image.to_str().unwrap()]);
 }
+
+#[test]
+fn read_only_export_refuses_writes() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let s = Served::start_with(4 * MIB, |image| {
+        fill(image, 0, 0x44, 4096);
+        std::sync::Arc::new(blocksnap::nbd::FileExport::open_read_only(image).unwrap())
+    });
+    let info = run_ok("nbdinfo", &[&s.uri()]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let out = run_ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x44 0 4k", &s.uri()],
+    );
+    assert!(!out.contains("fail"), "{out}");
+    // Opening read-write is refused by qemu itself, seeing NBD_FLAG_READ_ONLY.
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &s.uri()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.to_lowercase().contains("read-only")
+            || text.contains("not permitted")
+            || !out.status.success(),
+        "{text}"
+    );
+    assert!(read_range(&s.image, 0, 4096).iter().all(|&b| b == 0x44));
+}

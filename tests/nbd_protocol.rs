@@ -321,3 +321,18 @@ fn a_hundred_sessions_at_once() {
         w.join().unwrap();
     }
 }
+
+#[test]
+fn read_only_export_answers_eperm() {
+    let s = Served::start_with(MIB, |image| {
+        std::sync::Arc::new(blocksnap::nbd::FileExport::open_read_only(image).unwrap())
+    });
+    let (mut c, _, flags) = Raw::open(&s.sock, EXPORT, true, false);
+    assert_ne!(flags & 2, 0, "NBD_FLAG_READ_ONLY");
+    c.request(CMD_WRITE, 0, 1, 0, 512, &[1u8; 512]);
+    assert_eq!(c.status(), (1, 1));
+    c.request(CMD_WRITE_ZEROES, 0, 2, 0, 512, &[]);
+    assert_eq!(c.status(), (1, 2));
+    c.request(CMD_FLUSH, 0, 3, 0, 0, &[]);
+    assert_eq!(c.status(), (0, 3));
+}

@@ -48,6 +48,12 @@ pub trait Export: Send + Sync + 'static {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Whether clients may only read (`NBD_FLAG_READ_ONLY`; writes then fail with EPERM
+    /// before reaching the export). The default is read-write.
+    fn read_only(&self) -> bool {
+        false
+    }
+
     /// A hint to prefetch the range (`NBD_CMD_CACHE`). The default does nothing.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
@@ -65,14 +71,24 @@ pub struct FileExport {
     file: File,
     size: u64,
     path: PathBuf,
+    read_only: bool,
 }
 
 impl FileExport {
     /// Opens an existing regular file for reading and writing.
     pub fn open(path: &Path) -> Result<FileExport, NbdError> {
+        Self::open_mode(path, false)
+    }
+
+    /// Opens an existing regular file read-only; clients see `NBD_FLAG_READ_ONLY`.
+    pub fn open_read_only(path: &Path) -> Result<FileExport, NbdError> {
+        Self::open_mode(path, true)
+    }
+
+    fn open_mode(path: &Path, read_only: bool) -> Result<FileExport, NbdError> {
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|source| NbdError::OpenBacking {
@@ -92,6 +108,7 @@ impl FileExport {
             file,
             size: meta.len(),
             path: path.to_path_buf(),
+            read_only,
         })
     }
 
@@ -115,12 +132,20 @@ impl FileExport {
             file,
             size,
             path: path.to_path_buf(),
+            read_only: false,
         })
     }
 
     /// The backing file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64, errno: i32) -> io::Result<()> {
@@ -173,6 +198,7 @@ impl Export for FileExport {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.check_writable()?;
         self.check_range(offset, buf.len() as u64, libc::ENOSPC)?;
         self.file.write_all_at(buf, offset)?;
         if fua {
@@ -186,6 +212,7 @@ impl Export for FileExport {
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
         self.check_range(offset, len, libc::ENOSPC)?;
         let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         match self.fallocate(mode, offset, len) {
@@ -196,6 +223,7 @@ impl Export for FileExport {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.check_writable()?;
         self.check_range(offset, len, libc::ENOSPC)?;
         match self.zero_fast(offset, len, may_trim) {
             Ok(()) => return Ok(()),
@@ -214,11 +242,16 @@ impl Export for FileExport {
     }
 
     fn write_zeroes_fast(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.check_writable()?;
         self.check_range(offset, len, libc::ENOSPC)?;
         match self.zero_fast(offset, len, may_trim) {
             Err(Errno::EOPNOTSUPP) => Err(io::ErrorKind::Unsupported.into()),
             other => other.map_err(io::Error::from),
         }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {

@@ -481,6 +481,7 @@ pub struct SessionCaps {
     pub size: u64,
     pub structured: bool,
     pub block_status: bool,
+    pub read_only: bool,
 }
 
 impl fmt::Display for Rejection {
@@ -520,6 +521,9 @@ pub fn check_request(h: &RequestHeader, caps: &SessionCaps) -> Result<Command, R
     }
     if h.flags & !allowed != 0 {
         return Err(reject(EINVAL, "command flags not valid for this command"));
+    }
+    if caps.read_only && matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        return Err(reject(EPERM, "the export is read-only"));
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let end = h.offset.checked_add(u64::from(h.len));
@@ -721,6 +725,7 @@ mod tests {
             size: 1 << 20,
             structured: true,
             block_status: true,
+            read_only: false,
         }
     }
 
@@ -875,6 +880,15 @@ mod tests {
         let h = parse_request_header(&header(CMD_BLOCK_STATUS, 0, 0, 10)).unwrap();
         assert_eq!(check_request(&h, &no_meta).unwrap_err().errno, EINVAL);
         assert_eq!(check(CMD_BLOCK_STATUS, 0, 0, 0).unwrap_err().errno, EINVAL);
+        let ro = SessionCaps {
+            read_only: true,
+            ..caps()
+        };
+        let h = parse_request_header(&header(CMD_WRITE, 0, 0, 10)).unwrap();
+        let r = check_request(&h, &ro).unwrap_err();
+        assert_eq!((r.errno, r.discard), (EPERM, 10));
+        let h = parse_request_header(&header(CMD_READ, 0, 0, 10)).unwrap();
+        assert!(check_request(&h, &ro).is_ok());
         let h = parse_request_header(&header(CMD_READ, CMD_FLAG_DF, 0, 10)).unwrap();
         assert_eq!(check_request(&h, &no_meta).unwrap_err().errno, EINVAL);
     }

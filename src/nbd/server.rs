@@ -237,7 +237,7 @@ impl NbdServer {
                     let (export, removed) = self
                         .lookup(&name)
                         .ok_or(NbdError::ExportNotFound { name: name.clone() })?;
-                    let flags = transmission_flags(structured);
+                    let flags = transmission_flags(structured, export.read_only());
                     let reply = proto::export_name_reply(export.size(), flags, client.no_zeroes);
                     send(wr, &reply, "export name reply").await?;
                     let block_status = meta_export.as_deref() == Some(name.as_str());
@@ -270,7 +270,7 @@ impl NbdServer {
                             out = err(proto::REP_ERR_UNKNOWN, &msg);
                         }
                         Some((export, removed)) => {
-                            let flags = transmission_flags(structured);
+                            let flags = transmission_flags(structured, export.read_only());
                             out.extend(reply(
                                 proto::REP_INFO,
                                 &proto::info_export_data(export.size(), flags),
@@ -344,7 +344,7 @@ impl NbdServer {
 }
 
 /// The transmission flags this server advertises.
-fn transmission_flags(structured: bool) -> u16 {
+fn transmission_flags(structured: bool, read_only: bool) -> u16 {
     // Every connection shares one Export and `flush` reaches the backing store, so a
     // flush on one connection covers writes completed on all: multi-conn is safe.
     let mut flags = proto::FLAG_HAS_FLAGS
@@ -357,6 +357,9 @@ fn transmission_flags(structured: bool) -> u16 {
         | proto::FLAG_SEND_FAST_ZERO;
     if structured {
         flags |= proto::FLAG_SEND_DF;
+    }
+    if read_only {
+        flags |= proto::FLAG_READ_ONLY;
     }
     flags
 }
@@ -409,6 +412,7 @@ where
         size: session.export.size(),
         structured: session.structured,
         block_status: session.block_status,
+        read_only: session.export.read_only(),
     };
     let mut removed = session.removed.clone();
 
@@ -852,8 +856,12 @@ mod tests {
 
     #[test]
     fn transmission_flags_advertise_df_only_with_structured_replies() {
-        assert_eq!(transmission_flags(false) & proto::FLAG_SEND_DF, 0);
-        assert_ne!(transmission_flags(true) & proto::FLAG_SEND_DF, 0);
-        assert_ne!(transmission_flags(true) & proto::FLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(transmission_flags(false, false) & proto::FLAG_SEND_DF, 0);
+        assert_ne!(transmission_flags(true, false) & proto::FLAG_SEND_DF, 0);
+        assert_ne!(
+            transmission_flags(true, false) & proto::FLAG_CAN_MULTI_CONN,
+            0
+        );
+        assert_ne!(transmission_flags(true, true) & proto::FLAG_READ_ONLY, 0);
     }
 }

@@ -765,6 +765,10 @@ impl<E: Export> Export for TrackedExport<E> {
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.cache(offset, len)
     }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
 }
 
 fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
