@@ -596,31 +596,42 @@ impl<E: Export> TrackedExport<E> {
             .open(spill_path)
             .map_err(spill_err)?;
         spill.set_len(self.size).map_err(spill_err)?;
+        // Everything that does not depend on the dirty set is prepared before writers
+        // are paused; under the lock only the swap and an OR of words remain.
         let nblocks = blocks_of(self.size);
+        let fresh = Arc::new(Bits::new(nblocks));
+        let saved = Bits::new(nblocks);
+        let pending = match scope {
+            EpochScope::Dirty => Bits::new(nblocks),
+            EpochScope::All => Bits::all(nblocks),
+        };
         let mut state = self.write_state();
         if state.epoch.is_some() {
             drop(state);
             let _ = std::fs::remove_file(spill_path);
             return Err(NbdError::EpochOpen);
         }
-        let taken = std::mem::replace(&mut state.dirty, Arc::new(Bits::new(nblocks)));
-        let pending = match scope {
-            EpochScope::Dirty => {
-                let p = Bits::new(nblocks);
-                p.or_from(&taken);
-                p
-            }
-            EpochScope::All => Bits::all(nblocks),
-        };
-        let ranges = self.ranges_of(&pending);
+        let taken = std::mem::replace(&mut state.dirty, fresh);
+        if scope == EpochScope::Dirty {
+            pending.or_from(&taken);
+        }
         state.epoch = Some(Arc::new(Epoch {
             pending,
-            saved: Bits::new(nblocks),
-            taken,
+            saved,
+            taken: Arc::clone(&taken),
             spill,
             spill_path: spill_path.to_path_buf(),
             copy_lock: Mutex::new(()),
         }));
+        drop(state);
+        // `taken` never changes, unlike `pending`, so the ranges are computed unlocked.
+        let ranges = match scope {
+            EpochScope::Dirty => self.ranges_of(&taken),
+            EpochScope::All => vec![DirtyRange {
+                offset: 0,
+                len: self.size,
+            }],
+        };
         Ok(ranges)
     }
 
