@@ -927,6 +927,46 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_never_leak_into_the_snapshot() {
+        let blocks = 512u64;
+        let (dir, t) = setup(blocks * BLOCK);
+        // Before the epoch every block holds its own index.
+        for b in 0..blocks {
+            t.write_at(&[b as u8; BLOCK as usize], b * BLOCK, false)
+                .unwrap();
+        }
+        let t = Arc::new(t);
+        let ranges = t
+            .start_epoch(EpochScope::All, &dir.path().join("spill"))
+            .unwrap();
+        assert_eq!(ranges, vec![r(0, blocks * BLOCK)]);
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    // Unaligned writes spanning two blocks, from every thread, everywhere.
+                    for i in 0..2000u64 {
+                        let off = (i * 7919 + w * 104_729) % (blocks * BLOCK - 6000);
+                        t.write_at(&[0xf0 | w as u8; 6000], off, false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Stream backwards while the writers go forwards, to meet them in the middle.
+        for b in (0..blocks).rev() {
+            let got = t.read_snapshot_block(b * BLOCK).unwrap();
+            assert!(
+                got.iter().all(|&x| x == b as u8),
+                "block {b} leaked a write"
+            );
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        t.finish_epoch(true).unwrap();
+    }
+
+    #[test]
     fn corrupt_or_foreign_bitmaps_are_refused() {
         let (dir, t) = setup(REGION);
         drop(t);
