@@ -60,8 +60,14 @@ fn restored_sums(d: &Daemon, ss: &str, fstype: &str) -> BTreeMap<String, String>
         "xfs" => {
             // A frozen xfs keeps committed changes in its log: replay it by mounting once,
             // as an administrator would, then check the filesystem without modifying it.
-            sh(&format!("mount -o nouuid {} {}", dev.display(), mnt.display()));
-            drop(Mount { target: mnt.clone() });
+            sh(&format!(
+                "mount -o nouuid {} {}",
+                dev.display(),
+                mnt.display()
+            ));
+            drop(Mount {
+                target: mnt.clone(),
+            });
             sh(&format!("xfs_repair -n {}", dev.display()));
         }
         _ => {

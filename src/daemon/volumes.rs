@@ -225,7 +225,9 @@ impl Manager {
                         format!("cannot open {} for volume {}: {e}", image.display(), v.id),
                     )
                 })?;
-                self.nbd.add_export(&v.id, Arc::new(export));
+                self.nbd
+                    .add_export(&v.id, Arc::new(export))
+                    .map_err(|e| ApiError::new(e.kind(), format!("volume {}: {e}", v.id)))?;
                 Ok(crate::nbd::nbd_uri(&v.id, &self.config().nbd_socket_path()))
             }
             _ => volume::attach_loop(&image).map_err(|e| ApiError::from_volume(e, &v.id)),
@@ -260,7 +262,7 @@ impl Manager {
     pub(super) fn unexpose(&self, v: &VolumeRow) -> Result<(), ApiError> {
         match Backend::parse(&v.backend) {
             Some(Backend::Nbd) => {
-                self.nbd.remove_export(&v.id);
+                let _ = self.nbd.remove_export(&v.id);
                 Ok(())
             }
             _ => volume::detach_loop(
@@ -315,7 +317,7 @@ impl Manager {
                 match Backend::parse(&v.backend) {
                     Some(Backend::Nbd) => {
                         // New connections see the new size; re-register the export.
-                        self.nbd.remove_export(&v.id);
+                        let _ = self.nbd.remove_export(&v.id);
                         self.expose(&v)?;
                     }
                     _ => volume::refresh_loop_capacity(std::path::Path::new(&v.device))

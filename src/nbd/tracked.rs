@@ -1,0 +1,1002 @@
+//! Changed-block tracking and copy-before-write, as an [`Export`] wrapper.
+//!
+//! [`TrackedExport`] keeps, in the write path:
+//! - a **dirty bitmap** at 4 KiB granularity of blocks written, trimmed or zeroed since
+//!   the last committed snapshot (in memory);
+//! - a **write-intent bitmap** of 1 MiB regions, persisted like md's: before a write to a
+//!   region whose bit is clear is carried out (and so before it is acknowledged), the bit
+//!   is written to the bitmap file and `fdatasync`ed. Only the first write to a clean region
+//!   pays for the sync. After a crash (even SIGKILL) every block of every set region is
+//!   treated as dirty: a superset of the truth, never less.
+//! - a **snapshot epoch**: [`TrackedExport::start_epoch`] flushes, then atomically swaps the
+//!   dirty set out (writers wait only for that swap) and returns the ranges to stream.
+//!   While the epoch is open, the first write to a block not yet streamed copies the old
+//!   block aside (to a sparse spill file) so [`TrackedExport::read_snapshot_block`] returns
+//!   the point-in-time content. [`TrackedExport::finish_epoch`] either commits (the
+//!   persisted intent bits shrink to what is dirty now) or merges the set back.
+//!
+//! Bitmap file layout (all integers little-endian):
+//! ```text
+//! 0      magic "BSCBTMAP"
+//! 8      u32 version (1)
+//! 12     u32 flags: bit 0 CLEAN = the fine bitmap section is exact
+//! 16     u64 volume size in bytes
+//! 24     u32 block size (4096)
+//! 28     u32 region size (1 MiB)
+//! 32     u64 generation: snapshots committed with this bitmap
+//! 40     u32 CRC32 of the fine bitmap section (valid when CLEAN)
+//! 44     16 reserved bytes (zero)
+//! 60     u32 CRC32 of bytes 0..60
+//! 4096   region bits, one per region, LSB first            (write-intent)
+//! 4096 + round_up(region bytes, 4096): block bits, one per 4 KiB block (valid when CLEAN)
+//! ```
+//! May call the wrapped export, `std::fs` and `crc32fast`; nothing above this module.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::export::{Export, Extent};
+use super::NbdError;
+
+/// Granularity of the dirty bitmap and of copy-before-write.
+pub const BLOCK: u64 = 4096;
+/// Granularity of the persisted write-intent bitmap.
+pub const REGION: u64 = 1024 * 1024;
+const BLOCKS_PER_REGION: u64 = REGION / BLOCK;
+
+const MAGIC: &[u8; 8] = b"BSCBTMAP";
+const VERSION: u32 = 1;
+const FLAG_CLEAN: u32 = 1;
+const HEADER_LEN: usize = 64;
+const REGIONS_AT: u64 = 4096;
+
+/// A byte range of the volume, 4 KiB aligned (the last one may end at the volume's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// How the dirty set came to be when the bitmap was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// A new bitmap: nothing is known about earlier changes (take a full snapshot).
+    New,
+    /// The last stop was clean: the dirty set is exact.
+    Clean,
+    /// The last stop was not clean: the dirty set was rebuilt from write-intent regions
+    /// and is a superset of what changed.
+    Crashed,
+}
+
+/// Which blocks a snapshot epoch captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochScope {
+    /// Only blocks dirty since the last committed snapshot (an incremental).
+    Dirty,
+    /// Every block (a full snapshot, or a rescan after the dirty set was lost).
+    All,
+}
+
+/// A fixed-size bitmap updated without locks.
+struct Bits {
+    words: Vec<AtomicU64>,
+    len: u64,
+}
+
+impl Bits {
+    fn new(len: u64) -> Bits {
+        let n = len.div_ceil(64) as usize;
+        Bits {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            len,
+        }
+    }
+
+    fn all(len: u64) -> Bits {
+        let b = Bits::new(len);
+        b.set_range(0, len);
+        b
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    fn set(&self, i: u64) {
+        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
+    }
+
+    fn clear(&self, i: u64) {
+        self.words[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+    }
+
+    /// Sets bits `[start, end)`.
+    fn set_range(&self, start: u64, end: u64) {
+        let mut i = start;
+        while i < end {
+            let w = i / 64;
+            let lo = i % 64;
+            let hi = (end - w * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
+            i = w * 64 + hi;
+        }
+    }
+
+    /// Whether every bit in `[start, end)` is set.
+    fn all_set(&self, start: u64, end: u64) -> bool {
+        (start..end).all(|i| self.get(i))
+    }
+
+    fn or_from(&self, other: &Bits) {
+        for (a, b) in self.words.iter().zip(&other.words) {
+            a.fetch_or(b.load(Ordering::Acquire), Ordering::AcqRel);
+        }
+    }
+
+    /// Runs of set bits as `(first, count)`.
+    fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (wi, w) in self.words.iter().enumerate() {
+            let mut word = w.load(Ordering::Acquire);
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                let i = wi as u64 * 64 + bit;
+                word &= word - 1;
+                if i >= self.len {
+                    break;
+                }
+                match out.last_mut() {
+                    Some((s, n)) if *s + *n == i => *n += 1,
+                    _ => out.push((i, 1)),
+                }
+            }
+        }
+        out
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.words.len() * 8);
+        for w in &self.words {
+            out.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        out.truncate(self.len.div_ceil(8) as usize);
+        out
+    }
+
+    fn from_bytes(len: u64, bytes: &[u8]) -> Bits {
+        let b = Bits::new(len);
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut a = [0u8; 8];
+            a[..chunk.len()].copy_from_slice(chunk);
+            if let Some(w) = b.words.get(i) {
+                w.store(u64::from_le_bytes(a), Ordering::Release);
+            }
+        }
+        // Bits past `len` (from a corrupt or foreign file) are dropped.
+        if len % 64 != 0 {
+            if let Some(last) = b.words.last() {
+                last.fetch_and((1u64 << (len % 64)) - 1, Ordering::AcqRel);
+            }
+        }
+        b
+    }
+}
+
+/// The persisted bitmap file.
+struct BitmapFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    generation: u64,
+}
+
+impl BitmapFile {
+    fn fine_at(size: u64) -> u64 {
+        REGIONS_AT + regions_of(size).div_ceil(8).next_multiple_of(4096)
+    }
+
+    fn io_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> NbdError + '_ {
+        move |source| NbdError::Bitmap {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn header(&self, clean: bool, fine_crc: u32) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(if clean { FLAG_CLEAN } else { 0 }).to_le_bytes());
+        h[16..24].copy_from_slice(&self.size.to_le_bytes());
+        h[24..28].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+        h[28..32].copy_from_slice(&(REGION as u32).to_le_bytes());
+        h[32..40].copy_from_slice(&self.generation.to_le_bytes());
+        h[40..44].copy_from_slice(&fine_crc.to_le_bytes());
+        let crc = crc32fast::hash(&h[..60]);
+        h[60..].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    fn write_header(&self, clean: bool, fine_crc: u32) -> Result<(), NbdError> {
+        self.file
+            .write_all_at(&self.header(clean, fine_crc), 0)
+            .map_err(self.io_err("write the header of"))
+    }
+
+    fn sync(&self) -> Result<(), NbdError> {
+        self.file.sync_data().map_err(self.io_err("sync"))
+    }
+
+    fn write_regions(&self, bits: &Bits) -> Result<(), NbdError> {
+        self.file
+            .write_all_at(&bits.to_bytes(), REGIONS_AT)
+            .map_err(self.io_err("write regions of"))
+    }
+}
+
+fn regions_of(size: u64) -> u64 {
+    size.div_ceil(REGION)
+}
+
+fn blocks_of(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+}
+
+/// Blocks touched by `[offset, offset + len)`, as `[first, end)`.
+fn block_span(offset: u64, len: u64) -> (u64, u64) {
+    (offset / BLOCK, (offset + len).div_ceil(BLOCK))
+}
+
+/// The open copy-before-write epoch.
+struct Epoch {
+    /// Blocks whose point-in-time content has not been streamed or saved yet.
+    pending: Bits,
+    /// Blocks saved to the spill file.
+    saved: Bits,
+    /// The dirty set this epoch took (merged back if the snapshot is abandoned).
+    taken: Arc<Bits>,
+    spill: File,
+    spill_path: PathBuf,
+    /// Serialises "copy aside, then let the write through" against snapshot reads.
+    copy_lock: Mutex<()>,
+}
+
+/// State that writers read and epoch switches replace.
+struct Tracking {
+    dirty: Arc<Bits>,
+    epoch: Option<Arc<Epoch>>,
+}
+
+/// An export whose writes are tracked for incremental snapshots; see the module docs.
+pub struct TrackedExport<E: Export> {
+    inner: E,
+    size: u64,
+    state: RwLock<Tracking>,
+    /// In-memory mirror of the persisted intent bits: set only once durable.
+    intent: Bits,
+    bitmap: Mutex<BitmapFile>,
+    /// The file still says CLEAN; the first mutation must clear that first.
+    clean_on_disk: AtomicBool,
+    recovery: Recovery,
+}
+
+impl<E: Export> TrackedExport<E> {
+    /// Wraps `inner`, opening (or creating) its bitmap file at `bitmap_path`.
+    pub fn open(inner: E, bitmap_path: &Path) -> Result<TrackedExport<E>, NbdError> {
+        let size = inner.size();
+        let path = bitmap_path.to_path_buf();
+        let err = |op: &'static str| {
+            let path = path.clone();
+            move |source| NbdError::Bitmap { op, path, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err("open"))?;
+        let len = file.metadata().map_err(err("stat"))?.len();
+        let nblocks = blocks_of(size);
+        let nregions = regions_of(size);
+
+        let mut h = [0u8; HEADER_LEN];
+        if len >= HEADER_LEN as u64 {
+            file.read_exact_at(&mut h, 0)
+                .map_err(err("read the header of"))?;
+        }
+        // Empty, or created but never initialised (a crash right after creation).
+        if len < HEADER_LEN as u64 || h.iter().all(|&b| b == 0) {
+            let bf = BitmapFile {
+                file,
+                path,
+                size,
+                generation: 0,
+            };
+            let fine_len = nblocks.div_ceil(8);
+            bf.file.set_len(0).map_err(bf.io_err("size"))?;
+            bf.file
+                .set_len(BitmapFile::fine_at(size) + fine_len)
+                .map_err(bf.io_err("size"))?;
+            bf.write_header(false, 0)?;
+            bf.sync()?;
+            return Ok(Self::assemble(
+                inner,
+                bf,
+                Bits::new(nblocks),
+                Bits::new(nregions),
+                false,
+                Recovery::New,
+            ));
+        }
+
+        let corrupt = |reason: &str| NbdError::BitmapCorrupt {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let le32 = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        let le64 = |at: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&h[at..at + 8]);
+            u64::from_le_bytes(a)
+        };
+        if &h[..8] != MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        if crc32fast::hash(&h[..60]) != le32(60) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        if le32(8) != VERSION || le32(24) != BLOCK as u32 || le32(28) != REGION as u32 {
+            return Err(corrupt("unsupported version or geometry"));
+        }
+        if le64(16) != size {
+            return Err(NbdError::BitmapSizeMismatch {
+                path,
+                found: le64(16),
+                expected: size,
+            });
+        }
+        if len < BitmapFile::fine_at(size) + nblocks.div_ceil(8) {
+            return Err(corrupt("file is truncated"));
+        }
+        let bf = BitmapFile {
+            file,
+            path: path.clone(),
+            size,
+            generation: le64(32),
+        };
+        let mut region_bytes = vec![0u8; nregions.div_ceil(8) as usize];
+        bf.file
+            .read_exact_at(&mut region_bytes, REGIONS_AT)
+            .map_err(bf.io_err("read regions of"))?;
+        let regions = Bits::from_bytes(nregions, &region_bytes);
+
+        if le32(12) & FLAG_CLEAN != 0 {
+            let mut fine = vec![0u8; nblocks.div_ceil(8) as usize];
+            bf.file
+                .read_exact_at(&mut fine, BitmapFile::fine_at(size))
+                .map_err(bf.io_err("read blocks of"))?;
+            if crc32fast::hash(&fine) != le32(40) {
+                return Err(corrupt("block bitmap checksum mismatch"));
+            }
+            let dirty = Bits::from_bytes(nblocks, &fine);
+            return Ok(Self::assemble(
+                inner,
+                bf,
+                dirty,
+                regions,
+                true,
+                Recovery::Clean,
+            ));
+        }
+        // Unclean stop: every block of every region with a write intent may have changed.
+        let dirty = Bits::new(nblocks);
+        for (first, count) in regions.runs() {
+            let end = ((first + count) * BLOCKS_PER_REGION).min(nblocks);
+            dirty.set_range(first * BLOCKS_PER_REGION, end);
+        }
+        Ok(Self::assemble(
+            inner,
+            bf,
+            dirty,
+            regions,
+            false,
+            Recovery::Crashed,
+        ))
+    }
+
+    fn assemble(
+        inner: E,
+        bitmap: BitmapFile,
+        dirty: Bits,
+        intent: Bits,
+        clean_on_disk: bool,
+        recovery: Recovery,
+    ) -> TrackedExport<E> {
+        TrackedExport {
+            size: inner.size(),
+            inner,
+            state: RwLock::new(Tracking {
+                dirty: Arc::new(dirty),
+                epoch: None,
+            }),
+            intent,
+            bitmap: Mutex::new(bitmap),
+            clean_on_disk: AtomicBool::new(clean_on_disk),
+            recovery,
+        }
+    }
+
+    /// How the dirty set was recovered when the bitmap was opened.
+    pub fn recovery(&self) -> Recovery {
+        self.recovery
+    }
+
+    /// Snapshots committed against this bitmap (a snapshot's manifest can record it).
+    pub fn generation(&self) -> u64 {
+        self.lock_bitmap().generation
+    }
+
+    /// The wrapped export.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+
+    /// Blocks changed since the last committed snapshot, as byte ranges (a peek).
+    pub fn dirty_ranges(&self) -> Vec<DirtyRange> {
+        let dirty = Arc::clone(&self.read_state().dirty);
+        self.ranges_of(&dirty)
+    }
+
+    fn ranges_of(&self, bits: &Bits) -> Vec<DirtyRange> {
+        bits.runs()
+            .into_iter()
+            .map(|(first, count)| {
+                let offset = first * BLOCK;
+                let end = ((first + count) * BLOCK).min(self.size);
+                DirtyRange {
+                    offset,
+                    len: end - offset,
+                }
+            })
+            .collect()
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, Tracking> {
+        // Poisoning means a writer panicked between two atomic updates; the bitmaps are
+        // still a superset, which is what tracking needs.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, Tracking> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_bitmap(&self) -> MutexGuard<'_, BitmapFile> {
+        self.bitmap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the write intent for `[offset, offset + len)` durable. Cheap when every
+    /// region involved is already marked.
+    fn persist_intent(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / REGION;
+        let end = (offset + len).div_ceil(REGION).min(regions_of(self.size));
+        if self.intent.all_set(first, end) && !self.clean_on_disk.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let bf = self.lock_bitmap();
+        let to_io = |e: NbdError| io::Error::other(e.to_string());
+        if self.clean_on_disk.load(Ordering::Acquire) {
+            // From now on the block section is stale: say so before anything changes.
+            bf.write_header(false, 0).map_err(to_io)?;
+            bf.sync().map_err(to_io)?;
+            self.clean_on_disk.store(false, Ordering::Release);
+        }
+        if self.intent.all_set(first, end) {
+            return Ok(());
+        }
+        // Write the affected bytes of the region section with the new bits included.
+        let lo = first / 8;
+        let hi = (end - 1) / 8;
+        let mut bytes = vec![0u8; (hi - lo + 1) as usize];
+        for (k, byte) in bytes.iter_mut().enumerate() {
+            for bit in 0..8u64 {
+                let r = (lo + k as u64) * 8 + bit;
+                if r < regions_of(self.size) && (self.intent.get(r) || (first..end).contains(&r)) {
+                    *byte |= 1 << bit;
+                }
+            }
+        }
+        bf.file.write_all_at(&bytes, REGIONS_AT + lo)?;
+        bf.file.sync_data()?;
+        // Only now may other writers skip the sync for these regions.
+        self.intent.set_range(first, end);
+        Ok(())
+    }
+
+    /// The tracking part of every mutation: persist intent, mark dirty, copy aside what the
+    /// open epoch still needs. Returns the read guard to hold across the data write.
+    fn before_mutation(&self, offset: u64, len: u64) -> io::Result<RwLockReadGuard<'_, Tracking>> {
+        // Under the read lock, so a commit (which shrinks the intent) cannot slip between
+        // "intent is durable" and "block is marked dirty".
+        let state = self.read_state();
+        self.persist_intent(offset, len)?;
+        if len == 0 {
+            return Ok(state);
+        }
+        let (first, end) = block_span(offset, len);
+        if let Some(epoch) = &state.epoch {
+            self.copy_before_write(epoch, first, end)?;
+        }
+        state.dirty.set_range(first, end);
+        Ok(state)
+    }
+
+    fn copy_before_write(&self, epoch: &Epoch, first: u64, end: u64) -> io::Result<()> {
+        for b in first..end {
+            if !epoch.pending.get(b) {
+                continue;
+            }
+            let _guard = epoch.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Re-check under the lock: a snapshot read or another writer may have won.
+            if !epoch.pending.get(b) {
+                continue;
+            }
+            let mut buf = vec![0u8; self.block_len(b) as usize];
+            self.inner.read_at(&mut buf, b * BLOCK)?;
+            epoch.spill.write_all_at(&buf, b * BLOCK)?;
+            epoch.saved.set(b);
+            // Cleared last: a writer that sees it clear knows the copy is complete.
+            epoch.pending.clear(b);
+        }
+        Ok(())
+    }
+
+    fn block_len(&self, b: u64) -> u64 {
+        (self.size - b * BLOCK).min(BLOCK)
+    }
+
+    /// Opens a snapshot epoch: flushes, swaps the dirty set out (writers pause only for the
+    /// swap) and returns the ranges whose point-in-time content must be streamed with
+    /// [`read_snapshot_block`](Self::read_snapshot_block). Copies of overwritten blocks go
+    /// to a new sparse file at `spill_path`, removed when the epoch finishes.
+    pub fn start_epoch(
+        &self,
+        scope: EpochScope,
+        spill_path: &Path,
+    ) -> Result<Vec<DirtyRange>, NbdError> {
+        self.inner
+            .flush()
+            .map_err(|source| NbdError::Epoch { offset: 0, source })?;
+        let spill_err = |source| NbdError::Bitmap {
+            op: "create the spill file",
+            path: spill_path.to_path_buf(),
+            source,
+        };
+        let spill = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(spill_path)
+            .map_err(spill_err)?;
+        spill.set_len(self.size).map_err(spill_err)?;
+        // Everything that does not depend on the dirty set is prepared before writers
+        // are paused; under the lock only the swap and an OR of words remain.
+        let nblocks = blocks_of(self.size);
+        let fresh = Arc::new(Bits::new(nblocks));
+        let saved = Bits::new(nblocks);
+        let pending = match scope {
+            EpochScope::Dirty => Bits::new(nblocks),
+            EpochScope::All => Bits::all(nblocks),
+        };
+        let mut state = self.write_state();
+        if state.epoch.is_some() {
+            drop(state);
+            let _ = std::fs::remove_file(spill_path);
+            return Err(NbdError::EpochOpen);
+        }
+        let taken = std::mem::replace(&mut state.dirty, fresh);
+        if scope == EpochScope::Dirty {
+            pending.or_from(&taken);
+        }
+        state.epoch = Some(Arc::new(Epoch {
+            pending,
+            saved,
+            taken: Arc::clone(&taken),
+            spill,
+            spill_path: spill_path.to_path_buf(),
+            copy_lock: Mutex::new(()),
+        }));
+        drop(state);
+        // `taken` never changes, unlike `pending`, so the ranges are computed unlocked.
+        let ranges = match scope {
+            EpochScope::Dirty => self.ranges_of(&taken),
+            EpochScope::All => vec![DirtyRange {
+                offset: 0,
+                len: self.size,
+            }],
+        };
+        Ok(ranges)
+    }
+
+    /// The epoch switch for an incremental snapshot: [`start_epoch`](Self::start_epoch)
+    /// with [`EpochScope::Dirty`]. Returns the 4 KiB-granular ranges changed since the last
+    /// committed snapshot; stream them with `read_snapshot_block`, then `finish_epoch`.
+    pub fn take_dirty_for_snapshot(&self, spill_path: &Path) -> Result<Vec<DirtyRange>, NbdError> {
+        self.start_epoch(EpochScope::Dirty, spill_path)
+    }
+
+    /// The point-in-time content of the block at `offset` (4 KiB aligned; the last block
+    /// may be shorter). Each block of the epoch can be read once; a second read of the same
+    /// block, or a block outside the epoch, is `BadBlock`.
+    pub fn read_snapshot_block(&self, offset: u64) -> Result<Vec<u8>, NbdError> {
+        if offset % BLOCK != 0 || offset >= self.size {
+            return Err(NbdError::BadBlock { offset });
+        }
+        let b = offset / BLOCK;
+        let epoch = self
+            .read_state()
+            .epoch
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or(NbdError::NoEpoch)?;
+        let _guard = epoch.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = vec![0u8; self.block_len(b) as usize];
+        let io = |source| NbdError::Epoch { offset, source };
+        if epoch.saved.get(b) {
+            epoch.spill.read_exact_at(&mut buf, offset).map_err(io)?;
+            epoch.saved.clear(b);
+            return Ok(buf);
+        }
+        if !epoch.pending.get(b) {
+            return Err(NbdError::BadBlock { offset });
+        }
+        // Not overwritten yet, and writers wait for `copy_lock` before overwriting it.
+        self.inner.read_at(&mut buf, offset).map_err(io)?;
+        epoch.pending.clear(b);
+        Ok(buf)
+    }
+
+    /// Closes the epoch. `committed`: the snapshot is durable, so the persisted intent
+    /// shrinks to the regions dirty now and the generation advances. Otherwise the dirty
+    /// set taken by the epoch is merged back, as if the epoch never happened.
+    pub fn finish_epoch(&self, committed: bool) -> Result<u64, NbdError> {
+        let mut state = self.write_state();
+        let epoch = state.epoch.take().ok_or(NbdError::NoEpoch)?;
+        let _ = std::fs::remove_file(&epoch.spill_path);
+        if !committed {
+            state.dirty.or_from(&epoch.taken);
+            return Ok(self.lock_bitmap().generation);
+        }
+        // Writers are excluded (write lock), so the dirty set is exact here.
+        let nregions = regions_of(self.size);
+        let regions = Bits::new(nregions);
+        for (first, count) in state.dirty.runs() {
+            let end = (first + count).div_ceil(BLOCKS_PER_REGION);
+            regions.set_range(first / BLOCKS_PER_REGION, end.min(nregions));
+        }
+        let mut bf = self.lock_bitmap();
+        bf.write_regions(&regions)?;
+        bf.generation += 1;
+        // The file stays marked not clean: the block section is only written at close.
+        bf.write_header(false, 0)?;
+        bf.sync()?;
+        for (i, w) in self.intent.words.iter().enumerate() {
+            w.store(regions.words[i].load(Ordering::Acquire), Ordering::Release);
+        }
+        self.clean_on_disk.store(false, Ordering::Release);
+        Ok(bf.generation)
+    }
+
+    /// Persists the exact dirty set and marks the bitmap clean. Call after the last writer
+    /// is gone (the server has stopped serving this export); a later write makes it
+    /// unclean again.
+    pub fn close(&self) -> Result<(), NbdError> {
+        let state = self.write_state();
+        let dirty = Bits::new(blocks_of(self.size));
+        dirty.or_from(&state.dirty);
+        if let Some(epoch) = &state.epoch {
+            // An unfinished epoch did not commit: its blocks are still dirty.
+            dirty.or_from(&epoch.taken);
+        }
+        let bytes = dirty.to_bytes();
+        let bf = self.lock_bitmap();
+        bf.file
+            .write_all_at(&bytes, BitmapFile::fine_at(self.size))
+            .map_err(bf.io_err("write blocks of"))?;
+        bf.sync()?;
+        bf.write_header(true, crc32fast::hash(&bytes))?;
+        bf.sync()?;
+        self.clean_on_disk.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl<E: Export> Export for TrackedExport<E> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let _state = self.before_mutation(offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset, fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(offset, len, self.size)?;
+        let _state = self.before_mutation(offset, len)?;
+        self.inner.trim(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        check_range(offset, len, self.size)?;
+        let _state = self.before_mutation(offset, len)?;
+        self.inner.write_zeroes(offset, len, may_trim)
+    }
+
+    fn write_zeroes_fast(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        check_range(offset, len, self.size)?;
+        // Copy-before-write of a large range is not fast; let the client write instead.
+        if self.read_state().epoch.is_some() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let _state = self.before_mutation(offset, len)?;
+        self.inner.write_zeroes_fast(offset, len, may_trim)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.inner.block_status(offset, len)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.cache(offset, len)
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::FileExport;
+
+    fn setup(size: u64) -> (tempfile::TempDir, TrackedExport<FileExport>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = FileExport::create(&dir.path().join("img"), size).unwrap();
+        let t = TrackedExport::open(inner, &dir.path().join("cbt")).unwrap();
+        (dir, t)
+    }
+
+    fn reopen(dir: &tempfile::TempDir) -> TrackedExport<FileExport> {
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        TrackedExport::open(inner, &dir.path().join("cbt")).unwrap()
+    }
+
+    fn r(offset: u64, len: u64) -> DirtyRange {
+        DirtyRange { offset, len }
+    }
+
+    #[test]
+    fn bits_runs_and_ranges() {
+        let b = Bits::new(200);
+        b.set_range(3, 70);
+        b.set(130);
+        b.set_range(190, 200);
+        assert_eq!(b.runs(), vec![(3, 67), (130, 1), (190, 10)]);
+        let c = Bits::from_bytes(200, &b.to_bytes());
+        assert_eq!(c.runs(), b.runs());
+        assert!(b.all_set(3, 70) && !b.all_set(2, 70));
+        assert_eq!(Bits::all(65).runs(), vec![(0, 65)]);
+    }
+
+    #[test]
+    fn writes_trims_and_zeroes_are_tracked_at_4k() {
+        let size = 8 * REGION + 1000; // a short last block
+        let (_dir, t) = setup(size);
+        assert_eq!(t.recovery(), Recovery::New);
+        t.write_at(&[1; 10], 5000, false).unwrap();
+        t.trim(3 * REGION, 8192).unwrap();
+        t.write_zeroes(size - 10, 10, true).unwrap();
+        assert_eq!(
+            t.dirty_ranges(),
+            vec![r(4096, 4096), r(3 * REGION, 8192), r(8 * REGION, 1000)]
+        );
+        assert!(t.write_at(&[1; 10], size - 5, false).is_err());
+    }
+
+    #[test]
+    fn clean_close_is_exact_and_crash_is_a_superset() {
+        let (dir, t) = setup(4 * REGION);
+        t.write_at(&[7; 4096], REGION + 8192, false).unwrap();
+        t.close().unwrap();
+        drop(t);
+        let t = reopen(&dir);
+        assert_eq!(t.recovery(), Recovery::Clean);
+        assert_eq!(t.dirty_ranges(), vec![r(REGION + 8192, 4096)]);
+        // Write again, then "crash" (no close): the whole region is dirty afterwards.
+        t.write_at(&[8; 4096], 3 * REGION, false).unwrap();
+        drop(t);
+        let t = reopen(&dir);
+        assert_eq!(t.recovery(), Recovery::Crashed);
+        assert_eq!(
+            t.dirty_ranges(),
+            vec![r(REGION, REGION), r(3 * REGION, REGION)]
+        );
+    }
+
+    #[test]
+    fn copy_before_write_keeps_the_point_in_time_image() {
+        let (dir, t) = setup(2 * REGION);
+        t.write_at(&[0xaa; 16384], 0, false).unwrap();
+        let ranges = t
+            .start_epoch(EpochScope::Dirty, &dir.path().join("spill"))
+            .unwrap();
+        assert_eq!(ranges, vec![r(0, 16384)]);
+        assert!(t.dirty_ranges().is_empty());
+        // Overwrite block 1 and part of block 2 while the epoch is open.
+        t.write_at(&[0xbb; 6000], 4096, false).unwrap();
+        assert!(t.read_snapshot_block(0).unwrap().iter().all(|&b| b == 0xaa));
+        assert!(t
+            .read_snapshot_block(4096)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0xaa));
+        assert!(t
+            .read_snapshot_block(8192)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0xaa));
+        // A block not streamed yet is copied aside on its first overwrite only.
+        t.write_at(&[0xcc; 4096], 12288, false).unwrap();
+        t.write_at(&[0xdd; 4096], 12288, false).unwrap();
+        assert!(t
+            .read_snapshot_block(12288)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0xaa));
+        // Streamed blocks are not copied again and cannot be read twice.
+        t.write_at(&[0xee; 4096], 0, false).unwrap();
+        assert!(matches!(
+            t.read_snapshot_block(4096),
+            Err(NbdError::BadBlock { .. })
+        ));
+        assert!(matches!(
+            t.read_snapshot_block(REGION),
+            Err(NbdError::BadBlock { .. })
+        ));
+        // The new epoch's dirty set holds exactly the writes made during it.
+        assert_eq!(t.dirty_ranges(), vec![r(0, 16384)]);
+        assert_eq!(t.finish_epoch(true).unwrap(), 1);
+        assert!(!dir.path().join("spill").exists());
+        // Only the region still dirty keeps its intent bit: a crash now rebuilds region 0.
+        drop(t);
+        let t = reopen(&dir);
+        assert_eq!(t.recovery(), Recovery::Crashed);
+        assert_eq!(t.dirty_ranges(), vec![r(0, REGION)]);
+        assert_eq!(t.generation(), 1);
+    }
+
+    #[test]
+    fn abandoned_epoch_merges_the_dirty_set_back() {
+        let (dir, t) = setup(REGION);
+        t.write_at(&[1; 4096], 0, false).unwrap();
+        t.start_epoch(EpochScope::All, &dir.path().join("spill"))
+            .unwrap();
+        assert!(matches!(
+            t.start_epoch(EpochScope::All, &dir.path().join("spill2")),
+            Err(NbdError::EpochOpen)
+        ));
+        t.write_at(&[2; 4096], 8192, false).unwrap();
+        assert_eq!(t.finish_epoch(false).unwrap(), 0);
+        assert_eq!(t.dirty_ranges(), vec![r(0, 4096), r(8192, 4096)]);
+        assert!(matches!(t.finish_epoch(true), Err(NbdError::NoEpoch)));
+    }
+
+    #[test]
+    fn concurrent_writers_never_leak_into_the_snapshot() {
+        let blocks = 512u64;
+        let (dir, t) = setup(blocks * BLOCK);
+        // Before the epoch every block holds its own index.
+        for b in 0..blocks {
+            t.write_at(&[b as u8; BLOCK as usize], b * BLOCK, false)
+                .unwrap();
+        }
+        let t = Arc::new(t);
+        let ranges = t
+            .start_epoch(EpochScope::All, &dir.path().join("spill"))
+            .unwrap();
+        assert_eq!(ranges, vec![r(0, blocks * BLOCK)]);
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    // Unaligned writes spanning two blocks, from every thread, everywhere.
+                    for i in 0..2000u64 {
+                        let off = (i * 7919 + w * 104_729) % (blocks * BLOCK - 6000);
+                        t.write_at(&[0xf0 | w as u8; 6000], off, false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Stream backwards while the writers go forwards, to meet them in the middle.
+        for b in (0..blocks).rev() {
+            let got = t.read_snapshot_block(b * BLOCK).unwrap();
+            assert!(
+                got.iter().all(|&x| x == b as u8),
+                "block {b} leaked a write"
+            );
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        t.finish_epoch(true).unwrap();
+    }
+
+    #[test]
+    fn corrupt_or_foreign_bitmaps_are_refused() {
+        let (dir, t) = setup(REGION);
+        drop(t);
+        let inner = FileExport::create(&dir.path().join("other"), 2 * REGION).unwrap();
+        assert!(matches!(
+            TrackedExport::open(inner, &dir.path().join("cbt")),
+            Err(NbdError::BitmapSizeMismatch { .. })
+        ));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("cbt"))
+            .unwrap();
+        f.write_all_at(&[0xff], 20).unwrap();
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        let e = TrackedExport::open(inner, &dir.path().join("cbt"))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt);
+        // A truncated file is corrupt too; an all-zero header (never initialised) is new.
+        f.write_all_at(&[0], 20).unwrap();
+        f.set_len(4096).unwrap();
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        let e = TrackedExport::open(inner, &dir.path().join("cbt"))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt);
+        f.set_len(0).unwrap();
+        f.set_len(8192).unwrap();
+        let inner = FileExport::open(&dir.path().join("img")).unwrap();
+        let t = TrackedExport::open(inner, &dir.path().join("cbt")).unwrap();
+        assert_eq!(t.recovery(), Recovery::New);
+    }
+}

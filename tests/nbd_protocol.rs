@@ -1,0 +1,338 @@
+//! The NBD server against raw protocol traffic: edge cases real clients never send
+//! (out-of-range requests, bad flags, FAST_ZERO, removal while connected) and hostile
+//! clients, which must be disconnected without disturbing anyone else.
+
+mod nbd_support;
+
+use std::io::Write;
+use std::time::Duration;
+
+use nbd_support::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn structured_reads_writes_and_errors() {
+    let s = Served::start(4 * MIB);
+    fill(&s.image, MIB, 0x42, 8192);
+    let (mut c, size, flags) = Raw::open(&s.sock, EXPORT, true, true);
+    assert_eq!(size, 4 * MIB);
+    assert_ne!(flags & (1 << 8), 0, "multi-conn advertised");
+
+    // A read spanning a hole and data: chunks cover the range exactly once.
+    c.request(CMD_READ, 0, 1, MIB - 8192, 16384, &[]);
+    let mut covered = 0u64;
+    let mut data = vec![0xffu8; 16384];
+    loop {
+        let ch = c.chunk();
+        assert_eq!(ch.handle, 1);
+        match ch.kind {
+            1 => {
+                let off = u64::from_be_bytes(ch.payload[..8].try_into().unwrap());
+                let rel = (off - (MIB - 8192)) as usize;
+                data[rel..rel + ch.payload.len() - 8].copy_from_slice(&ch.payload[8..]);
+                covered += ch.payload.len() as u64 - 8;
+            }
+            2 => {
+                let off = u64::from_be_bytes(ch.payload[..8].try_into().unwrap());
+                let len = u32::from_be_bytes(ch.payload[8..12].try_into().unwrap()) as usize;
+                let rel = (off - (MIB - 8192)) as usize;
+                data[rel..rel + len].fill(0);
+                covered += len as u64;
+            }
+            0 => {}
+            k => panic!("unexpected chunk type {k:#x}"),
+        }
+        if ch.flags & 1 != 0 {
+            break;
+        }
+    }
+    assert_eq!(covered, 16384);
+    assert!(data[..8192].iter().all(|&b| b == 0));
+    assert!(data[8192..].iter().all(|&b| b == 0x42));
+
+    // Out of range: read → EINVAL as an error chunk, write → ENOSPC; the session goes on.
+    c.request(CMD_READ, 0, 2, 4 * MIB - 1, 2, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.kind, ch.flags & 1), (0x8001, 1));
+    assert_eq!(
+        u32::from_be_bytes(ch.payload[..4].try_into().unwrap()),
+        EINVAL
+    );
+    c.request(CMD_WRITE, 0, 3, 4 * MIB - 100, 200, &[7u8; 200]);
+    assert_eq!(c.status(), (ENOSPC, 3));
+    c.request(CMD_WRITE, 0, 4, u64::MAX - 10, 200, &[7u8; 200]);
+    assert_eq!(c.status(), (ENOSPC, 4));
+    // Unknown command and a flag invalid for the command → EINVAL.
+    c.request(42, 0, 5, 0, 0, &[]);
+    assert_eq!(c.status(), (EINVAL, 5));
+    c.request(CMD_WRITE, 1 << 3, 6, 0, 16, &[1u8; 16]);
+    assert_eq!(c.status(), (EINVAL, 6));
+    // FUA write, then flush, then block status, all on the same session.
+    c.request(CMD_WRITE, FLAG_FUA, 7, 0, 4096, &[9u8; 4096]);
+    assert_eq!(c.status(), (0, 7));
+    c.request(CMD_FLUSH, 0, 8, 0, 0, &[]);
+    assert_eq!(c.status(), (0, 8));
+    assert!(read_range(&s.image, 0, 4096).iter().all(|&b| b == 9));
+    c.request(CMD_BLOCK_STATUS, 0, 9, 0, (4 * MIB) as u32, &[]);
+    let ch = c.chunk();
+    assert_eq!((ch.kind, ch.flags & 1, ch.handle), (5, 1, 9));
+    let total: u64 = ch.payload[4..]
+        .chunks(8)
+        .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())))
+        .sum();
+    assert!(total > 0 && total <= 4 * MIB);
+    // FAST_ZERO on a file that can punch holes succeeds; the range reads as zeroes.
+    c.request(CMD_WRITE_ZEROES, FLAG_FAST_ZERO, 10, 0, 4096, &[]);
+    assert_eq!(c.status(), (0, 10));
+    assert!(read_range(&s.image, 0, 4096).iter().all(|&b| b == 0));
+    c.request(CMD_DISC, 0, 11, 0, 0, &[]);
+    assert!(c.closed_by_server());
+}
+
+#[test]
+fn simple_replies_without_structured_negotiation() {
+    let s = Served::start(MIB);
+    fill(&s.image, 0, 0x33, 512);
+    let (mut c, _, flags) = Raw::open(&s.sock, EXPORT, false, false);
+    assert_eq!(flags & (1 << 7), 0, "DF needs structured replies");
+    c.request(CMD_READ, 0, 1, 0, 512, &[]);
+    assert_eq!(c.simple_reply(), (0, 1));
+    let mut buf = vec![0u8; 512];
+    std::io::Read::read_exact(&mut c.s, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x33));
+    // A failed read gets an error header and no data; the next reply follows directly.
+    c.request(CMD_READ, 0, 2, MIB, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 2));
+    c.request(CMD_BLOCK_STATUS, 0, 3, 0, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 3));
+    c.request(CMD_FLUSH, 0, 4, 0, 0, &[]);
+    assert_eq!(c.simple_reply(), (0, 4));
+}
+
+#[test]
+fn handshake_options_list_info_abort_and_unknown() {
+    let s = Served::start(MIB);
+    let mut c = Raw::connect(&s.sock);
+    c.greet();
+    c.send_option(3, &[]);
+    let (k, d) = c.option_reply();
+    assert_eq!(k, 2);
+    assert_eq!(&d[4..], EXPORT.as_bytes());
+    assert_eq!(c.option_reply().0, 1);
+    // Unknown option → ERR_UNSUP; data is skipped and the session continues.
+    c.send_option(999, b"whatever");
+    assert_eq!(c.option_reply().0, (1 << 31) + 1);
+    // INFO for a missing export → ERR_UNKNOWN; malformed INFO → ERR_INVALID.
+    let mut d = 4u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"nope");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.send_option(6, &d);
+    assert_eq!(c.option_reply().0, (1 << 31) + 6);
+    c.send_option(6, &[0, 0, 0, 99]);
+    assert_eq!(c.option_reply().0, (1 << 31) + 3);
+    // SET_META_CONTEXT before structured replies → ERR_INVALID.
+    c.send_option(10, &[0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.option_reply().0, (1 << 31) + 3);
+    // LIST_META_CONTEXT with no query lists base:allocation.
+    c.send_option(8, &[]);
+    assert_eq!(c.option_reply().0, 1);
+    let mut d = (EXPORT.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(EXPORT.as_bytes());
+    d.extend_from_slice(&0u32.to_be_bytes());
+    c.send_option(9, &d);
+    let (k, d) = c.option_reply();
+    assert_eq!((k, &d[4..]), (4, &b"base:allocation"[..]));
+    assert_eq!(c.option_reply().0, 1);
+    c.send_option(2, &[]);
+    assert_eq!(c.option_reply().0, 1);
+    assert!(c.closed_by_server());
+}
+
+#[test]
+fn hostile_clients_are_disconnected_and_others_keep_working() {
+    let s = Served::start(4 * MIB);
+    let (mut good, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+
+    // Garbage right after the handshake.
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    c.s.write_all(&[0xde; 200]).unwrap();
+    assert!(c.closed_by_server(), "garbage request");
+
+    // A write announcing more than the maximum payload.
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    c.request(CMD_WRITE, 0, 1, 0, u32::MAX, &[]);
+    assert!(c.closed_by_server(), "huge write");
+
+    // A huge read is refused with an error, not honoured and not fatal.
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    c.request(CMD_READ, 0, 1, 0, u32::MAX, &[]);
+    assert_ne!(c.status().0, 0);
+
+    // Half a request header, then the client hangs up.
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    c.s.write_all(&[0x25, 0x60, 0x95, 0x13, 0, 0]).unwrap();
+    drop(c);
+
+    // Bad client flags, a huge option, garbage instead of an option.
+    let mut c = Raw::connect(&s.sock);
+    let mut g = [0u8; 18];
+    std::io::Read::read_exact(&mut c.s, &mut g).unwrap();
+    c.s.write_all(&0xffff_ffffu32.to_be_bytes()).unwrap();
+    assert!(c.closed_by_server(), "bad client flags");
+    let mut c = Raw::connect(&s.sock);
+    c.greet();
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.s.write_all(&m).unwrap();
+    assert_eq!(c.option_reply().0, (1 << 31) + 9, "ERR_TOO_BIG");
+    assert!(c.closed_by_server(), "huge option");
+    let mut c = Raw::connect(&s.sock);
+    c.greet();
+    c.s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(c.closed_by_server(), "garbage option");
+    // A client that connects and says nothing does not block anyone either.
+    let _idle = Raw::connect(&s.sock);
+
+    // Through all of that, the first session still works.
+    good.request(CMD_WRITE, 0, 77, 4096, 4096, &[5u8; 4096]);
+    assert_eq!(good.status(), (0, 77));
+    good.request(CMD_READ, 0, 78, 4096, 4096, &[]);
+    let ch = good.chunk();
+    assert_eq!((ch.kind, ch.handle), (1, 78));
+    assert!(ch.payload[8..].iter().all(|&b| b == 5));
+    // And a real client can still connect.
+    if have("qemu-io") {
+        qemu_io(&s.uri(), &["read -P 5 4096 4096"]);
+    }
+}
+
+#[test]
+fn pipelined_requests_are_all_answered() {
+    let s = Served::start(16 * MIB);
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    let n = 200u64;
+    let mut batch = Vec::new();
+    for h in 0..n {
+        let mut m = 0x25609513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&(h * 65536).to_be_bytes());
+        m.extend_from_slice(&65536u32.to_be_bytes());
+        m.extend_from_slice(&vec![h as u8; 65536]);
+        batch.extend_from_slice(&m);
+    }
+    // Write everything from another thread while replies are read here.
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&batch).unwrap());
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let (errno, h) = c.status();
+        assert_eq!(errno, 0);
+        assert!(seen.insert(h));
+    }
+    writer.join().unwrap();
+    for h in [0, 57, n - 1] {
+        assert!(read_range(&s.image, h * 65536, 65536)
+            .iter()
+            .all(|&b| b == h as u8));
+    }
+}
+
+#[test]
+fn removing_an_export_disconnects_its_clients() {
+    let s = Served::start(MIB);
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(s.server.export_names(), vec![EXPORT.to_string()]);
+    s.server.remove_export(EXPORT).unwrap();
+    assert!(c.closed_by_server());
+    assert!(s.server.export_names().is_empty());
+    assert!(s.server.remove_export(EXPORT).is_err());
+    // A new client is told the export is unknown.
+    let mut c = Raw::connect(&s.sock);
+    c.greet();
+    let mut d = (EXPORT.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(EXPORT.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.send_option(7, &d);
+    assert_eq!(c.option_reply().0, (1 << 31) + 6);
+}
+
+#[test]
+fn shutdown_answers_in_flight_requests_then_disconnects() {
+    let mut s = Served::start(MIB);
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    let mut idle = Raw::connect(&s.sock);
+    idle.greet();
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[3u8; 4096]);
+    assert_eq!(c.status(), (0, 1));
+    let started = std::time::Instant::now();
+    s.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "serve_unix returned promptly"
+    );
+    assert!(c.closed_by_server());
+    assert!(idle.closed_by_server());
+    assert!(std::os::unix::net::UnixStream::connect(&s.sock)
+        .map(|mut x| {
+            let mut b = [0u8; 1];
+            matches!(std::io::Read::read(&mut x, &mut b), Ok(0) | Err(_))
+        })
+        .unwrap_or(true));
+}
+
+#[test]
+fn a_hundred_sessions_at_once() {
+    let s = Served::start(16 * MIB);
+    let sock = s.sock.clone();
+    // All connected before any of them does I/O, so they really overlap.
+    let sessions: Vec<Raw> = (0..100)
+        .map(|_| Raw::open(&sock, EXPORT, true, false).0)
+        .collect();
+    let workers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || {
+                let off = i as u64 * 65536;
+                c.request(CMD_WRITE, FLAG_FUA, 1, off, 65536, &vec![i as u8; 65536]);
+                assert_eq!(c.status(), (0, 1));
+                c.request(CMD_READ, 0, 2, off, 65536, &[]);
+                let mut got = Vec::new();
+                loop {
+                    let ch = c.chunk();
+                    if ch.kind == 1 {
+                        got.extend_from_slice(&ch.payload[8..]);
+                    }
+                    if ch.flags & 1 != 0 {
+                        break;
+                    }
+                }
+                assert!(got.len() == 65536 && got.iter().all(|&b| b == i as u8));
+                c.request(CMD_DISC, 0, 3, 0, 0, &[]);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+#[test]
+fn read_only_export_answers_eperm() {
+    let s = Served::start_with(MIB, |image| {
+        std::sync::Arc::new(blocksnap::nbd::FileExport::open_read_only(image).unwrap())
+    });
+    let (mut c, _, flags) = Raw::open(&s.sock, EXPORT, true, false);
+    assert_ne!(flags & 2, 0, "NBD_FLAG_READ_ONLY");
+    c.request(CMD_WRITE, 0, 1, 0, 512, &[1u8; 512]);
+    assert_eq!(c.status(), (1, 1));
+    c.request(CMD_WRITE_ZEROES, 0, 2, 0, 512, &[]);
+    assert_eq!(c.status(), (1, 2));
+    c.request(CMD_FLUSH, 0, 3, 0, 0, &[]);
+    assert_eq!(c.status(), (0, 3));
+}
