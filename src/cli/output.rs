@@ -114,7 +114,7 @@ fn table(columns: &[Column], items: &[Value]) -> String {
             }
             line.push_str(cell);
             let pad = widths[i].saturating_sub(cell.chars().count());
-            line.extend(std::iter::repeat(' ').take(pad));
+            line.extend(std::iter::repeat_n(' ', pad));
         }
         out.push_str(line.trim_end());
         out.push('\n');

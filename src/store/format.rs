@@ -296,7 +296,7 @@ pub fn decode_index(
             return bad("index entry reserved bytes are not zero");
         }
         let end = e.offset.checked_add(e.length);
-        if e.length == 0 || end.map_or(true, |end| end > volume_size) {
+        if e.length == 0 || end.is_none_or(|end| end > volume_size) {
             return bad(format!(
                 "index entry at offset {} length {} lies outside the volume",
                 e.offset, e.length

@@ -378,7 +378,7 @@ impl SnapshotWriter {
 
     fn check_range(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
         let end = offset.checked_add(len);
-        if offset < self.next_offset || end.map_or(true, |e| e > self.meta.volume_size) {
+        if offset < self.next_offset || end.is_none_or(|e| e > self.meta.volume_size) {
             return Err(StoreError::Invalid(format!(
                 "extent {offset}+{len} is out of order or beyond the volume of {} bytes",
                 self.meta.volume_size
