@@ -174,6 +174,9 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let state_dir = self.state_dir();
         let v = self.live_volume(&row.volume_id)?;
+        if let Some(tracker) = self.tracker(&v.id) {
+            return self.take_nbd_snapshot(row, &v, tracker, block_size, progress);
+        }
         if !force {
             self.refuse_open_writers(&v)?;
         }
@@ -238,6 +241,16 @@ impl Manager {
             }
         };
         drop(clone);
+        self.finish_snapshot(row, &manifest, snapshot_time)
+    }
+
+    /// Makes a captured snapshot `available` and the head of its volume's chain.
+    pub(super) fn finish_snapshot(
+        &self,
+        row: &SnapshotRow,
+        manifest: &crate::store::Manifest,
+        snapshot_time: i64,
+    ) -> Result<(), ApiError> {
         self.with_catalog(|c| {
             if let Some(mut s) = c.snapshot(&row.id)? {
                 s.status = "available".into();
@@ -258,7 +271,7 @@ impl Manager {
     }
 
     /// Records that the point-in-time image exists and writers were released.
-    fn mark_taken(
+    pub(super) fn mark_taken(
         &self,
         row: &SnapshotRow,
         snapshot_time: i64,

@@ -47,6 +47,8 @@ pub struct Manager {
     jobs: Jobs,
     metrics: Metrics,
     pub(super) nbd: crate::nbd::NbdServer,
+    /// The tracked exports of attached NBD volumes, by volume id.
+    trackers: Mutex<HashMap<String, Arc<super::nbd_capture::Tracker>>>,
 }
 
 impl Manager {
@@ -59,6 +61,7 @@ impl Manager {
             jobs,
             metrics: Metrics::default(),
             nbd: crate::nbd::NbdServer::new(),
+            trackers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -104,6 +107,41 @@ impl Manager {
     ) -> Result<T, ApiError> {
         let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         f(&catalog).map_err(ApiError::from)
+    }
+
+    /// The tracked export of an attached NBD volume.
+    pub(super) fn tracker(&self, volume_id: &str) -> Option<Arc<super::nbd_capture::Tracker>> {
+        self.trackers.lock().ok()?.get(volume_id).cloned()
+    }
+
+    pub(super) fn set_tracker(
+        &self,
+        volume_id: &str,
+        tracker: Option<Arc<super::nbd_capture::Tracker>>,
+    ) {
+        let mut map = self.trackers.lock().unwrap_or_else(|p| p.into_inner());
+        let old = match tracker {
+            Some(t) => map.insert(volume_id.to_string(), t),
+            None => map.remove(volume_id),
+        };
+        drop(map);
+        if let Some(old) = old {
+            if let Err(e) = old.close() {
+                tracing::error!(volume = volume_id, error = %message_chain(&e), "cannot persist the dirty bitmap");
+            }
+        }
+    }
+
+    /// Persists every dirty bitmap as clean (after the NBD server stopped serving).
+    pub fn close_trackers(&self) {
+        let ids: Vec<String> = self
+            .trackers
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.set_tracker(&id, None);
+        }
     }
 
     pub fn set_status(&self, status: &str) -> Result<(), ApiError> {

@@ -9,6 +9,7 @@ mod capture;
 mod jobs;
 mod manager;
 mod metrics;
+mod nbd_capture;
 mod recovery;
 mod server;
 mod snapshots;
@@ -215,6 +216,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     manager.jobs().shutdown(Duration::from_secs(20)).await;
     let _ = server.await;
     let _ = nbd.await;
+    manager.close_trackers();
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -3,7 +3,7 @@
 use super::auth::Caller;
 use super::jobs::{self, JobProgress};
 use super::manager::Manager;
-use crate::api::{self, ApiError, ErrorKind};
+use crate::api::{self, ApiError};
 use crate::catalog::{now, JobRow, VolumeRow};
 use crate::config::Backend;
 use crate::store::Progress;
@@ -219,15 +219,13 @@ impl Manager {
         let image = volume::image_path(&self.state_dir(), &v.id);
         match Backend::parse(&v.backend) {
             Some(Backend::Nbd) => {
-                let export = crate::nbd::FileExport::open(&image).map_err(|e| {
-                    ApiError::new(
-                        ErrorKind::Io,
-                        format!("cannot open {} for volume {}: {e}", image.display(), v.id),
-                    )
-                })?;
+                let state_dir = self.state_dir();
+                let tracker =
+                    Arc::new(super::nbd_capture::open_tracker(&state_dir, &v.id, &image)?);
                 self.nbd
-                    .add_export(&v.id, Arc::new(export))
+                    .add_export(&v.id, tracker.clone())
                     .map_err(|e| ApiError::new(e.kind(), format!("volume {}: {e}", v.id)))?;
+                self.set_tracker(&v.id, Some(tracker));
                 Ok(crate::nbd::nbd_uri(&v.id, &self.config().nbd_socket_path()))
             }
             _ => volume::attach_loop(&image).map_err(|e| ApiError::from_volume(e, &v.id)),
@@ -263,6 +261,7 @@ impl Manager {
         match Backend::parse(&v.backend) {
             Some(Backend::Nbd) => {
                 let _ = self.nbd.remove_export(&v.id);
+                self.set_tracker(&v.id, None);
                 Ok(())
             }
             _ => volume::detach_loop(
@@ -317,7 +316,7 @@ impl Manager {
                 match Backend::parse(&v.backend) {
                     Some(Backend::Nbd) => {
                         // New connections see the new size; re-register the export.
-                        let _ = self.nbd.remove_export(&v.id);
+                        self.unexpose(&v)?;
                         self.expose(&v)?;
                     }
                     _ => volume::refresh_loop_capacity(std::path::Path::new(&v.device))

@@ -580,6 +580,20 @@ impl<E: Export> TrackedExport<E> {
         scope: EpochScope,
         spill_path: &Path,
     ) -> Result<Vec<DirtyRange>, NbdError> {
+        self.start_epoch_aligned(scope, spill_path, BLOCK)
+    }
+
+    /// [`start_epoch`](Self::start_epoch) for a consumer that reads whole `align`-byte
+    /// blocks (a store block of 64 KiB): every 4 KiB block sharing an `align` block with a
+    /// dirty one is protected and returned too, so that the whole `align` block can be read
+    /// at its point in time. `align` is a multiple of 4 KiB.
+    pub fn start_epoch_aligned(
+        &self,
+        scope: EpochScope,
+        spill_path: &Path,
+        align: u64,
+    ) -> Result<Vec<DirtyRange>, NbdError> {
+        let group = (align / BLOCK).max(1);
         self.inner
             .flush()
             .map_err(|source| NbdError::Epoch { offset: 0, source })?;
@@ -612,8 +626,16 @@ impl<E: Export> TrackedExport<E> {
             return Err(NbdError::EpochOpen);
         }
         let taken = std::mem::replace(&mut state.dirty, fresh);
+        // What this epoch streams, fixed while writers are paused (they clear `pending`
+        // bits as they copy blocks aside once they resume).
+        let streamed = Bits::new(nblocks);
         if scope == EpochScope::Dirty {
-            pending.or_from(&taken);
+            for (first, count) in taken.runs() {
+                let start = first / group * group;
+                let end = (first + count).div_ceil(group) * group;
+                streamed.set_range(start, end.min(nblocks));
+            }
+            pending.or_from(&streamed);
         }
         state.epoch = Some(Arc::new(Epoch {
             pending,
@@ -624,9 +646,9 @@ impl<E: Export> TrackedExport<E> {
             copy_lock: Mutex::new(()),
         }));
         drop(state);
-        // `taken` never changes, unlike `pending`, so the ranges are computed unlocked.
+        // `streamed` is ours alone, unlike `pending`, so the ranges are computed unlocked.
         let ranges = match scope {
-            EpochScope::Dirty => self.ranges_of(&taken),
+            EpochScope::Dirty => self.ranges_of(&streamed),
             EpochScope::All => vec![DirtyRange {
                 offset: 0,
                 len: self.size,
