@@ -20,6 +20,7 @@ use std::sync::{mpsc, Mutex};
 const CHUNK: u64 = 4 << 20;
 
 /// Captures `source` as a new committed snapshot described by `meta` (see module docs).
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture(
     store: &Store,
     meta: SnapshotMeta,
@@ -82,6 +83,7 @@ pub fn capture(
 /// (e.g. a dirty bitmap kept in an NBD write path). The new block-hash list is the parent's
 /// with the dirty blocks re-hashed; only dirty blocks whose hash changed are stored. Without a
 /// parent, the base is an all-zero volume and `dirty` must cover every non-zero byte.
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture_extents(
     store: &Store,
     meta: SnapshotMeta,

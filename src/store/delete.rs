@@ -41,6 +41,7 @@ pub struct RecoveryReport {
 
 impl Store {
     /// Deletes a snapshot; its children absorb what they still need from it.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn delete(&self, id: &SnapshotId, progress: &dyn Progress) -> Result<(), StoreError> {
         let _guard = self.lock();
         let m = self.manifest(id)?;
@@ -199,22 +200,28 @@ impl Store {
     }
 
     /// Brings the store to a consistent state after a crash; call before any other work.
+    #[tracing::instrument(skip_all)]
     pub fn recover(&self) -> Result<RecoveryReport, StoreError> {
         let _guard = self.lock();
         let mut report = RecoveryReport::default();
         let mut pending_deletes = Vec::new();
+        // Temporaries of unfinished writes, anywhere in the store.
+        let all = self
+            .backend()
+            .list("")
+            .map_err(|e| StoreError::backend("", e))?;
+        for k in all.iter().filter(|k| k.contains(TMP_MARK)) {
+            self.backend()
+                .delete(k)
+                .map_err(|e| StoreError::backend(k, e))?;
+            report.stale_files.push(k.clone());
+        }
         for id in self.snapshot_dirs()? {
             let dir = snap_dir(&id);
             let keys = self
                 .backend()
                 .list(&dir)
                 .map_err(|e| StoreError::backend(&dir, e))?;
-            for k in keys.iter().filter(|k| k.contains(TMP_MARK)) {
-                self.backend()
-                    .delete(k)
-                    .map_err(|e| StoreError::backend(k, e))?;
-                report.stale_files.push(k.clone());
-            }
             match self.manifest(&id) {
                 Ok(m) if self.is_deleting(&id)? => pending_deletes.push(m),
                 Ok(m) => {
@@ -223,7 +230,7 @@ impl Store {
                         file_key(&id, &m.delta_file),
                         file_key(&id, &m.hashes_file),
                     ];
-                    for k in keys.iter().filter(|k| !k.contains(TMP_MARK)) {
+                    for k in &keys {
                         if !keep.contains(k) {
                             self.backend()
                                 .delete(k)

@@ -220,6 +220,7 @@ fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), 
 
 impl Store {
     /// Writes the point-in-time image of snapshot `id` to `target`.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn restore(
         &self,
         id: &SnapshotId,
@@ -324,6 +325,7 @@ impl Store {
     }
 
     /// Re-reads every byte of the chain ending at `id` and checks every checksum.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn verify(
         &self,
         id: &SnapshotId,

@@ -143,8 +143,12 @@ fn overwrite_restore_zeroes_old_data() {
 }
 
 fn build_chain(store: &Store, n: u32) -> Chain {
-    let mut c = Chain::new(6 * MIB);
-    scribble(&c.img, 0, 4 * MIB as usize, 1);
+    build_chain_sized(store, n, 6 * MIB)
+}
+
+fn build_chain_sized(store: &Store, n: u32, size: u64) -> Chain {
+    let mut c = Chain::new(size);
+    scribble(&c.img, 0, (size * 2 / 3) as usize, 1);
     c.snap(store, 1).unwrap();
     for i in 2..=n {
         mutate(&c.img, c.size, i as u64);
@@ -205,7 +209,7 @@ fn delete_with_two_children_folds_into_both() {
 fn crash_at_every_step_of_capture_recovers() {
     for step in 0..10 {
         let (store, mem) = mem_store();
-        let mut c = build_chain(&store, 2);
+        let mut c = build_chain_sized(&store, 2, 3 * MIB);
         mutate(&c.img, c.size, 77);
         mem.fail_after(step);
         let res = c.snap(&store, 3);
@@ -227,7 +231,7 @@ fn crash_at_every_step_of_delete_recovers() {
     for victim in [1, 2, 3] {
         for step in 0..12 {
             let (store, mem) = mem_store();
-            let mut c = build_chain(&store, 3);
+            let mut c = build_chain_sized(&store, 3, 3 * MIB);
             mem.fail_after(step);
             let res = store.delete(&sid(victim), &NoProgress);
             mem.heal();
@@ -263,9 +267,11 @@ fn recover_removes_filesystem_leftovers() {
     std::fs::write(snaps.join("ss-00000009/delta.0"), b"partial").unwrap();
     std::fs::write(snaps.join("ss-00000002/hashes.tmp-0123"), b"x").unwrap();
     std::fs::write(snaps.join("ss-00000002/delta.7"), b"old").unwrap();
+    std::fs::write(store_dir.path().join("format.tmp-77"), b"x").unwrap();
     let r = store.recover().unwrap();
     assert_eq!(r.removed, vec![sid(9)]);
-    assert_eq!(r.stale_files.len(), 2);
+    assert_eq!(r.stale_files.len(), 3, "{r:?}");
+    assert!(!store_dir.path().join("format.tmp-77").exists());
     assert!(!snaps.join("ss-00000009").exists());
     c.check_all(&store);
     assert!(store.recover().unwrap() == RecoveryReport::default());
