@@ -27,7 +27,7 @@ pub fn capture(
     source: &File,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = base_hashes(store, &meta)?;
+    let base = base_hashes(store, &meta)?.map(|(_, h)| h);
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
@@ -91,7 +91,9 @@ pub fn capture_extents(
     dirty: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = base_hashes(store, &meta)?;
+    let parent = base_hashes(store, &meta)?;
+    let parent_size = parent.as_ref().map(|(m, _)| m.volume_size);
+    let base = parent.map(|(_, h)| h);
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
@@ -106,6 +108,14 @@ pub fn capture_extents(
         .filter(|r| r.start < r.end && r.start < size)
         .map(|r| (r.start / bs * bs)..(r.end.min(size).div_ceil(bs) * bs).min(size))
         .collect();
+    // A short last block of the parent that the volume has outgrown has no valid hash (see
+    // `BlockHashes::resized`): re-hash it.
+    if let Some(ps) = parent_size {
+        if ps % bs != 0 && size > ps {
+            let start = ps / bs * bs;
+            blocks.push(start..(start + bs).min(size));
+        }
+    }
     blocks.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<u64>> = Vec::new();
     for r in blocks {
@@ -136,8 +146,11 @@ pub fn capture_extents(
     writer.commit(&new)
 }
 
-/// The parent's block hashes, resized to the new volume; `None` for a full snapshot.
-fn base_hashes(store: &Store, meta: &SnapshotMeta) -> Result<Option<BlockHashes>, StoreError> {
+/// The parent and its block hashes resized to the new volume; `None` for a full snapshot.
+fn base_hashes(
+    store: &Store,
+    meta: &SnapshotMeta,
+) -> Result<Option<(Manifest, BlockHashes)>, StoreError> {
     let Some(parent) = &meta.parent else {
         return Ok(None);
     };
@@ -148,7 +161,8 @@ fn base_hashes(store: &Store, meta: &SnapshotMeta) -> Result<Option<BlockHashes>
             pm.block_size, meta.block_size
         )));
     }
-    Ok(Some(store.block_hashes(&pm)?.resized(meta.volume_size)))
+    let hashes = store.block_hashes(&pm)?.resized(meta.volume_size);
+    Ok(Some((pm, hashes)))
 }
 
 fn source_len(source: &File) -> Result<u64, StoreError> {

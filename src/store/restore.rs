@@ -38,6 +38,16 @@ pub struct VerifyProblem {
     pub reason: String,
 }
 
+impl std::fmt::Display for VerifyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} bytes {}..{}: {}",
+            self.snapshot, self.file, self.start, self.end, self.reason
+        )
+    }
+}
+
 /// The result of verifying a chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {

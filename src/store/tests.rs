@@ -664,3 +664,52 @@ fn bench_throughput() {
         rest / cp
     );
 }
+
+#[test]
+fn store_is_send_sync_and_capture_can_be_cancelled() {
+    fn send_sync<T: Send + Sync + Clone>() {}
+    send_sync::<Store>();
+    struct CancelSoon(std::sync::atomic::AtomicU32);
+    impl Progress for CancelSoon {
+        fn set_total(&self, _: u64) {}
+        fn advance(&self, _: u64) {}
+        fn cancelled(&self) -> bool {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1
+        }
+    }
+    let (store, mem) = mem_store();
+    let c = Chain::new(16 * MIB);
+    scribble(&c.img, 0, 16 * MIB as usize, 1);
+    let err = capture(
+        &store,
+        meta(&sid(1), None, c.size, BS),
+        &c.img,
+        &CancelSoon(0.into()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Cancelled { .. }), "{err}");
+    assert!(store.list().unwrap().is_empty());
+    assert_eq!(mem.total_bytes(), format::FORMAT_FILE_CONTENT.len() as u64);
+}
+
+#[test]
+fn capture_extents_after_growth_rehashes_the_short_last_block() {
+    let (store, _) = mem_store();
+    let mut c = Chain::new(MIB + 1000);
+    scribble(&c.img, 0, (MIB + 1000) as usize, 1);
+    c.snap(&store, 1).unwrap();
+    c.size = 2 * MIB;
+    c.img.set_len(c.size).unwrap();
+    let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
+    let got = capture_extents(&store, m, &c.img, &[], &NoProgress).unwrap();
+    c.ids.push(sid(2));
+    c.digests.insert(sid(2), digest(&c.img));
+    c.check_all(&store);
+    // The hash list now equals a full scan's.
+    let scanned = c.snap(&store, 3).unwrap();
+    assert_eq!(scanned.record_count, 0);
+    assert_eq!(
+        store.block_hashes(&got).unwrap().hashes,
+        store.block_hashes(&scanned).unwrap().hashes
+    );
+}
