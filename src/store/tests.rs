@@ -713,3 +713,60 @@ fn capture_extents_after_growth_rehashes_the_short_last_block() {
         store.block_hashes(&scanned).unwrap().hashes
     );
 }
+
+/// Counts bytes read through a backend (a decorator, as an object-store cache would be).
+#[derive(Debug)]
+struct Counting(SharedMem, std::sync::atomic::AtomicU64);
+
+impl Backend for Counting {
+    fn put(&self, key: &str) -> std::io::Result<Box<dyn BlobWriter>> {
+        self.0.put(key)
+    }
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.1
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        self.0.read_at(key, offset, buf)
+    }
+    fn size(&self, key: &str) -> std::io::Result<u64> {
+        self.0.size(key)
+    }
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, key: &str) -> std::io::Result<()> {
+        self.0.delete(key)
+    }
+}
+
+#[test]
+fn fifty_deep_chain_restores_and_reads_little() {
+    let counting = Arc::new(Counting(SharedMem::new(), 0.into()));
+    let store = Store::with_backend(counting.clone()).unwrap();
+    let mut c = Chain::new(4 * MIB);
+    scribble(&c.img, 0, 4 * MIB as usize, 1);
+    c.snap(&store, 1).unwrap();
+    for n in 2..=50u32 {
+        // The same few places are rewritten again and again: newer records hide older ones.
+        scribble(&c.img, u64::from(n % 3) * 700_001, 5000, n.into());
+        c.snap(&store, n).unwrap();
+    }
+    assert_eq!(store.chain(&sid(50)).unwrap().len(), 50);
+    let stored: u64 = store.list().unwrap().iter().map(|m| m.stored_bytes).sum();
+    assert!(stored < 4 * MIB + 50 * 2 * u64::from(BS), "{stored}");
+    let before = counting.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(50)).unwrap(),
+        c.digests[&sid(50)]
+    );
+    let read = counting.1.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // One full image plus the three visible newest records, manifests and indexes.
+    assert!(
+        read < 4 * MIB + 3 * 2 * u64::from(BS) + 200_000,
+        "read {read} bytes"
+    );
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(25)).unwrap(),
+        c.digests[&sid(25)]
+    );
+    assert!(store.verify(&sid(50), &NoProgress).unwrap().is_ok());
+}
