@@ -1,11 +1,13 @@
 //! The snapshot store: snapshots as manifests plus deltas of extent records over a `Backend`.
 //!
-//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), restore and
-//! verify (`restore`), delete-with-fold and crash recovery (`delete`). It is fed bytes from a
+//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), writing
+//! (`writer`, `hashes`), restore and verify (`restore`), delete-with-fold and crash recovery
+//! (`delete`), and the blob storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
 //! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
-//! operation is blocking. `recover` must run before other work (at daemon start); the parent
-//! block-hash list is held in memory during a capture (32 bytes per block).
+//! operation is blocking. `recover` must run before other work (at daemon start). Memory does
+//! not grow with the volume: captures stream block-hash lists (`hashes`), restores hold the
+//! extent map (one entry per visible piece) and a few records.
 //!
 //! Commit rule: a snapshot exists iff `snapshots/<id>/manifest` decodes and checks; its delta
 //! and block-hash file are committed (durably) before the manifest. A `deleting` marker in a
@@ -15,6 +17,7 @@ pub mod backend;
 pub mod capture;
 mod delete;
 pub mod format;
+mod hashes;
 pub mod restore;
 mod writer;
 

@@ -474,8 +474,8 @@ impl Store {
             }),
             Err(e) => return Err(e),
         }
-        match self.block_hashes(m) {
-            Ok(_) => {}
+        match super::hashes::HashReader::open(self, m, m.volume_size).and_then(|r| r.finish()) {
+            Ok(()) => {}
             Err(StoreError::Corrupt {
                 id, file, reason, ..
             }) => problems.push(VerifyProblem {

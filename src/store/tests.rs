@@ -770,3 +770,42 @@ fn fifty_deep_chain_restores_and_reads_little() {
     );
     assert!(store.verify(&sid(50), &NoProgress).unwrap().is_ok());
 }
+
+#[test]
+fn hash_lists_stream_across_batches_and_a_damaged_parent_list_fails_the_capture() {
+    let (store, mem) = mem_store();
+    let dir = tempfile::tempdir().unwrap();
+    // 4 KiB blocks over 200 MiB: 51200 hashes, more than one read batch.
+    let size = 200 * MIB;
+    let img = sparse(dir.path(), "img", size);
+    scribble(&img, 150 * MIB, 10_000, 1);
+    capture(&store, meta(&sid(1), None, size, 4096), &img, &NoProgress).unwrap();
+    scribble(&img, 190 * MIB, 10_000, 2);
+    let m2 = capture(
+        &store,
+        meta(&sid(2), Some(&sid(1)), size, 4096),
+        &img,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(m2.stored_bytes, 3 * 4096);
+    assert_eq!(restored(&store, dir.path(), &sid(2)).unwrap(), digest(&img));
+    let key = "snapshots/ss-00000002/hashes";
+    let mut b = mem.get(key).unwrap();
+    let n = b.len();
+    b[n - 100] ^= 1;
+    mem.set(key, b);
+    let err = capture(
+        &store,
+        meta(&sid(3), Some(&sid(2)), size, 4096),
+        &img,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{err}");
+    assert!(matches!(
+        store.manifest(&sid(3)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.list().unwrap().len(), 2);
+}
