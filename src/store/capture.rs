@@ -357,19 +357,34 @@ fn process_chunk(
         }
         hash_batches();
     });
+    // Runs of changed data blocks go to the writer as one slice (fewer copies).
+    let mut run: Option<(u64, usize, usize)> = None;
     for (i, block) in blocks.iter().enumerate() {
         let idx = (first + i) as u64;
         let h = scratch[i];
         let was = base.get(idx)?;
+        let is_data = h != was && h != ZERO_HASH;
+        if !is_data {
+            if let Some((start, from, to)) = run.take() {
+                w.add_data(start, &buf[from..to])?;
+            }
+        }
         if h == was {
             continue;
         }
         let start = idx * bs;
+        let at = i * bs as usize;
         if h == ZERO_HASH {
             w.add_zero(start, block.len() as u64)?;
         } else {
-            w.add_data(start, block)?;
+            match &mut run {
+                Some((_, _, to)) => *to = at + block.len(),
+                None => run = Some((start, at, at + block.len())),
+            }
         }
+    }
+    if let Some((start, from, to)) = run {
+        w.add_data(start, &buf[from..to])?;
     }
     new.push(scratch)
 }

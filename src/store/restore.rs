@@ -168,6 +168,7 @@ struct Out<'a> {
 }
 
 const OUT_BUF: usize = 4 << 20;
+const DIRECT_WRITE: usize = 512 << 10;
 
 impl Out<'_> {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -175,7 +176,9 @@ impl Out<'_> {
             self.flush()?;
             self.start = off;
         }
-        if data.len() >= OUT_BUF {
+        // Whole records go straight to the target; only small pieces are gathered.
+        if data.len() >= DIRECT_WRITE {
+            self.flush()?;
             return pwrite(self.target, off, data);
         }
         self.buf.extend_from_slice(data);

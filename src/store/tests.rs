@@ -629,6 +629,10 @@ fn bench_throughput() {
         File::open(&copy).unwrap().sync_all().unwrap();
     });
     let store = Store::open(&dir.path().join("store")).unwrap();
+    time("capture full, memory backend", &mut || {
+        let (mstore, _) = mem_store();
+        capture(&mstore, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
+    });
     let full = time("capture full", &mut || {
         capture(&store, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
     });

@@ -412,9 +412,19 @@ impl SnapshotWriter {
         let mut offset = offset;
         let mut data = data;
         while !data.is_empty() {
-            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset);
-            if !extends || self.buf.len() as u64 >= self.max_record {
+            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset)
+                && (self.buf.len() as u64) < self.max_record;
+            if !extends {
                 self.flush_pending()?;
+                // A whole record's worth is written straight from the caller's slice.
+                if data.len() as u64 >= self.max_record {
+                    let take = self.max_record as usize;
+                    self.delta()?
+                        .record(offset, take as u64, RecordKind::Data, &data[..take])?;
+                    offset += take as u64;
+                    data = &data[take..];
+                    continue;
+                }
                 self.pending = Pending::Data { offset };
             }
             let room = (self.max_record - self.buf.len() as u64) as usize;
