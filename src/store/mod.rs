@@ -80,6 +80,12 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot create the store directory {path}")]
+    CreateStore {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is not a blocksnap store: {reason}")]
     ForeignStore { path: PathBuf, reason: String },
     #[error("Invalid request: {0}")]
@@ -104,7 +110,9 @@ impl StoreError {
             StoreError::Backend { source, .. } if source.kind() == io::ErrorKind::InvalidData => {
                 ErrorKind::Corrupt
             }
-            StoreError::Backend { .. } | StoreError::Image { .. } => ErrorKind::Io,
+            StoreError::Backend { .. }
+            | StoreError::Image { .. }
+            | StoreError::CreateStore { .. } => ErrorKind::Io,
             StoreError::ForeignStore { .. } | StoreError::Invalid(_) => ErrorKind::InvalidArgument,
             StoreError::Cancelled { .. } => ErrorKind::Unavailable,
             StoreError::Encode { .. } => ErrorKind::Internal,
@@ -237,10 +245,8 @@ impl Store {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(path).map_err(|e| StoreError::Image {
-                    what: "store directory",
-                    start: 0,
-                    end: 0,
+                std::fs::create_dir_all(path).map_err(|e| StoreError::CreateStore {
+                    path: path.to_path_buf(),
                     source: e,
                 })?;
             }

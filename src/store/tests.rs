@@ -813,3 +813,107 @@ fn hash_lists_stream_across_batches_and_a_damaged_parent_list_fails_the_capture(
     ));
     assert_eq!(store.list().unwrap().len(), 2);
 }
+
+/// Fails every mutating operation after the first `n` (a crash at that step) over any backend.
+#[derive(Debug)]
+struct Faulty<B: Backend> {
+    inner: B,
+    left: Arc<std::sync::atomic::AtomicI64>,
+}
+
+fn step(left: &std::sync::atomic::AtomicI64) -> std::io::Result<()> {
+    if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+        return Err(std::io::Error::other("injected crash"));
+    }
+    Ok(())
+}
+
+struct FaultyWriter(Box<dyn BlobWriter>, Arc<std::sync::atomic::AtomicI64>);
+
+impl std::io::Write for FaultyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl BlobWriter for FaultyWriter {
+    fn commit(self: Box<Self>) -> std::io::Result<()> {
+        step(&self.1)?;
+        self.0.commit()
+    }
+}
+
+impl<B: Backend> Backend for Faulty<B> {
+    fn put(&self, key: &str) -> std::io::Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(FaultyWriter(
+            self.inner.put(key)?,
+            self.left.clone(),
+        )))
+    }
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(key, offset, buf)
+    }
+    fn size(&self, key: &str) -> std::io::Result<u64> {
+        self.inner.size(key)
+    }
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> std::io::Result<()> {
+        step(&self.left)?;
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn crash_at_every_step_on_the_filesystem_backend() {
+    for step_n in 0..14 {
+        let store_dir = tempfile::tempdir().unwrap();
+        let left = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        let faulty = Faulty {
+            inner: FsBackend::new(store_dir.path()),
+            left: left.clone(),
+        };
+        let store = Store::with_backend(Arc::new(faulty)).unwrap();
+        let mut c = build_chain_sized(&store, 3, 3 * MIB);
+        mutate(&c.img, c.size, 5);
+        left.store(step_n, std::sync::atomic::Ordering::SeqCst);
+        // A new snapshot and a delete in the middle, stopped at step `step_n`.
+        let created = c.snap(&store, 4).is_ok();
+        let deleted = created && store.delete(&sid(2), &NoProgress).is_ok();
+        left.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        // Restart: a fresh handle on the same directory.
+        let store = Store::open(store_dir.path()).unwrap();
+        store.recover().unwrap();
+        let ids: Vec<_> = store.list().unwrap().into_iter().map(|m| m.id).collect();
+        if !created {
+            c.digests.remove(&sid(4));
+        }
+        if deleted || !ids.contains(&sid(2)) {
+            c.digests.remove(&sid(2));
+        }
+        assert_eq!(ids.len(), c.digests.len(), "step {step_n}");
+        c.check_all(&store);
+        let stray: Vec<_> = walk(store_dir.path())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
