@@ -11,7 +11,13 @@
 //! A crash anywhere leaves every listed snapshot restorable: a child points either at its old
 //! delta and S (still on disk) or at its new delta and P. `recover` removes files no manifest
 //! names, removes directories without a manifest (unfinished snapshots) and re-runs step 2–3
-//! for every snapshot that has a marker — each step is idempotent.
+//! for every snapshot that has a marker — each step is idempotent. A child's record that fails
+//! its CRC stops the fold and withdraws the marker: damaged data is never copied forward.
+//!
+//! A delete holds the store's metadata lock throughout, so commits of new snapshots (of any
+//! volume) wait for it; a restore that reads a child's old delta while it is being replaced
+//! fails with an I/O error rather than reading anything wrong. The daemon serializes work per
+//! volume, which makes both rare.
 
 use super::backend::TMP_MARK;
 use super::format::{IndexEntry, RecordKind};
