@@ -216,8 +216,9 @@ pub(crate) fn delta_name(generation: u32) -> String {
 }
 pub(crate) const HASHES_FILE: &str = "hashes";
 
-/// The snapshot store. Cheap to clone; all clones share one backend and one lock that
-/// serializes metadata changes (commits, attribute changes, deletes).
+/// The snapshot store. Cheap to clone; all clones share one backend, a short lock around
+/// metadata changes (commits, attribute changes, a delete's marker and manifest switches) and
+/// a lock that lets one delete or recovery run at a time.
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -227,6 +228,7 @@ pub struct Store {
 struct Inner {
     backend: Arc<dyn Backend>,
     meta_lock: Mutex<()>,
+    delete_lock: Mutex<()>,
 }
 
 impl Store {
@@ -285,12 +287,22 @@ impl Store {
             inner: Arc::new(Inner {
                 backend,
                 meta_lock: Mutex::new(()),
+                delete_lock: Mutex::new(()),
             }),
         })
     }
 
     pub(crate) fn backend(&self) -> &dyn Backend {
         self.inner.backend.as_ref()
+    }
+
+    /// Serializes deletes and recovery (one fold at a time); held for their whole duration,
+    /// while `lock` is held only around short metadata changes.
+    pub(crate) fn delete_lock(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .delete_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {

@@ -39,6 +39,13 @@ impl Chain {
         Ok(man)
     }
 
+    /// Restores each of this chain's remembered snapshots (with others in the same store).
+    fn check_own(&self, store: &Store) {
+        for (id, want) in &self.digests {
+            assert_eq!(&restored(store, self.dir.path(), id).unwrap(), want, "{id}");
+        }
+    }
+
     fn check_all(&self, store: &Store) {
         for m in store.list().unwrap() {
             let got = restored(store, self.dir.path(), &m.id).unwrap();
@@ -916,4 +923,32 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn deletes_run_alongside_commits_and_attribute_changes() {
+    let (store, _) = mem_store();
+    let mut one = build_chain_sized(&store, 3, 3 * MIB);
+    let mut two = Chain::new(3 * MIB);
+    scribble(&two.img, 0, MIB as usize, 7);
+    std::thread::scope(|s| {
+        let st = store.clone();
+        let deleter = s.spawn(move || st.delete(&sid(2), &NoProgress));
+        for n in 11..15 {
+            two.snap(&store, n).unwrap();
+            store
+                .set_attributes(&sid(3), Some(&format!("renamed {n}")), None)
+                .unwrap();
+            mutate(&two.img, two.size, n.into());
+        }
+        deleter.join().unwrap().unwrap();
+    });
+    one.digests.remove(&sid(2));
+    let m3 = store.manifest(&sid(3)).unwrap();
+    assert_eq!(m3.name, "renamed 14");
+    assert_eq!(m3.parent, Some(sid(1)));
+    one.check_own(&store);
+    two.check_own(&store);
+    assert_eq!(store.list().unwrap().len(), 2 + 4);
+    assert!(store.verify(&sid(3), &NoProgress).unwrap().is_ok());
 }
