@@ -497,10 +497,10 @@ impl Store {
         read(fpos, &mut footer_bytes)?;
         let footer = format::decode_footer(&footer_bytes, len)
             .map_err(|FormatError(r)| corrupt((fpos, len), r))?;
-        if footer.record_count != m.record_count {
+        if footer.record_count != m.record_count || footer.payload_bytes != m.stored_bytes {
             return Err(corrupt(
                 (fpos, len),
-                "record count differs from the manifest".into(),
+                "record count or payload size differs from the manifest".into(),
             ));
         }
         let mut index = vec![0u8; (fpos - footer.index_pos) as usize];
