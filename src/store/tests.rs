@@ -439,6 +439,16 @@ fn corruption_is_reported_and_never_restored_as_data() {
             report.problems.iter().all(|p| p.start < p.end),
             "{what}: {report:?}"
         );
+        if what == "payload bit" || what == "swapped records" {
+            // The record itself is named, not just the file.
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.end - p.start <= MIB && p.reason.contains("CRC32")),
+                "{what}: {report:?}"
+            );
+        }
         if what == "hashes" {
             // Restore does not need the block hashes: it still gives the right bytes.
             assert_eq!(
@@ -951,4 +961,26 @@ fn deletes_run_alongside_commits_and_attribute_changes() {
     two.check_own(&store);
     assert_eq!(store.list().unwrap().len(), 2 + 4);
     assert!(store.verify(&sid(3), &NoProgress).unwrap().is_ok());
+}
+
+#[test]
+fn verify_record_scan_handles_any_chunking() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(3 * MIB);
+    scribble(&c.img, 1000, 2 * MIB as usize, 1);
+    let m = c.snap(&store, 1).unwrap();
+    let index = store.delta_index(&m).unwrap();
+    let good = mem.get("snapshots/ss-00000001/delta.0").unwrap();
+    let mut bad = good.clone();
+    bad[32 + 32 + 1000] ^= 1;
+    for chunk in [1usize, 7, 31, 32, 33, 4096, 1 << 20] {
+        for (bytes, want) in [(&good, 0usize), (&bad, 1)] {
+            let mut scan = restore::RecordScan::new(&m, &index);
+            let mut problems = Vec::new();
+            for (i, piece) in bytes.chunks(chunk).enumerate() {
+                scan.feed((i * chunk) as u64, piece, &mut problems, &NoProgress);
+            }
+            assert_eq!(problems.len(), want, "chunk {chunk}: {problems:?}");
+        }
+    }
 }
