@@ -317,8 +317,9 @@ pub fn decode_index(
                 e.offset
             ));
         }
-        pos += RECORD_HEADER_LEN + e.payload_len();
-        payload += e.payload_len();
+        // Saturating: absurd lengths must fail the check below, never overflow.
+        pos = pos.saturating_add(RECORD_HEADER_LEN + e.payload_len());
+        payload = payload.saturating_add(e.payload_len());
         prev_end = e.end();
         out.push(e);
     }

@@ -984,3 +984,59 @@ fn verify_record_scan_handles_any_chunking() {
         }
     }
 }
+
+#[test]
+fn random_damage_never_panics_and_never_restores_wrong_data() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(MIB);
+    scribble(&c.img, 5000, 300_000, 1);
+    c.snap(&store, 1).unwrap();
+    scribble(&c.img, 600_000, 70_000, 2);
+    c.snap(&store, 2).unwrap();
+    let keys = [
+        "snapshots/ss-00000002/delta.0",
+        "snapshots/ss-00000002/manifest",
+        "snapshots/ss-00000002/hashes",
+    ];
+    let originals: Vec<Vec<u8>> = keys.iter().map(|k| mem.get(k).unwrap()).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..300 {
+        let which = (rnd() % 3) as usize;
+        let mut b = originals[which].clone();
+        match rnd() % 3 {
+            0 => {
+                for _ in 0..1 + rnd() % 4 {
+                    let i = (rnd() % b.len() as u64) as usize;
+                    b[i] = rnd() as u8;
+                }
+            }
+            1 => b.truncate((rnd() % b.len() as u64) as usize),
+            _ => b.extend((0..1 + rnd() % 64).map(|_| rnd() as u8)),
+        }
+        let damaged = b != originals[which];
+        mem.set(keys[which], b);
+        let verified = store.verify(&sid(2), &NoProgress);
+        let restore = restored(&store, c.dir.path(), &sid(2));
+        if let Ok(got) = &restore {
+            assert_eq!(
+                got,
+                &c.digests[&sid(2)],
+                "round {round}: wrong data restored"
+            );
+        }
+        if damaged {
+            assert!(
+                verified.map_or(true, |r| !r.is_ok()),
+                "round {round}: damage to {} not found",
+                keys[which]
+            );
+        }
+        mem.set(keys[which], originals[which].clone());
+    }
+}

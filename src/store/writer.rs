@@ -88,7 +88,8 @@ impl Store {
     /// The block-hash list of a committed snapshot, checked against its manifest.
     pub fn block_hashes(&self, m: &Manifest) -> Result<BlockHashes, StoreError> {
         let key = file_key(&m.id, &m.hashes_file);
-        let limit = m.volume_size.div_ceil(u64::from(m.block_size)) * HASH_LEN as u64 + 1024;
+        let limit = format::hashes_file_len(m.volume_size.div_ceil(u64::from(m.block_size)))
+            .unwrap_or(u64::MAX);
         let bytes = match backend::read_all(self.backend(), &key, limit) {
             Ok(b) => b,
             Err(e)
