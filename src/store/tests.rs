@@ -1040,3 +1040,53 @@ fn random_damage_never_panics_and_never_restores_wrong_data() {
         mem.set(keys[which], originals[which].clone());
     }
 }
+
+#[test]
+fn every_supported_block_size_round_trips() {
+    for bs in [4096u32, 65536, 1 << 20, 4 << 20] {
+        let (store, _) = mem_store();
+        let dir = tempfile::tempdir().unwrap();
+        let size = 9 * MIB + 777;
+        let img = sparse(dir.path(), "img", size);
+        scribble(&img, 3000, 5 * MIB as usize, 1);
+        let m1 = capture(&store, meta(&sid(1), None, size, bs), &img, &NoProgress).unwrap();
+        let d1 = digest(&img);
+        scribble(&img, size - 10, 10, 2);
+        scribble(&img, 4 * MIB, 100, 3);
+        let m2 = capture(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, bs),
+            &img,
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(
+            m2.stored_bytes <= 4 * u64::from(bs),
+            "bs {bs}: {}",
+            m2.stored_bytes
+        );
+        assert_eq!(
+            restored(&store, dir.path(), &sid(1)).unwrap(),
+            d1,
+            "bs {bs}"
+        );
+        assert_eq!(
+            restored(&store, dir.path(), &sid(2)).unwrap(),
+            digest(&img),
+            "bs {bs}"
+        );
+        store.delete(&m1.id, &NoProgress).unwrap();
+        assert_eq!(
+            restored(&store, dir.path(), &sid(2)).unwrap(),
+            digest(&img),
+            "bs {bs}"
+        );
+    }
+    let (store, _) = mem_store();
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse(dir.path(), "img", MIB);
+    for bad in [0u32, 2048, 3 * 4096, 8 << 20] {
+        let err = capture(&store, meta(&sid(1), None, MIB, bad), &img, &NoProgress).unwrap_err();
+        assert_eq!(err.kind(), crate::api::ErrorKind::InvalidArgument, "{bad}");
+    }
+}
