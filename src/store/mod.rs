@@ -25,7 +25,7 @@ pub use backend::{Backend, BlobWriter, FsBackend, MemBackend, SharedMem};
 pub use capture::{capture, capture_extents};
 pub use delete::RecoveryReport;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
-pub use writer::{BlockHashes, SnapshotWriter};
+pub use writer::{hash_block, BlockHashes, SnapshotWriter, ZERO_HASH};
 
 use crate::api::{ErrorKind, SnapshotId, VolumeId};
 use format::{FormatError, IndexEntry};

@@ -310,6 +310,10 @@ enum Pending {
 }
 
 /// Builds one new snapshot. Dropping it without `commit` discards everything it wrote.
+///
+/// For a writer that knows its dirty set (an NBD write path), the hash list to commit is the
+/// parent's (`Store::block_hashes(..).resized(..)`) with each dirty block replaced by
+/// `hash_block` of its new bytes; `capture_extents` does exactly that, streaming.
 pub struct SnapshotWriter {
     store: Store,
     meta: SnapshotMeta,
