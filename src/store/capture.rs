@@ -6,7 +6,9 @@
 //! Pipeline: a reader thread issues large sequential preads, the calling thread hashes each
 //! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`.
 
-use super::writer::{hash_block, BlockHashes, ZERO_HASH};
+use super::format::HASH_LEN;
+use super::hashes::{HashReader, HashWriter};
+use super::writer::{hash_block, ZERO_HASH};
 use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
 use nix::unistd::{lseek, Whence};
 use std::fs::File;
@@ -20,20 +22,22 @@ use std::sync::{mpsc, Mutex};
 const CHUNK: u64 = 4 << 20;
 
 /// Captures `source` as a new committed snapshot described by `meta` (see module docs).
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture(
     store: &Store,
     meta: SnapshotMeta,
     source: &File,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = base_hashes(store, &meta)?;
+    let mut base = Base::open(store, &meta)?;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let mut new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
     let ranges = data_ranges(source, src_len, bs, size);
     progress.set_total(size);
-    let mut new = BlockHashes::zeros(meta.block_size, size);
+    let mut scratch = Vec::new();
     let chunk = CHUNK.div_ceil(bs) * bs;
 
     std::thread::scope(|s| -> Result<(), StoreError> {
@@ -65,23 +69,34 @@ pub fn capture(
                 });
             }
             // Everything between the previous chunk and this one is a hole: zeros.
-            zero_span(&mut writer, &base, pos, off, bs, size)?;
-            process_chunk(&mut writer, &base, &mut new, off, &buf, bs)?;
+            zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
+            process_chunk(
+                &mut writer,
+                &mut base,
+                &mut new,
+                &mut scratch,
+                off,
+                &buf,
+                bs,
+            )?;
             progress.advance(off + buf.len() as u64 - pos);
             pos = off + buf.len() as u64;
             let _ = back_tx.send(buf);
         }
-        zero_span(&mut writer, &base, pos, size, bs, size)?;
+        zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
         progress.advance(size - pos);
         Ok(())
     })?;
-    writer.commit(&new)
+    // The parent's list is trusted only once its checksum is confirmed, before the commit.
+    base.finish()?;
+    writer.commit_streamed(new)
 }
 
 /// Captures a snapshot when the caller knows which byte ranges changed since the parent
 /// (e.g. a dirty bitmap kept in an NBD write path). The new block-hash list is the parent's
 /// with the dirty blocks re-hashed; only dirty blocks whose hash changed are stored. Without a
 /// parent, the base is an all-zero volume and `dirty` must cover every non-zero byte.
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture_extents(
     store: &Store,
     meta: SnapshotMeta,
@@ -89,21 +104,27 @@ pub fn capture_extents(
     dirty: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = base_hashes(store, &meta)?;
+    let mut base = Base::open(store, &meta)?;
+    let parent_size = base.parent_size;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let mut new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
-    let mut new = match &base {
-        Some(b) => b.clone(),
-        None => BlockHashes::zeros(meta.block_size, size),
-    };
     // Block-align, clip, sort and merge the dirty set.
     let mut blocks: Vec<Range<u64>> = dirty
         .iter()
         .filter(|r| r.start < r.end && r.start < size)
         .map(|r| (r.start / bs * bs)..(r.end.min(size).div_ceil(bs) * bs).min(size))
         .collect();
+    // A short last block of the parent that the volume has outgrown has no valid hash (see
+    // `hashes::STALE_HASH`): re-hash it.
+    if let Some(ps) = parent_size {
+        if ps % bs != 0 && size > ps {
+            let start = ps / bs * bs;
+            blocks.push(start..(start + bs).min(size));
+        }
+    }
     blocks.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<u64>> = Vec::new();
     for r in blocks {
@@ -115,7 +136,10 @@ pub fn capture_extents(
     progress.set_total(merged.iter().map(|r| r.end - r.start).sum());
     let chunk = CHUNK.div_ceil(bs) * bs;
     let mut buf = Vec::new();
+    let mut scratch = Vec::new();
     for r in &merged {
+        // Blocks outside the dirty set keep the parent's hash.
+        copy_hashes(&mut base, &mut new, r.start / bs)?;
         let mut off = r.start;
         while off < r.end {
             if progress.cancelled() {
@@ -126,27 +150,77 @@ pub fn capture_extents(
             let len = chunk.min(r.end - off);
             buf.resize(len as usize, 0);
             read_image(source, off, &mut buf, src_len)?;
-            process_chunk(&mut writer, &base, &mut new, off, &buf, bs)?;
+            process_chunk(
+                &mut writer,
+                &mut base,
+                &mut new,
+                &mut scratch,
+                off,
+                &buf,
+                bs,
+            )?;
             progress.advance(len);
             off += len;
         }
     }
-    writer.commit(&new)
+    copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
+    base.finish()?;
+    writer.commit_streamed(new)
 }
 
-/// The parent's block hashes, resized to the new volume; `None` for a full snapshot.
-fn base_hashes(store: &Store, meta: &SnapshotMeta) -> Result<Option<BlockHashes>, StoreError> {
-    let Some(parent) = &meta.parent else {
-        return Ok(None);
-    };
-    let pm = store.manifest(parent)?;
-    if pm.block_size != meta.block_size {
-        return Err(StoreError::Invalid(format!(
-            "parent {parent} has block size {}, not {}",
-            pm.block_size, meta.block_size
-        )));
+/// Appends the base's hashes of the blocks from the writer's position up to `until`.
+fn copy_hashes(base: &mut Base, new: &mut HashWriter, until: u64) -> Result<(), StoreError> {
+    let mut batch = Vec::with_capacity(4096);
+    for i in new.written()..until {
+        batch.push(base.get(i)?);
+        if batch.len() == 4096 {
+            new.push(&batch)?;
+            batch.clear();
+        }
     }
-    Ok(Some(store.block_hashes(&pm)?.resized(meta.volume_size)))
+    new.push(&batch)
+}
+
+/// What the new image is compared against: the parent's hashes, or an all-zero volume.
+struct Base {
+    parent: Option<HashReader>,
+    parent_size: Option<u64>,
+}
+
+impl Base {
+    fn open(store: &Store, meta: &SnapshotMeta) -> Result<Base, StoreError> {
+        let Some(parent) = &meta.parent else {
+            return Ok(Base {
+                parent: None,
+                parent_size: None,
+            });
+        };
+        let pm = store.manifest(parent)?;
+        if pm.block_size != meta.block_size {
+            return Err(StoreError::Invalid(format!(
+                "parent {parent} has block size {}, not {}",
+                pm.block_size, meta.block_size
+            )));
+        }
+        Ok(Base {
+            parent: Some(HashReader::open(store, &pm, meta.volume_size)?),
+            parent_size: Some(pm.volume_size),
+        })
+    }
+
+    fn get(&mut self, i: u64) -> Result<[u8; HASH_LEN], StoreError> {
+        match &mut self.parent {
+            Some(r) => r.get(i),
+            None => Ok(ZERO_HASH),
+        }
+    }
+
+    fn finish(self) -> Result<(), StoreError> {
+        match self.parent {
+            Some(r) => r.finish(),
+            None => Ok(()),
+        }
+    }
 }
 
 fn source_len(source: &File) -> Result<u64, StoreError> {
@@ -224,39 +298,47 @@ fn data_ranges(source: &File, src_len: u64, bs: u64, size: u64) -> Vec<Range<u64
 /// Blocks in `[from, to)` read as zeros: record a zero extent where the base was not zero.
 fn zero_span(
     w: &mut SnapshotWriter,
-    base: &Option<BlockHashes>,
+    base: &mut Base,
+    new: &mut HashWriter,
     from: u64,
     to: u64,
     bs: u64,
     size: u64,
 ) -> Result<(), StoreError> {
-    let Some(base) = base else {
-        return Ok(());
-    };
     // `from` is a block boundary or the end of the volume.
     let mut b = from.div_ceil(bs);
+    let mut batch = Vec::with_capacity(4096);
     while b * bs < to {
-        if base.get(b) != ZERO_HASH {
+        if base.get(b)? != ZERO_HASH {
             let start = b * bs;
             w.add_zero(start, bs.min(size - start))?;
         }
+        batch.push(ZERO_HASH);
+        if batch.len() == 4096 {
+            new.push(&batch)?;
+            batch.clear();
+        }
         b += 1;
     }
-    Ok(())
+    new.push(&batch)
 }
 
 /// Hashes a chunk's blocks (two threads), updates `new`, records blocks that differ from base.
+#[allow(clippy::too_many_arguments)]
 fn process_chunk(
     w: &mut SnapshotWriter,
-    base: &Option<BlockHashes>,
-    new: &mut BlockHashes,
+    base: &mut Base,
+    new: &mut HashWriter,
+    scratch: &mut Vec<[u8; HASH_LEN]>,
     off: u64,
     buf: &[u8],
     bs: u64,
 ) -> Result<(), StoreError> {
     let first = (off / bs) as usize;
     let count = buf.len().div_ceil(bs as usize);
-    let hashes = &mut new.hashes[first..first + count];
+    scratch.clear();
+    scratch.resize(count, ZERO_HASH);
+    let hashes = &mut scratch[..];
     let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
     // Two threads take batches of blocks from a shared queue, so a thread that is scheduled
     // out on a busy host does not hold the other back.
@@ -275,19 +357,34 @@ fn process_chunk(
         }
         hash_batches();
     });
+    // Runs of changed data blocks go to the writer as one slice (fewer copies).
+    let mut run: Option<(u64, usize, usize)> = None;
     for (i, block) in blocks.iter().enumerate() {
         let idx = (first + i) as u64;
-        let h = new.hashes[first + i];
-        let was = base.as_ref().map_or(ZERO_HASH, |b| b.get(idx));
+        let h = scratch[i];
+        let was = base.get(idx)?;
+        let is_data = h != was && h != ZERO_HASH;
+        if !is_data {
+            if let Some((start, from, to)) = run.take() {
+                w.add_data(start, &buf[from..to])?;
+            }
+        }
         if h == was {
             continue;
         }
         let start = idx * bs;
+        let at = i * bs as usize;
         if h == ZERO_HASH {
             w.add_zero(start, block.len() as u64)?;
         } else {
-            w.add_data(start, block)?;
+            match &mut run {
+                Some((_, _, to)) => *to = at + block.len(),
+                None => run = Some((start, at, at + block.len())),
+            }
         }
     }
-    Ok(())
+    if let Some((start, from, to)) = run {
+        w.add_data(start, &buf[from..to])?;
+    }
+    new.push(scratch)
 }

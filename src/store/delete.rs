@@ -11,7 +11,13 @@
 //! A crash anywhere leaves every listed snapshot restorable: a child points either at its old
 //! delta and S (still on disk) or at its new delta and P. `recover` removes files no manifest
 //! names, removes directories without a manifest (unfinished snapshots) and re-runs step 2–3
-//! for every snapshot that has a marker — each step is idempotent.
+//! for every snapshot that has a marker — each step is idempotent. A child's record that fails
+//! its CRC stops the fold and withdraws the marker: damaged data is never copied forward.
+//!
+//! One delete (or recovery) runs at a time; the metadata lock is taken only around the marker
+//! and each manifest switch, so other snapshots commit while a fold streams. A restore that
+//! reads a child's old delta while it is being replaced fails with an I/O error rather than
+//! reading anything wrong; the daemon serializes work per volume, which makes that rare.
 
 use super::backend::TMP_MARK;
 use super::format::{IndexEntry, RecordKind};
@@ -41,24 +47,31 @@ pub struct RecoveryReport {
 
 impl Store {
     /// Deletes a snapshot; its children absorb what they still need from it.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn delete(&self, id: &SnapshotId, progress: &dyn Progress) -> Result<(), StoreError> {
-        let _guard = self.lock();
-        let m = self.manifest(id)?;
-        // Refuse up front when the fold cannot even start: nothing has changed yet.
-        self.delta_index(&m)?;
-        for child in self.children(id)? {
-            self.delta_index(&child)?;
-        }
-        if !self.is_deleting(id)? {
-            let key = deleting_key(id);
-            let mut w = self
-                .backend()
-                .put(&key)
-                .map_err(|e| StoreError::backend(&key, e))?;
-            w.write_all(b"deleting\n")
-                .map_err(|e| StoreError::backend(&key, e))?;
-            w.commit().map_err(|e| StoreError::backend(&key, e))?;
-        }
+        let _one_delete = self.delete_lock();
+        let m = {
+            // Under the metadata lock no new child can commit between the checks and the
+            // marker; after the marker, commits with this parent are refused.
+            let _guard = self.lock();
+            let m = self.manifest(id)?;
+            // Refuse up front when the fold cannot even start: nothing has changed yet.
+            self.delta_index(&m)?;
+            for child in self.children(id)? {
+                self.delta_index(&child)?;
+            }
+            if !self.is_deleting(id)? {
+                let key = deleting_key(id);
+                let mut w = self
+                    .backend()
+                    .put(&key)
+                    .map_err(|e| StoreError::backend(&key, e))?;
+                w.write_all(b"deleting\n")
+                    .map_err(|e| StoreError::backend(&key, e))?;
+                w.commit().map_err(|e| StoreError::backend(&key, e))?;
+            }
+            m
+        };
         self.finish_or_roll_back(&m, progress)
     }
 
@@ -100,9 +113,12 @@ impl Store {
         }
         // The manifest goes first: from then on the directory is a leftover.
         let key = manifest_key(&m.id);
-        self.backend()
-            .delete(&key)
-            .map_err(|e| StoreError::backend(&key, e))?;
+        {
+            let _guard = self.lock();
+            self.backend()
+                .delete(&key)
+                .map_err(|e| StoreError::backend(&key, e))?;
+        }
         self.remove_dir(&m.id)?;
         progress.advance(1);
         Ok(())
@@ -184,7 +200,15 @@ impl Store {
         }
         let summary = out.finish()?;
         let old_delta = file_key(&child.id, &child.delta_file);
-        let mut next = child.clone();
+        let guard = self.lock();
+        // Re-read: the child's name or description may have changed during the fold.
+        let mut next = self.manifest(&child.id)?;
+        if next.generation != child.generation || next.parent.as_ref() != Some(&parent.id) {
+            return Err(StoreError::Invalid(format!(
+                "snapshot {} changed while {} was folded into it",
+                child.id, parent.id
+            )));
+        }
         next.parent = parent.parent.clone();
         next.generation = generation;
         next.delta_file = delta_name(generation);
@@ -193,28 +217,36 @@ impl Store {
         next.record_count = summary.record_count;
         next.stored_bytes = summary.payload_bytes;
         self.write_manifest(&next)?;
+        drop(guard);
         self.backend()
             .delete(&old_delta)
             .map_err(|e| StoreError::backend(&old_delta, e))
     }
 
     /// Brings the store to a consistent state after a crash; call before any other work.
+    #[tracing::instrument(skip_all)]
     pub fn recover(&self) -> Result<RecoveryReport, StoreError> {
-        let _guard = self.lock();
+        let _one_delete = self.delete_lock();
+        let guard = self.lock();
         let mut report = RecoveryReport::default();
         let mut pending_deletes = Vec::new();
+        // Temporaries of unfinished writes, anywhere in the store.
+        let all = self
+            .backend()
+            .list("")
+            .map_err(|e| StoreError::backend("", e))?;
+        for k in all.iter().filter(|k| k.contains(TMP_MARK)) {
+            self.backend()
+                .delete(k)
+                .map_err(|e| StoreError::backend(k, e))?;
+            report.stale_files.push(k.clone());
+        }
         for id in self.snapshot_dirs()? {
             let dir = snap_dir(&id);
             let keys = self
                 .backend()
                 .list(&dir)
                 .map_err(|e| StoreError::backend(&dir, e))?;
-            for k in keys.iter().filter(|k| k.contains(TMP_MARK)) {
-                self.backend()
-                    .delete(k)
-                    .map_err(|e| StoreError::backend(k, e))?;
-                report.stale_files.push(k.clone());
-            }
             match self.manifest(&id) {
                 Ok(m) if self.is_deleting(&id)? => pending_deletes.push(m),
                 Ok(m) => {
@@ -223,7 +255,7 @@ impl Store {
                         file_key(&id, &m.delta_file),
                         file_key(&id, &m.hashes_file),
                     ];
-                    for k in keys.iter().filter(|k| !k.contains(TMP_MARK)) {
+                    for k in &keys {
                         if !keep.contains(k) {
                             self.backend()
                                 .delete(k)
@@ -245,6 +277,8 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
+        // Folding takes the metadata lock itself, step by step.
+        drop(guard);
         for m in pending_deletes {
             match self.finish_or_roll_back(&m, &super::NoProgress) {
                 Ok(()) => report.deleted.push(m.id),

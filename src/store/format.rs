@@ -317,8 +317,9 @@ pub fn decode_index(
                 e.offset
             ));
         }
-        pos += RECORD_HEADER_LEN + e.payload_len();
-        payload += e.payload_len();
+        // Saturating: absurd lengths must fail the check below, never overflow.
+        pos = pos.saturating_add(RECORD_HEADER_LEN + e.payload_len());
+        payload = payload.saturating_add(e.payload_len());
         prev_end = e.end();
         out.push(e);
     }
@@ -344,18 +345,10 @@ pub fn encode_hashes_header(
     b
 }
 
-/// Decodes a whole block-hash file: returns (block size, volume size, hashes).
-pub fn decode_hashes(
-    b: &[u8],
-    id: &SnapshotId,
-) -> Result<(u32, u64, Vec<[u8; HASH_LEN]>), FormatError> {
-    let hdr = HASHES_HEADER_LEN as usize;
-    if b.len() < hdr + HASH_LEN || &b[0..8] != HASHES_MAGIC {
+/// Decodes a block-hash file header: returns (block size, volume size, block count).
+pub fn decode_hashes_header(b: &[u8], id: &SnapshotId) -> Result<(u32, u64, u64), FormatError> {
+    if b.len() != HASHES_HEADER_LEN as usize || &b[0..8] != HASHES_MAGIC {
         return bad("block-hash file has no magic or is truncated");
-    }
-    let body_end = b.len() - HASH_LEN;
-    if blake3::hash(&b[..body_end]).as_bytes() != &b[body_end..] {
-        return bad("block-hash file checksum mismatch");
     }
     if u32_at(b, 8) != VERSION {
         return bad("block-hash file version is unknown");
@@ -369,7 +362,31 @@ pub fn decode_hashes(
     if block_size == 0 || count != volume_size.div_ceil(u64::from(block_size)) {
         return bad("block-hash file block count does not match its volume size");
     }
-    if Some((body_end - hdr) as u64) != count.checked_mul(HASH_LEN as u64) {
+    Ok((block_size, volume_size, count))
+}
+
+/// The length a block-hash file of `count` blocks must have.
+pub fn hashes_file_len(count: u64) -> Option<u64> {
+    count
+        .checked_mul(HASH_LEN as u64)?
+        .checked_add(HASHES_HEADER_LEN + HASH_LEN as u64)
+}
+
+/// Decodes a whole block-hash file: returns (block size, volume size, hashes).
+pub fn decode_hashes(
+    b: &[u8],
+    id: &SnapshotId,
+) -> Result<(u32, u64, Vec<[u8; HASH_LEN]>), FormatError> {
+    let hdr = HASHES_HEADER_LEN as usize;
+    if b.len() < hdr + HASH_LEN {
+        return bad("block-hash file is truncated");
+    }
+    let body_end = b.len() - HASH_LEN;
+    if blake3::hash(&b[..body_end]).as_bytes() != &b[body_end..] {
+        return bad("block-hash file checksum mismatch");
+    }
+    let (block_size, volume_size, count) = decode_hashes_header(&b[..hdr], id)?;
+    if hashes_file_len(count) != Some(b.len() as u64) {
         return bad("block-hash file length does not match its block count");
     }
     let hashes = b[hdr..body_end]

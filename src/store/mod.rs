@@ -1,11 +1,13 @@
 //! The snapshot store: snapshots as manifests plus deltas of extent records over a `Backend`.
 //!
-//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), restore and
-//! verify (`restore`), delete-with-fold and crash recovery (`delete`). It is fed bytes from a
+//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), writing
+//! (`writer`, `hashes`), restore and verify (`restore`), delete-with-fold and crash recovery
+//! (`delete`), and the blob storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
 //! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
-//! operation is blocking. `recover` must run before other work (at daemon start); the parent
-//! block-hash list is held in memory during a capture (32 bytes per block).
+//! operation is blocking. `recover` must run before other work (at daemon start). Memory does
+//! not grow with the volume: captures stream block-hash lists (`hashes`), restores hold the
+//! extent map (one entry per visible piece) and a few records.
 //!
 //! Commit rule: a snapshot exists iff `snapshots/<id>/manifest` decodes and checks; its delta
 //! and block-hash file are committed (durably) before the manifest. A `deleting` marker in a
@@ -15,6 +17,7 @@ pub mod backend;
 pub mod capture;
 mod delete;
 pub mod format;
+mod hashes;
 pub mod restore;
 mod writer;
 
@@ -22,7 +25,7 @@ pub use backend::{Backend, BlobWriter, FsBackend, MemBackend, SharedMem};
 pub use capture::{capture, capture_extents};
 pub use delete::RecoveryReport;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
-pub use writer::{BlockHashes, SnapshotWriter};
+pub use writer::{hash_block, BlockHashes, SnapshotWriter, ZERO_HASH};
 
 use crate::api::{ErrorKind, SnapshotId, VolumeId};
 use format::{FormatError, IndexEntry};
@@ -77,6 +80,12 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot create the store directory {path}")]
+    CreateStore {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is not a blocksnap store: {reason}")]
     ForeignStore { path: PathBuf, reason: String },
     #[error("Invalid request: {0}")]
@@ -101,7 +110,9 @@ impl StoreError {
             StoreError::Backend { source, .. } if source.kind() == io::ErrorKind::InvalidData => {
                 ErrorKind::Corrupt
             }
-            StoreError::Backend { .. } | StoreError::Image { .. } => ErrorKind::Io,
+            StoreError::Backend { .. }
+            | StoreError::Image { .. }
+            | StoreError::CreateStore { .. } => ErrorKind::Io,
             StoreError::ForeignStore { .. } | StoreError::Invalid(_) => ErrorKind::InvalidArgument,
             StoreError::Cancelled { .. } => ErrorKind::Unavailable,
             StoreError::Encode { .. } => ErrorKind::Internal,
@@ -205,8 +216,9 @@ pub(crate) fn delta_name(generation: u32) -> String {
 }
 pub(crate) const HASHES_FILE: &str = "hashes";
 
-/// The snapshot store. Cheap to clone; all clones share one backend and one lock that
-/// serializes metadata changes (commits, attribute changes, deletes).
+/// The snapshot store. Cheap to clone; all clones share one backend, a short lock around
+/// metadata changes (commits, attribute changes, a delete's marker and manifest switches) and
+/// a lock that lets one delete or recovery run at a time.
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -216,6 +228,7 @@ pub struct Store {
 struct Inner {
     backend: Arc<dyn Backend>,
     meta_lock: Mutex<()>,
+    delete_lock: Mutex<()>,
 }
 
 impl Store {
@@ -234,10 +247,8 @@ impl Store {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(path).map_err(|e| StoreError::Image {
-                    what: "store directory",
-                    start: 0,
-                    end: 0,
+                std::fs::create_dir_all(path).map_err(|e| StoreError::CreateStore {
+                    path: path.to_path_buf(),
                     source: e,
                 })?;
             }
@@ -276,12 +287,22 @@ impl Store {
             inner: Arc::new(Inner {
                 backend,
                 meta_lock: Mutex::new(()),
+                delete_lock: Mutex::new(()),
             }),
         })
     }
 
     pub(crate) fn backend(&self) -> &dyn Backend {
         self.inner.backend.as_ref()
+    }
+
+    /// Serializes deletes and recovery (one fold at a time); held for their whole duration,
+    /// while `lock` is held only around short metadata changes.
+    pub(crate) fn delete_lock(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .delete_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
@@ -476,10 +497,10 @@ impl Store {
         read(fpos, &mut footer_bytes)?;
         let footer = format::decode_footer(&footer_bytes, len)
             .map_err(|FormatError(r)| corrupt((fpos, len), r))?;
-        if footer.record_count != m.record_count {
+        if footer.record_count != m.record_count || footer.payload_bytes != m.stored_bytes {
             return Err(corrupt(
                 (fpos, len),
-                "record count differs from the manifest".into(),
+                "record count or payload size differs from the manifest".into(),
             ));
         }
         let mut index = vec![0u8; (fpos - footer.index_pos) as usize];

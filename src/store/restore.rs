@@ -38,6 +38,16 @@ pub struct VerifyProblem {
     pub reason: String,
 }
 
+impl std::fmt::Display for VerifyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} bytes {}..{}: {}",
+            self.snapshot, self.file, self.start, self.end, self.reason
+        )
+    }
+}
+
 /// The result of verifying a chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -158,6 +168,7 @@ struct Out<'a> {
 }
 
 const OUT_BUF: usize = 4 << 20;
+const DIRECT_WRITE: usize = 512 << 10;
 
 impl Out<'_> {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -165,7 +176,9 @@ impl Out<'_> {
             self.flush()?;
             self.start = off;
         }
-        if data.len() >= OUT_BUF {
+        // Whole records go straight to the target; only small pieces are gathered.
+        if data.len() >= DIRECT_WRITE {
+            self.flush()?;
             return pwrite(self.target, off, data);
         }
         self.buf.extend_from_slice(data);
@@ -220,6 +233,7 @@ fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), 
 
 impl Store {
     /// Writes the point-in-time image of snapshot `id` to `target`.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn restore(
         &self,
         id: &SnapshotId,
@@ -324,6 +338,7 @@ impl Store {
     }
 
     /// Re-reads every byte of the chain ending at `id` and checks every checksum.
+    #[tracing::instrument(skip_all, fields(snapshot = %id))]
     pub fn verify(
         &self,
         id: &SnapshotId,
@@ -396,74 +411,70 @@ impl Store {
         progress: &dyn Progress,
     ) -> Result<(), StoreError> {
         let whole = (0, m.volume_size);
-        // The whole-file BLAKE3 catches damage anywhere, also in bytes no check below reads.
-        let key = file_key(&m.id, &m.delta_file);
-        match self.backend().size(&key) {
-            Ok(len) => {
-                let mut hasher = blake3::Hasher::new();
-                let mut buf = vec![0u8; 4 << 20];
-                let mut pos = 0u64;
-                while pos < len {
-                    let n = (buf.len() as u64).min(len - pos) as usize;
-                    self.backend()
-                        .read_at(&key, pos, &mut buf[..n])
-                        .map_err(|e| StoreError::backend(&key, e))?;
-                    hasher.update(&buf[..n]);
-                    pos += n as u64;
-                }
-                if len != m.delta_len || hasher.finalize().to_hex().as_str() != m.delta_blake3 {
-                    problems.push(problem(
-                        &m.id,
-                        &m.delta_file,
-                        whole,
-                        "delta file BLAKE3 or length differs from the manifest",
-                    ));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::backend(&key, e)),
-        }
-        match self.delta_index(m) {
-            Ok(index) => {
-                let mut buf = Vec::new();
-                for e in &index {
-                    match self.read_record(m, e, &mut buf) {
-                        Ok(_) => {}
-                        Err(StoreError::Corrupt {
-                            id,
-                            file,
-                            start,
-                            end,
-                            reason,
-                        }) => problems.push(VerifyProblem {
-                            snapshot: id,
-                            file,
-                            start,
-                            end,
-                            reason,
-                        }),
-                        Err(err) => return Err(err),
-                    }
-                    progress.advance(32 + e.payload_len());
-                }
-            }
+        let index = match self.delta_index(m) {
+            Ok(index) => Some(index),
             Err(StoreError::Corrupt {
                 id,
                 file,
                 start,
                 end,
                 reason,
-            }) => problems.push(VerifyProblem {
-                snapshot: id,
-                file,
-                start,
-                end,
-                reason,
-            }),
+            }) => {
+                problems.push(VerifyProblem {
+                    snapshot: id,
+                    file,
+                    start,
+                    end,
+                    reason,
+                });
+                None
+            }
             Err(e) => return Err(e),
+        };
+        // One sequential pass: the whole-file BLAKE3 (damage anywhere, also in bytes no other
+        // check covers) and, when the index is sound, every record's header and CRC32.
+        let key = file_key(&m.id, &m.delta_file);
+        let len = match self.backend().size(&key) {
+            Ok(len) => len,
+            // Reported by `delta_index` already.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.verify_hashes(m, problems)
+            }
+            Err(e) => return Err(StoreError::backend(&key, e)),
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut records = index.as_deref().map(|ix| RecordScan::new(m, ix));
+        let mut buf = vec![0u8; 4 << 20];
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (buf.len() as u64).min(len - pos) as usize;
+            self.backend()
+                .read_at(&key, pos, &mut buf[..n])
+                .map_err(|e| StoreError::backend(&key, e))?;
+            hasher.update(&buf[..n]);
+            if let Some(scan) = &mut records {
+                scan.feed(pos, &buf[..n], problems, progress);
+            }
+            pos += n as u64;
         }
-        match self.block_hashes(m) {
-            Ok(_) => {}
+        if len != m.delta_len || hasher.finalize().to_hex().as_str() != m.delta_blake3 {
+            problems.push(problem(
+                &m.id,
+                &m.delta_file,
+                whole,
+                "delta file BLAKE3 or length differs from the manifest",
+            ));
+        }
+        self.verify_hashes(m, problems)
+    }
+
+    fn verify_hashes(
+        &self,
+        m: &Manifest,
+        problems: &mut Vec<VerifyProblem>,
+    ) -> Result<(), StoreError> {
+        match super::hashes::HashReader::open(self, m, m.volume_size).and_then(|r| r.finish()) {
+            Ok(()) => {}
             Err(StoreError::Corrupt {
                 id, file, reason, ..
             }) => problems.push(VerifyProblem {
@@ -476,6 +487,100 @@ impl Store {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+}
+
+/// Checks records while a delta streams past in order (the index says where each one lies).
+pub(crate) struct RecordScan<'a> {
+    m: &'a Manifest,
+    index: &'a [IndexEntry],
+    id: [u8; 16],
+    next: usize,
+    header: Vec<u8>,
+    header_ok: bool,
+    crc: crc32fast::Hasher,
+    left: u64,
+    in_payload: bool,
+}
+
+impl<'a> RecordScan<'a> {
+    pub(crate) fn new(m: &'a Manifest, index: &'a [IndexEntry]) -> RecordScan<'a> {
+        RecordScan {
+            m,
+            index,
+            id: super::format::id_bytes(&m.id),
+            next: 0,
+            header: Vec::with_capacity(32),
+            header_ok: false,
+            crc: crc32fast::Hasher::new(),
+            left: 0,
+            in_payload: false,
+        }
+    }
+
+    /// Consumes the file bytes at `pos..pos + bytes.len()`.
+    pub(crate) fn feed(
+        &mut self,
+        pos: u64,
+        bytes: &[u8],
+        problems: &mut Vec<VerifyProblem>,
+        progress: &dyn Progress,
+    ) {
+        let mut p = 0usize;
+        while let Some(e) = self.index.get(self.next) {
+            if !self.in_payload {
+                if p >= bytes.len() {
+                    return;
+                }
+                let at = pos + p as u64;
+                if at < e.file_pos {
+                    // The delta header (records lie back to back after it).
+                    p += (e.file_pos - at).min((bytes.len() - p) as u64) as usize;
+                    continue;
+                }
+                let take = (32 - self.header.len()).min(bytes.len() - p);
+                self.header.extend_from_slice(&bytes[p..p + take]);
+                p += take;
+                if self.header.len() < 32 {
+                    return;
+                }
+                self.header_ok = super::format::check_record_header(&self.header, e).is_ok();
+                self.header.clear();
+                self.crc = crc32fast::Hasher::new();
+                self.crc.update(&self.id);
+                self.crc.update(&e.offset.to_le_bytes());
+                self.crc.update(&e.length.to_le_bytes());
+                self.crc.update(&[e.kind.to_byte()]);
+                self.left = e.payload_len();
+                self.in_payload = true;
+            }
+            let take = self.left.min((bytes.len() - p) as u64) as usize;
+            self.crc.update(&bytes[p..p + take]);
+            p += take;
+            self.left -= take as u64;
+            if self.left > 0 {
+                return;
+            }
+            let crc = std::mem::replace(&mut self.crc, crc32fast::Hasher::new()).finalize();
+            let reason = if !self.header_ok {
+                Some("record header disagrees with the index")
+            } else if crc != e.crc {
+                Some("record CRC32 mismatch")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                problems.push(problem(
+                    &self.m.id,
+                    &self.m.delta_file,
+                    (e.offset, e.end()),
+                    reason,
+                ));
+            }
+            progress.advance(32 + e.payload_len());
+            self.in_payload = false;
+            self.next += 1;
+        }
     }
 }
 

@@ -39,6 +39,13 @@ impl Chain {
         Ok(man)
     }
 
+    /// Restores each of this chain's remembered snapshots (with others in the same store).
+    fn check_own(&self, store: &Store) {
+        for (id, want) in &self.digests {
+            assert_eq!(&restored(store, self.dir.path(), id).unwrap(), want, "{id}");
+        }
+    }
+
     fn check_all(&self, store: &Store) {
         for m in store.list().unwrap() {
             let got = restored(store, self.dir.path(), &m.id).unwrap();
@@ -143,8 +150,12 @@ fn overwrite_restore_zeroes_old_data() {
 }
 
 fn build_chain(store: &Store, n: u32) -> Chain {
-    let mut c = Chain::new(6 * MIB);
-    scribble(&c.img, 0, 4 * MIB as usize, 1);
+    build_chain_sized(store, n, 6 * MIB)
+}
+
+fn build_chain_sized(store: &Store, n: u32, size: u64) -> Chain {
+    let mut c = Chain::new(size);
+    scribble(&c.img, 0, (size * 2 / 3) as usize, 1);
     c.snap(store, 1).unwrap();
     for i in 2..=n {
         mutate(&c.img, c.size, i as u64);
@@ -205,7 +216,7 @@ fn delete_with_two_children_folds_into_both() {
 fn crash_at_every_step_of_capture_recovers() {
     for step in 0..10 {
         let (store, mem) = mem_store();
-        let mut c = build_chain(&store, 2);
+        let mut c = build_chain_sized(&store, 2, 3 * MIB);
         mutate(&c.img, c.size, 77);
         mem.fail_after(step);
         let res = c.snap(&store, 3);
@@ -227,7 +238,7 @@ fn crash_at_every_step_of_delete_recovers() {
     for victim in [1, 2, 3] {
         for step in 0..12 {
             let (store, mem) = mem_store();
-            let mut c = build_chain(&store, 3);
+            let mut c = build_chain_sized(&store, 3, 3 * MIB);
             mem.fail_after(step);
             let res = store.delete(&sid(victim), &NoProgress);
             mem.heal();
@@ -263,9 +274,11 @@ fn recover_removes_filesystem_leftovers() {
     std::fs::write(snaps.join("ss-00000009/delta.0"), b"partial").unwrap();
     std::fs::write(snaps.join("ss-00000002/hashes.tmp-0123"), b"x").unwrap();
     std::fs::write(snaps.join("ss-00000002/delta.7"), b"old").unwrap();
+    std::fs::write(store_dir.path().join("format.tmp-77"), b"x").unwrap();
     let r = store.recover().unwrap();
     assert_eq!(r.removed, vec![sid(9)]);
-    assert_eq!(r.stale_files.len(), 2);
+    assert_eq!(r.stale_files.len(), 3, "{r:?}");
+    assert!(!store_dir.path().join("format.tmp-77").exists());
     assert!(!snaps.join("ss-00000009").exists());
     c.check_all(&store);
     assert!(store.recover().unwrap() == RecoveryReport::default());
@@ -426,6 +439,16 @@ fn corruption_is_reported_and_never_restored_as_data() {
             report.problems.iter().all(|p| p.start < p.end),
             "{what}: {report:?}"
         );
+        if what == "payload bit" || what == "swapped records" {
+            // The record itself is named, not just the file.
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.end - p.start <= MIB && p.reason.contains("CRC32")),
+                "{what}: {report:?}"
+            );
+        }
         if what == "hashes" {
             // Restore does not need the block hashes: it still gives the right bytes.
             assert_eq!(
@@ -623,6 +646,10 @@ fn bench_throughput() {
         File::open(&copy).unwrap().sync_all().unwrap();
     });
     let store = Store::open(&dir.path().join("store")).unwrap();
+    time("capture full, memory backend", &mut || {
+        let (mstore, _) = mem_store();
+        capture(&mstore, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
+    });
     let full = time("capture full", &mut || {
         capture(&store, meta(&sid(1), None, size, BS), &img, &NoProgress).unwrap();
     });
@@ -657,4 +684,409 @@ fn bench_throughput() {
         inc / b3,
         rest / cp
     );
+}
+
+#[test]
+fn store_is_send_sync_and_capture_can_be_cancelled() {
+    fn send_sync<T: Send + Sync + Clone>() {}
+    send_sync::<Store>();
+    struct CancelSoon(std::sync::atomic::AtomicU32);
+    impl Progress for CancelSoon {
+        fn set_total(&self, _: u64) {}
+        fn advance(&self, _: u64) {}
+        fn cancelled(&self) -> bool {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1
+        }
+    }
+    let (store, mem) = mem_store();
+    let c = Chain::new(16 * MIB);
+    scribble(&c.img, 0, 16 * MIB as usize, 1);
+    let err = capture(
+        &store,
+        meta(&sid(1), None, c.size, BS),
+        &c.img,
+        &CancelSoon(0.into()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Cancelled { .. }), "{err}");
+    assert!(store.list().unwrap().is_empty());
+    assert_eq!(mem.total_bytes(), format::FORMAT_FILE_CONTENT.len() as u64);
+}
+
+#[test]
+fn capture_extents_after_growth_rehashes_the_short_last_block() {
+    let (store, _) = mem_store();
+    let mut c = Chain::new(MIB + 1000);
+    scribble(&c.img, 0, (MIB + 1000) as usize, 1);
+    c.snap(&store, 1).unwrap();
+    c.size = 2 * MIB;
+    c.img.set_len(c.size).unwrap();
+    let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
+    let got = capture_extents(&store, m, &c.img, &[], &NoProgress).unwrap();
+    c.ids.push(sid(2));
+    c.digests.insert(sid(2), digest(&c.img));
+    c.check_all(&store);
+    // The hash list now equals a full scan's.
+    let scanned = c.snap(&store, 3).unwrap();
+    assert_eq!(scanned.record_count, 0);
+    assert_eq!(
+        store.block_hashes(&got).unwrap().hashes,
+        store.block_hashes(&scanned).unwrap().hashes
+    );
+}
+
+/// Counts bytes read through a backend (a decorator, as an object-store cache would be).
+#[derive(Debug)]
+struct Counting(SharedMem, std::sync::atomic::AtomicU64);
+
+impl Backend for Counting {
+    fn put(&self, key: &str) -> std::io::Result<Box<dyn BlobWriter>> {
+        self.0.put(key)
+    }
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.1
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        self.0.read_at(key, offset, buf)
+    }
+    fn size(&self, key: &str) -> std::io::Result<u64> {
+        self.0.size(key)
+    }
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, key: &str) -> std::io::Result<()> {
+        self.0.delete(key)
+    }
+}
+
+#[test]
+fn fifty_deep_chain_restores_and_reads_little() {
+    let counting = Arc::new(Counting(SharedMem::new(), 0.into()));
+    let store = Store::with_backend(counting.clone()).unwrap();
+    let mut c = Chain::new(4 * MIB);
+    scribble(&c.img, 0, 4 * MIB as usize, 1);
+    c.snap(&store, 1).unwrap();
+    for n in 2..=50u32 {
+        // The same few places are rewritten again and again: newer records hide older ones.
+        scribble(&c.img, u64::from(n % 3) * 700_001, 5000, n.into());
+        c.snap(&store, n).unwrap();
+    }
+    assert_eq!(store.chain(&sid(50)).unwrap().len(), 50);
+    let stored: u64 = store.list().unwrap().iter().map(|m| m.stored_bytes).sum();
+    assert!(stored < 4 * MIB + 50 * 2 * u64::from(BS), "{stored}");
+    let before = counting.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(50)).unwrap(),
+        c.digests[&sid(50)]
+    );
+    let read = counting.1.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // One full image plus the three visible newest records, manifests and indexes.
+    assert!(
+        read < 4 * MIB + 3 * 2 * u64::from(BS) + 200_000,
+        "read {read} bytes"
+    );
+    assert_eq!(
+        restored(&store, c.dir.path(), &sid(25)).unwrap(),
+        c.digests[&sid(25)]
+    );
+    assert!(store.verify(&sid(50), &NoProgress).unwrap().is_ok());
+}
+
+#[test]
+fn hash_lists_stream_across_batches_and_a_damaged_parent_list_fails_the_capture() {
+    let (store, mem) = mem_store();
+    let dir = tempfile::tempdir().unwrap();
+    // 4 KiB blocks over 200 MiB: 51200 hashes, more than one read batch.
+    let size = 200 * MIB;
+    let img = sparse(dir.path(), "img", size);
+    scribble(&img, 150 * MIB, 10_000, 1);
+    capture(&store, meta(&sid(1), None, size, 4096), &img, &NoProgress).unwrap();
+    scribble(&img, 190 * MIB, 10_000, 2);
+    let m2 = capture(
+        &store,
+        meta(&sid(2), Some(&sid(1)), size, 4096),
+        &img,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(m2.stored_bytes, 3 * 4096);
+    assert_eq!(restored(&store, dir.path(), &sid(2)).unwrap(), digest(&img));
+    let key = "snapshots/ss-00000002/hashes";
+    let mut b = mem.get(key).unwrap();
+    let n = b.len();
+    b[n - 100] ^= 1;
+    mem.set(key, b);
+    let err = capture(
+        &store,
+        meta(&sid(3), Some(&sid(2)), size, 4096),
+        &img,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{err}");
+    assert!(matches!(
+        store.manifest(&sid(3)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.list().unwrap().len(), 2);
+}
+
+/// Fails every mutating operation after the first `n` (a crash at that step) over any backend.
+#[derive(Debug)]
+struct Faulty<B: Backend> {
+    inner: B,
+    left: Arc<std::sync::atomic::AtomicI64>,
+}
+
+fn step(left: &std::sync::atomic::AtomicI64) -> std::io::Result<()> {
+    if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+        return Err(std::io::Error::other("injected crash"));
+    }
+    Ok(())
+}
+
+struct FaultyWriter(Box<dyn BlobWriter>, Arc<std::sync::atomic::AtomicI64>);
+
+impl std::io::Write for FaultyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl BlobWriter for FaultyWriter {
+    fn commit(self: Box<Self>) -> std::io::Result<()> {
+        step(&self.1)?;
+        self.0.commit()
+    }
+}
+
+impl<B: Backend> Backend for Faulty<B> {
+    fn put(&self, key: &str) -> std::io::Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(FaultyWriter(
+            self.inner.put(key)?,
+            self.left.clone(),
+        )))
+    }
+    fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(key, offset, buf)
+    }
+    fn size(&self, key: &str) -> std::io::Result<u64> {
+        self.inner.size(key)
+    }
+    fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> std::io::Result<()> {
+        step(&self.left)?;
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn crash_at_every_step_on_the_filesystem_backend() {
+    for step_n in 0..14 {
+        let store_dir = tempfile::tempdir().unwrap();
+        let left = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        let faulty = Faulty {
+            inner: FsBackend::new(store_dir.path()),
+            left: left.clone(),
+        };
+        let store = Store::with_backend(Arc::new(faulty)).unwrap();
+        let mut c = build_chain_sized(&store, 3, 3 * MIB);
+        mutate(&c.img, c.size, 5);
+        left.store(step_n, std::sync::atomic::Ordering::SeqCst);
+        // A new snapshot and a delete in the middle, stopped at step `step_n`.
+        let created = c.snap(&store, 4).is_ok();
+        let deleted = created && store.delete(&sid(2), &NoProgress).is_ok();
+        left.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        // Restart: a fresh handle on the same directory.
+        let store = Store::open(store_dir.path()).unwrap();
+        store.recover().unwrap();
+        let ids: Vec<_> = store.list().unwrap().into_iter().map(|m| m.id).collect();
+        if !created {
+            c.digests.remove(&sid(4));
+        }
+        if deleted || !ids.contains(&sid(2)) {
+            c.digests.remove(&sid(2));
+        }
+        assert_eq!(ids.len(), c.digests.len(), "step {step_n}");
+        c.check_all(&store);
+        let stray: Vec<_> = walk(store_dir.path())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn deletes_run_alongside_commits_and_attribute_changes() {
+    let (store, _) = mem_store();
+    let mut one = build_chain_sized(&store, 3, 3 * MIB);
+    let mut two = Chain::new(3 * MIB);
+    scribble(&two.img, 0, MIB as usize, 7);
+    std::thread::scope(|s| {
+        let st = store.clone();
+        let deleter = s.spawn(move || st.delete(&sid(2), &NoProgress));
+        for n in 11..15 {
+            two.snap(&store, n).unwrap();
+            store
+                .set_attributes(&sid(3), Some(&format!("renamed {n}")), None)
+                .unwrap();
+            mutate(&two.img, two.size, n.into());
+        }
+        deleter.join().unwrap().unwrap();
+    });
+    one.digests.remove(&sid(2));
+    let m3 = store.manifest(&sid(3)).unwrap();
+    assert_eq!(m3.name, "renamed 14");
+    assert_eq!(m3.parent, Some(sid(1)));
+    one.check_own(&store);
+    two.check_own(&store);
+    assert_eq!(store.list().unwrap().len(), 2 + 4);
+    assert!(store.verify(&sid(3), &NoProgress).unwrap().is_ok());
+}
+
+#[test]
+fn verify_record_scan_handles_any_chunking() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(3 * MIB);
+    scribble(&c.img, 1000, 2 * MIB as usize, 1);
+    let m = c.snap(&store, 1).unwrap();
+    let index = store.delta_index(&m).unwrap();
+    let good = mem.get("snapshots/ss-00000001/delta.0").unwrap();
+    let mut bad = good.clone();
+    bad[32 + 32 + 1000] ^= 1;
+    for chunk in [1usize, 7, 31, 32, 33, 4096, 1 << 20] {
+        for (bytes, want) in [(&good, 0usize), (&bad, 1)] {
+            let mut scan = restore::RecordScan::new(&m, &index);
+            let mut problems = Vec::new();
+            for (i, piece) in bytes.chunks(chunk).enumerate() {
+                scan.feed((i * chunk) as u64, piece, &mut problems, &NoProgress);
+            }
+            assert_eq!(problems.len(), want, "chunk {chunk}: {problems:?}");
+        }
+    }
+}
+
+#[test]
+fn random_damage_never_panics_and_never_restores_wrong_data() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(MIB);
+    scribble(&c.img, 5000, 300_000, 1);
+    c.snap(&store, 1).unwrap();
+    scribble(&c.img, 600_000, 70_000, 2);
+    c.snap(&store, 2).unwrap();
+    let keys = [
+        "snapshots/ss-00000002/delta.0",
+        "snapshots/ss-00000002/manifest",
+        "snapshots/ss-00000002/hashes",
+    ];
+    let originals: Vec<Vec<u8>> = keys.iter().map(|k| mem.get(k).unwrap()).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..300 {
+        let which = (rnd() % 3) as usize;
+        let mut b = originals[which].clone();
+        match rnd() % 3 {
+            0 => {
+                for _ in 0..1 + rnd() % 4 {
+                    let i = (rnd() % b.len() as u64) as usize;
+                    b[i] = rnd() as u8;
+                }
+            }
+            1 => b.truncate((rnd() % b.len() as u64) as usize),
+            _ => b.extend((0..1 + rnd() % 64).map(|_| rnd() as u8)),
+        }
+        let damaged = b != originals[which];
+        mem.set(keys[which], b);
+        let verified = store.verify(&sid(2), &NoProgress);
+        let restore = restored(&store, c.dir.path(), &sid(2));
+        if let Ok(got) = &restore {
+            assert_eq!(
+                got,
+                &c.digests[&sid(2)],
+                "round {round}: wrong data restored"
+            );
+        }
+        if damaged {
+            assert!(
+                verified.map_or(true, |r| !r.is_ok()),
+                "round {round}: damage to {} not found",
+                keys[which]
+            );
+        }
+        mem.set(keys[which], originals[which].clone());
+    }
+}
+
+#[test]
+fn every_supported_block_size_round_trips() {
+    for bs in [4096u32, 65536, 1 << 20, 4 << 20] {
+        let (store, _) = mem_store();
+        let dir = tempfile::tempdir().unwrap();
+        let size = 9 * MIB + 777;
+        let img = sparse(dir.path(), "img", size);
+        scribble(&img, 3000, 5 * MIB as usize, 1);
+        let m1 = capture(&store, meta(&sid(1), None, size, bs), &img, &NoProgress).unwrap();
+        let d1 = digest(&img);
+        scribble(&img, size - 10, 10, 2);
+        scribble(&img, 4 * MIB, 100, 3);
+        let m2 = capture(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, bs),
+            &img,
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(
+            m2.stored_bytes <= 4 * u64::from(bs),
+            "bs {bs}: {}",
+            m2.stored_bytes
+        );
+        assert_eq!(
+            restored(&store, dir.path(), &sid(1)).unwrap(),
+            d1,
+            "bs {bs}"
+        );
+        assert_eq!(
+            restored(&store, dir.path(), &sid(2)).unwrap(),
+            digest(&img),
+            "bs {bs}"
+        );
+        store.delete(&m1.id, &NoProgress).unwrap();
+        assert_eq!(
+            restored(&store, dir.path(), &sid(2)).unwrap(),
+            digest(&img),
+            "bs {bs}"
+        );
+    }
+    let (store, _) = mem_store();
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse(dir.path(), "img", MIB);
+    for bad in [0u32, 2048, 3 * 4096, 8 << 20] {
+        let err = capture(&store, meta(&sid(1), None, MIB, bad), &img, &NoProgress).unwrap_err();
+        assert_eq!(err.kind(), crate::api::ErrorKind::InvalidArgument, "{bad}");
+    }
 }

@@ -6,6 +6,7 @@
 //! then the manifest, each durably; the snapshot exists from the manifest's rename on.
 
 use super::format::{self, IndexEntry, RecordKind, HASH_LEN};
+use super::hashes::{HashWriter, STALE_HASH};
 use super::{
     backend, delta_name, file_key, now_unix, BlobWriter, Manifest, SnapshotMeta, Store, StoreError,
     HASHES_FILE,
@@ -72,7 +73,7 @@ impl BlockHashes {
         if self.volume_size % u64::from(self.block_size) != 0 && volume_size > self.volume_size {
             let last = self.volume_size / u64::from(self.block_size);
             if let Some(h) = hashes.get_mut(last as usize) {
-                *h = [0xff; HASH_LEN];
+                *h = STALE_HASH;
             }
         }
         BlockHashes {
@@ -87,7 +88,8 @@ impl Store {
     /// The block-hash list of a committed snapshot, checked against its manifest.
     pub fn block_hashes(&self, m: &Manifest) -> Result<BlockHashes, StoreError> {
         let key = file_key(&m.id, &m.hashes_file);
-        let limit = m.volume_size.div_ceil(u64::from(m.block_size)) * HASH_LEN as u64 + 1024;
+        let limit = format::hashes_file_len(m.volume_size.div_ceil(u64::from(m.block_size)))
+            .unwrap_or(u64::MAX);
         let bytes = match backend::read_all(self.backend(), &key, limit) {
             Ok(b) => b,
             Err(e)
@@ -288,27 +290,17 @@ impl Drop for DeltaWriter {
     }
 }
 
-/// Writes a block-hash list durably under `key`.
+/// Writes a block-hash list durably.
 pub(crate) fn write_hashes(
     store: &Store,
     id: &SnapshotId,
     h: &BlockHashes,
-) -> Result<(), StoreError> {
-    let key = file_key(id, HASHES_FILE);
-    let err = |e| StoreError::backend(&key, e);
-    let mut w = store.backend().put(&key).map_err(err)?;
-    let header =
-        format::encode_hashes_header(id, h.block_size, h.volume_size, h.hashes.len() as u64);
-    let mut sum = blake3::Hasher::new();
-    sum.update(&header);
-    w.write_all(&header).map_err(err)?;
-    for chunk in h.hashes.chunks(4096) {
-        let flat: Vec<u8> = chunk.iter().flatten().copied().collect();
-        sum.update(&flat);
-        w.write_all(&flat).map_err(err)?;
+) -> Result<HashWriter, StoreError> {
+    let mut w = HashWriter::create(store, id, h.block_size, h.volume_size)?;
+    for chunk in h.hashes.chunks(32 * 1024) {
+        w.push(chunk)?;
     }
-    w.write_all(sum.finalize().as_bytes()).map_err(err)?;
-    w.commit().map_err(err)
+    Ok(w)
 }
 
 enum Pending {
@@ -318,6 +310,10 @@ enum Pending {
 }
 
 /// Builds one new snapshot. Dropping it without `commit` discards everything it wrote.
+///
+/// For a writer that knows its dirty set (an NBD write path), the hash list to commit is the
+/// parent's (`Store::block_hashes(..).resized(..)`) with each dirty block replaced by
+/// `hash_block` of its new bytes; `capture_extents` does exactly that, streaming.
 pub struct SnapshotWriter {
     store: Store,
     meta: SnapshotMeta,
@@ -421,9 +417,19 @@ impl SnapshotWriter {
         let mut offset = offset;
         let mut data = data;
         while !data.is_empty() {
-            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset);
-            if !extends || self.buf.len() as u64 >= self.max_record {
+            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset)
+                && (self.buf.len() as u64) < self.max_record;
+            if !extends {
                 self.flush_pending()?;
+                // A whole record's worth is written straight from the caller's slice.
+                if data.len() as u64 >= self.max_record {
+                    let take = self.max_record as usize;
+                    self.delta()?
+                        .record(offset, take as u64, RecordKind::Data, &data[..take])?;
+                    offset += take as u64;
+                    data = &data[take..];
+                    continue;
+                }
                 self.pending = Pending::Data { offset };
             }
             let room = (self.max_record - self.buf.len() as u64) as usize;
@@ -453,7 +459,29 @@ impl SnapshotWriter {
     }
 
     /// Makes the snapshot durable and visible; `hashes` describes its full image.
-    pub fn commit(mut self, hashes: &BlockHashes) -> Result<Manifest, StoreError> {
+    pub fn commit(self, hashes: &BlockHashes) -> Result<Manifest, StoreError> {
+        let m = &self.meta;
+        if hashes.block_size != m.block_size || hashes.volume_size != m.volume_size {
+            return Err(StoreError::Invalid(
+                "block-hash list does not match the snapshot".into(),
+            ));
+        }
+        let hw = write_hashes(&self.store, &self.meta.id, hashes)?;
+        self.commit_streamed(hw)
+    }
+
+    /// Starts the block-hash list of this snapshot, to be filled in block order.
+    pub(crate) fn hash_writer(&self) -> Result<HashWriter, StoreError> {
+        HashWriter::create(
+            &self.store,
+            &self.meta.id,
+            self.meta.block_size,
+            self.meta.volume_size,
+        )
+    }
+
+    /// Like `commit`, with a hash list streamed while the extents were added.
+    pub(crate) fn commit_streamed(mut self, hashes: HashWriter) -> Result<Manifest, StoreError> {
         let result = self.commit_inner(hashes);
         if result.is_err() {
             self.discard();
@@ -461,23 +489,14 @@ impl SnapshotWriter {
         result
     }
 
-    fn commit_inner(&mut self, hashes: &BlockHashes) -> Result<Manifest, StoreError> {
-        let m = &self.meta;
-        if hashes.block_size != m.block_size
-            || hashes.volume_size != m.volume_size
-            || hashes.hashes.len() as u64 != m.volume_size.div_ceil(u64::from(m.block_size))
-        {
-            return Err(StoreError::Invalid(
-                "block-hash list does not match the snapshot".into(),
-            ));
-        }
+    fn commit_inner(&mut self, hashes: HashWriter) -> Result<Manifest, StoreError> {
         self.flush_pending()?;
         let delta = self
             .delta
             .take()
             .ok_or_else(|| StoreError::Invalid("snapshot writer already finished".into()))?;
         let summary = delta.finish()?;
-        write_hashes(&self.store, &self.meta.id, hashes)?;
+        hashes.finish()?;
         let m = &self.meta;
         let manifest = Manifest {
             id: m.id.clone(),
