@@ -243,3 +243,36 @@ fn check_config_names_bad_keys_and_values() {
         "an explicit missing config is an error"
     );
 }
+
+#[test]
+fn socket_is_0660_root_and_sighup_reloads_the_config() {
+    if !root_or_skip("socket_is_0660_root_and_sighup_reloads_the_config") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = Daemon::start("zone = \"lab-a\"\n");
+    let meta = std::fs::metadata(&d.socket).expect("socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    assert_eq!(d.ok(&["-z", "lab-a", "describe-volumes"])["ret_code"], 0);
+    d.fails(&["-z", "lab-b", "describe-volumes"], 1100);
+
+    std::fs::write(&d.config, "zone = \"lab-b\"\n").expect("rewrite config");
+    let pid = nix::unistd::Pid::from_raw(d.pid().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.call(&["-z", "lab-b", "describe-volumes"])["ret_code"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "config not reloaded: {}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A bad config on reload is refused and the old one kept.
+    std::fs::write(&d.config, "zone = \"lab-c\"\nbogus = 1\n").expect("rewrite config");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    while !d.log().contains("not reloaded") {
+        assert!(std::time::Instant::now() < deadline, "bad config not reported: {}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(d.ok(&["-z", "lab-b", "describe-volumes"])["ret_code"], 0);
+    let v = d.ok(&["describe-volumes"]);
+    assert_eq!(v["total_count"], 0);
+}
