@@ -135,7 +135,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::new(),
-            block_size: "64K".into(),
+            block_size: "16K".into(),
         }
     }
 }
