@@ -262,14 +262,22 @@ fn socket_is_0660_root_and_sighup_reloads_the_config() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while d.call(&["-z", "lab-b", "describe-volumes"])["ret_code"] != 0 {
-        assert!(std::time::Instant::now() < deadline, "config not reloaded: {}", d.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "config not reloaded: {}",
+            d.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // A bad config on reload is refused and the old one kept.
     std::fs::write(&d.config, "zone = \"lab-c\"\nbogus = 1\n").expect("rewrite config");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     while !d.log().contains("not reloaded") {
-        assert!(std::time::Instant::now() < deadline, "bad config not reported: {}", d.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bad config not reported: {}",
+            d.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(d.ok(&["-z", "lab-b", "describe-volumes"])["ret_code"], 0);

@@ -165,3 +165,45 @@ fn after_sigkill_the_next_incremental_holds_every_write() {
     );
     d.ok(&["detach-volumes", "-v", &vol]);
 }
+
+#[test]
+fn rollback_of_an_nbd_volume_needs_a_detach_and_restarts_tracking() {
+    if !root_or_skip("rollback_of_an_nbd_volume_needs_a_detach_and_restarts_tracking") || !tools() {
+        return;
+    }
+    let d = Daemon::start("");
+    let vol = d.job(&["create-volumes", "-s", "16M", "--backend", "nbd"]);
+    let vol = vol["volumes"][0].as_str().unwrap().to_string();
+    d.ok(&["attach-volumes", "-v", &vol]);
+    let uri = d.describe_volume(&vol)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io(&uri, "write -P 0x42 0 1M");
+    let s1 = snap(&d, &vol, true);
+    let sha1 = export_sha(&d, &uri, "s1");
+    qemu_io(&uri, "write -P 0x43 2M 1M");
+    let id1 = s1["snapshot_id"].as_str().unwrap();
+    d.fails(&["apply-snapshots", "-s", id1], 2500);
+    d.ok(&["detach-volumes", "-v", &vol]);
+    d.job(&["apply-snapshots", "-s", id1]);
+    d.ok(&["attach-volumes", "-v", &vol]);
+    let uri = d.describe_volume(&vol)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(export_sha(&d, &uri, "rolled"), sha1);
+    // After the rollback the next incremental is against s1 and restores exactly.
+    qemu_io(&uri, "write -P 0x44 8M 4k");
+    let sha2 = export_sha(&d, &uri, "s2");
+    let s2 = snap(&d, &vol, false);
+    assert_eq!(s2["parent_id"], s1["snapshot_id"]);
+    assert_eq!(restore_sha(&d, s2["snapshot_id"].as_str().unwrap()), sha2);
+    d.ok(&["detach-volumes", "-v", &vol]);
+    d.ok(&["delete-volumes", "-v", &vol]);
+    assert!(!d
+        .state_dir
+        .join("volumes")
+        .join(format!("{vol}.cbt"))
+        .exists());
+}

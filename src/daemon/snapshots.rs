@@ -511,6 +511,12 @@ impl Manager {
             if v.status == "pending" || self.jobs().volume_busy(&v.id) {
                 return Err(ApiError::busy(format!("volume {} is busy", v.id)));
             }
+            if v.attached && v.backend == "nbd" {
+                return Err(ApiError::busy(format!(
+                    "volume {} is exported over NBD at {}; detach it before rolling it back",
+                    v.id, v.device
+                )));
+            }
             self.refuse_if_mounted(&v, "roll back")?;
             self.refuse_open_writers(&v)?;
             plans.push((s, v));
@@ -566,6 +572,8 @@ impl Manager {
             }
             Ok(())
         })();
+        // The image was rewritten behind any dirty bitmap: the next NBD snapshot rescans.
+        super::nbd_capture::forget_tracking(&self.state_dir(), &v.id);
         if result.is_err() && progress.is_cancelled() {
             return result;
         }
