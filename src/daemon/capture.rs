@@ -174,6 +174,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let state_dir = self.state_dir();
         let v = self.live_volume(&row.volume_id)?;
+        let row = &self.settle_parent(row, &v)?;
         if let Some(tracker) = self.tracker(&v.id) {
             return self.take_nbd_snapshot(row, &v, tracker, block_size, progress);
         }
@@ -268,6 +269,36 @@ impl Manager {
         })?;
         tracing::info!(snapshot = %row.id, volume = %row.volume_id, stored = manifest.stored_bytes, "snapshot available");
         Ok(())
+    }
+
+    /// Confirms the parent chosen when the request was accepted, now that the job holds the
+    /// volume's lock: a delete that ran in between may have removed it, in which case the
+    /// volume's current chain head (or a full snapshot) takes its place.
+    fn settle_parent(
+        &self,
+        row: &SnapshotRow,
+        v: &crate::catalog::VolumeRow,
+    ) -> Result<SnapshotRow, ApiError> {
+        let Some(chosen) = row.parent_id.as_deref() else {
+            return Ok(row.clone());
+        };
+        let still_there = self
+            .with_catalog(|c| c.snapshot(chosen))?
+            .is_some_and(|p| p.status == "available");
+        if still_there && v.active_head.as_deref() == Some(chosen) {
+            return Ok(row.clone());
+        }
+        let head = match v.active_head.as_deref() {
+            Some(h) => self
+                .with_catalog(|c| c.snapshot(h))?
+                .filter(|s| s.status == "available"),
+            None => None,
+        };
+        let mut settled = row.clone();
+        settled.parent_id = head.map(|h| h.id);
+        tracing::info!(snapshot = %row.id, was = chosen, now = ?settled.parent_id, "parent changed while the snapshot waited");
+        self.with_catalog(|c| c.upsert_snapshot(&settled))?;
+        Ok(settled)
     }
 
     /// Records that the point-in-time image exists and writers were released.

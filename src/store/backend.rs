@@ -134,6 +134,8 @@ struct FsWriter {
     file: Option<BufWriter<File>>,
     tmp: PathBuf,
     dest: PathBuf,
+    /// The backend's root, which an abort never removes.
+    root: PathBuf,
 }
 
 impl FsWriter {
@@ -176,8 +178,13 @@ impl BlobWriter for FsWriter {
 
 impl Drop for FsWriter {
     fn drop(&mut self) {
-        // After a successful commit the temporary no longer exists; otherwise this aborts.
-        let _ = fs::remove_file(&self.tmp);
+        // After a successful commit the temporary no longer exists; otherwise this aborts,
+        // and a directory the aborted blob was the only thing in goes with it.
+        if fs::remove_file(&self.tmp).is_ok() {
+            if let Some(dir) = self.tmp.parent().filter(|d| *d != self.root) {
+                let _ = fs::remove_dir(dir);
+            }
+        }
     }
 }
 
@@ -198,6 +205,7 @@ impl Backend for FsBackend {
             file: Some(BufWriter::with_capacity(256 << 10, file)),
             tmp,
             dest,
+            root: self.root.clone(),
         }))
     }
 
