@@ -148,6 +148,9 @@ run_suite() {
     local ss_full; ss_full=$(bs describe-snapshots -r "$vol" | jq -r '.snapshot_set[] | select(.snapshot_name=="full") | .snapshot_id')
     timed cp --sparse=always --reflink=never "$img" "$base/cp-copy.img"
     local t_cp=$T; rm -f "$base/cp-copy.img"
+    # the same copy made durable (our snapshot fsyncs what it stores; plain cp does not)
+    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$base/cp-copy.img"
+    local t_cps=$T; rm -f "$base/cp-copy.img"
     timed b3sum --no-names "$img" >/dev/null
     local t_b3_1=$T
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$base/restic-cache"
@@ -180,6 +183,8 @@ run_suite() {
     local t_cmp=$T
     timed cp --sparse=always --reflink=never "$img" "$base/cp-copy.img"
     local t_cp2=$T; rm -f "$base/cp-copy.img"
+    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$base/cp-copy.img"
+    local t_cps2=$T; rm -f "$base/cp-copy.img"
 
     local js; js=$(bs describe-snapshots -r "$vol")
     local sz_full sz_inc inc_type
@@ -220,18 +225,18 @@ run_suite() {
     echo
     echo "### [$fs] state dir on $fs  (data ${DATA_MIB} MiB in a ${VOL_SIZE} volume; rewrite ${RW_BLOCKS} x 4 KiB = $(mib $((RW_BLOCKS*4096))) MiB; page cache dropped before every timed step)"
     echo
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' step "blocksnap" reference "ratio" "stored bytes" "max RSS MiB"
-    printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..16})" "$(printf -- '-%.0s' {1..40})" "$(printf -- '-%.0s' {1..38})" "$(printf -- '-%.0s' {1..18})" "-------------"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' step "blocksnap" reference "ratio" "stored bytes" "max RSS MiB"
+    printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..36})" "$(printf -- '-%.0s' {1..16})" "$(printf -- '-%.0s' {1..40})" "$(printf -- '-%.0s' {1..52})" "$(printf -- '-%.0s' {1..18})" "-------------"
     local r
     r=$(awk -v a="$t_cp" -v b="$t_full" 'BEGIN{printf "%.2fx cp throughput", a/b}')
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "full snapshot (-F 1)" "$(fmt "$t_full") s" "cp --sparse=always $(fmt "$t_cp") s" "$r (target >= 0.9)" "$sz_full" "$rss_full"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "full snapshot (-F 1)" "$(fmt "$t_full") s" "cp $(fmt "$t_cp") s; cp+sync $(fmt "$t_cps") s" "$r; $(awk -v a="$t_cps" -v b="$t_full" 'BEGIN{printf "%.2fx", a/b}') vs cp+sync (target >= 0.9)" "$sz_full" "$rss_full"
     r=$(awk -v a="$t_inc" -v b="$t_b3" 'BEGIN{printf "%.2fx b3sum time", a/b}')
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "incremental snapshot (-F 0, type $inc_type)" "$(fmt "$t_inc") s" "b3sum $(fmt "$t_b3") s (before rewrite $(fmt "$t_b3_1") s)" "$r (target <= 1.1)" "$sz_inc" "$rss_inc"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "incremental snapshot (-F 0, type $inc_type)" "$(fmt "$t_inc") s" "b3sum $(fmt "$t_b3") s (before rewrite $(fmt "$t_b3_1") s)" "$r (target <= 1.1)" "$sz_inc" "$rss_inc"
     r=$(awk -v a="$t_cp2" -v b="$t_rest" 'BEGIN{printf "%.2fx cp throughput", a/b}')
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "restore (create-volume-from-snapshot)" "$(fmt "$t_rest") s" "cp --sparse=always $(fmt "$t_cp2") s" "$r (target >= 0.9)" "-" "$rss_rest"
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "restic full backup" "-" "restic $(fmt "$t_restic1") s" "$(awk -v a="$t_restic1" -v b="$t_full" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "$r_sz1 (repo)" "-"
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "restic 2nd backup (--force)" "-" "restic $(fmt "$t_restic2") s" "$(awk -v a="$t_restic2" -v b="$t_inc" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "+$((r_sz2 - r_sz1)) (repo)" "-"
-    printf '| %-34s | %-14s | %-38s | %-36s | %-16s | %s |\n' "cmp volume vs restored (check)" "$(fmt "$t_cmp") s" "identical" "" "" ""
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restore (create-volume-from-snapshot)" "$(fmt "$t_rest") s" "cp $(fmt "$t_cp2") s; cp+sync $(fmt "$t_cps2") s" "$r; $(awk -v a="$t_cps2" -v b="$t_rest" 'BEGIN{printf "%.2fx", a/b}') vs cp+sync (target >= 0.9)" "-" "$rss_rest"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic full backup" "-" "restic $(fmt "$t_restic1") s" "$(awk -v a="$t_restic1" -v b="$t_full" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "$r_sz1 (repo)" "-"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic 2nd backup (--force)" "-" "restic $(fmt "$t_restic2") s" "$(awk -v a="$t_restic2" -v b="$t_inc" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "+$((r_sz2 - r_sz1)) (repo)" "-"
+    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "cmp volume vs restored (check)" "$(fmt "$t_cmp") s" "identical" "" "" ""
     echo
     echo "[$fs] throughput: full $(awk -v b=$data_b -v t=$t_full 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s of data, cp $(awk -v b=$data_b -v t=$t_cp 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, restore $(awk -v b=$data_b -v t=$t_rest 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, b3sum $(awk -v t=$t_b3 -v s="$(stat -c %s "$img")" 'BEGIN{printf "%.0f", s/t/1048576}') MiB/s of image"
     echo "[$fs] daemon RSS: max sampled VmRSS ${rss_all} MiB ($nsamp samples @0.2 s), VmHWM at end ${hwm} MiB (target <= 64)"
