@@ -202,7 +202,7 @@ run_suite() {
     mkfs.ext4 -q -F "$fdev"
     mkdir -p "$fmnt"; mount "$fdev" "$fmnt"; MOUNTS+=("$fmnt")
     head -c $((FREEZE_MIB * 1048576)) "$DATA" > "$fmnt/f0"; sync
-    local fr_t="" fr_c=""
+    local fr_t="" fr_c="" fr_t0; fr_t0=$(now)
     for i in $(seq "$FREEZE_REPS"); do
         dd if=/dev/urandom of="$fmnt/f$i" bs=1M count=16 conv=fsync status=none
         local fs_id fj
@@ -212,6 +212,7 @@ run_suite() {
         fr_c="$(cut -d' ' -f2 <<<"$fj")"
         fr_t+="$(cut -d' ' -f3 <<<"$fj")"
     done
+    local rss_frz; rss_frz=$(max_rss_between "$rss" "$fr_t0" "$(now)")
     umount "$fmnt"
     bs --wait detach-volumes -v "$fvol" >/dev/null
 
@@ -240,7 +241,7 @@ run_suite() {
     echo
     echo "[$fs] throughput: full $(awk -v b=$data_b -v t=$t_full 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s of data, cp $(awk -v b=$data_b -v t=$t_cp 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, restore $(awk -v b=$data_b -v t=$t_rest 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, b3sum $(awk -v t=$t_b3 -v s="$(stat -c %s "$img")" 'BEGIN{printf "%.0f", s/t/1048576}') MiB/s of image"
     echo "[$fs] daemon RSS: max sampled VmRSS ${rss_all} MiB ($nsamp samples @0.2 s), VmHWM at end ${hwm} MiB (target <= 64)"
-    echo "[$fs] freeze_ms of mounted ext4 on a ${FREEZE_VOL} volume (${FREEZE_MIB} MiB + 16 MiB/rep written; types $fr_t; consistency $fr_c): $freezes"
+    echo "[$fs] freeze_ms of mounted ext4 on a ${FREEZE_VOL} volume (${FREEZE_MIB} MiB + 16 MiB/rep written; types $fr_t; consistency $fr_c): $freezes  (max VmRSS during these ${rss_frz} MiB)"
     echo
     if [ "$fs" = xfs ]; then
         umount "$base/mnt"
