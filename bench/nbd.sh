@@ -4,7 +4,8 @@
 # Run as root from the worktree root after `cargo build --release --examples`. See bench/README.md.
 #
 # Knobs (env): VOL_SIZE (4G), RUNTIME (10 s per workload), RAMP (2 s), TMPBASE (/var/tmp),
-# BIN (target/release), NBD_SERVE (1 = also measure examples/nbd_serve, the bare server).
+# BIN (target/release), NBD_SERVE (1 = also measure examples/nbd_serve, the bare server),
+# ORDER ("blocksnapd nbd_serve qemu-nbd nbdkit": the order the servers are measured in).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -13,6 +14,7 @@ RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
 TMPBASE=${TMPBASE:-/var/tmp}
 NBD_SERVE=${NBD_SERVE:-1}
+ORDER=${ORDER:-"blocksnapd nbd_serve qemu-nbd nbdkit"}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in jq fio qemu-nbd nbdkit nbdinfo; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
@@ -85,39 +87,43 @@ run_fio() {  # server uri
 
 SERVERS=()
 
-# 1. blocksnap daemon export
-if bs --wait attach-volumes -v "$VOL" > "$RD/attach.json" 2>&1; then
-    URI=$(bs describe-volumes -v "$VOL" | jq -r '.volume_set[0].device')
-    echo "blocksnap attach-volumes: device $URI"
-    nbdinfo --size "$URI" >/dev/null
-    SERVERS+=(blocksnapd); run_fio blocksnapd "$URI"
-    bs --wait detach-volumes -v "$VOL" >/dev/null
-else
-    echo "attach-volumes of an nbd volume failed: $(cat "$RD/attach.json")"
-fi
-
-# 2. the project's bare example server on the same file
-if [ "$NBD_SERVE" = 1 ] && [ -x "$BIN/examples/nbd_serve" ]; then
-    S="$WORK/nbd_serve.sock"
+bench_blocksnapd() {
+    if bs --wait attach-volumes -v "$VOL" > "$RD/attach.json" 2>&1; then
+        URI=$(bs describe-volumes -v "$VOL" | jq -r '.volume_set[0].device')
+        echo "blocksnap attach-volumes: device $URI"
+        nbdinfo --size "$URI" >/dev/null
+        SERVERS+=(blocksnapd); run_fio blocksnapd "$URI"
+        bs --wait detach-volumes -v "$VOL" >/dev/null
+    else
+        echo "attach-volumes of an nbd volume failed: $(cat "$RD/attach.json")"
+    fi
+}
+# the project's bare example server on the same file
+bench_nbd_serve() {
+    [ "$NBD_SERVE" = 1 ] && [ -x "$BIN/examples/nbd_serve" ] || return 0
+    local S="$WORK/nbd_serve.sock"
     "$BIN/examples/nbd_serve" "$IMG" "$S" bench > "$WORK/nbd_serve.log" 2>&1 & SERVER_PID=$!
     wait_sock "$S"
     SERVERS+=(nbd_serve); run_fio nbd_serve "nbd+unix:///bench?socket=$S"
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
-fi
-
-# 3. qemu-nbd
-S="$WORK/qemu.sock"
-qemu-nbd -f raw --socket="$S" --persistent -x bench "$IMG" > "$WORK/qemu.log" 2>&1 & SERVER_PID=$!
-wait_sock "$S"
-SERVERS+=(qemu-nbd); run_fio qemu-nbd "nbd+unix:///bench?socket=$S"
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
-
-# 4. nbdkit file plugin
-S="$WORK/nbdkit.sock"
-nbdkit -f -U "$S" -e bench file file="$IMG" > "$WORK/nbdkit.log" 2>&1 & SERVER_PID=$!
-wait_sock "$S"
-SERVERS+=(nbdkit); run_fio nbdkit "nbd+unix:///bench?socket=$S"
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+}
+bench_qemu-nbd() {
+    local S="$WORK/qemu.sock"
+    qemu-nbd -f raw --socket="$S" --persistent -x bench "$IMG" > "$WORK/qemu.log" 2>&1 & SERVER_PID=$!
+    wait_sock "$S"
+    SERVERS+=(qemu-nbd); run_fio qemu-nbd "nbd+unix:///bench?socket=$S"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+}
+bench_nbdkit() {
+    local S="$WORK/nbdkit.sock"
+    nbdkit -f -U "$S" -e bench file file="$IMG" > "$WORK/nbdkit.log" 2>&1 & SERVER_PID=$!
+    wait_sock "$S"
+    SERVERS+=(nbdkit); run_fio nbdkit "nbd+unix:///bench?socket=$S"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+}
+# ORDER (env) rotates the servers to expose order effects (cache, writeback of the pre-fill)
+echo "order:  $ORDER"
+for srv in $ORDER; do "bench_$srv"; done
 
 echo
 echo "### NBD: fio ioengine=nbd, ${RUNTIME}s per workload, iodepth 16, 1 connection, ${VOL_SIZE} pre-filled image (page cache warm)"
@@ -134,7 +140,7 @@ for w in "${WORKLOADS[@]}"; do
         row+=" $(awk -v c=$col '{ if (c == 1) printf "%.0f", $1; else printf "%.1f", $2/1048576 }' <<<"${RES[$s,$name]}") |"
     done
     if [ -n "${RES[blocksnapd,$name]:-}" ]; then
-        row+=" $(awk -v c=$col -v a="${RES[blocksnapd,$name]}" -v q="${RES[qemu-nbd,$name]}" -v k="${RES[nbdkit,$name]}" 'BEGIN{
+        row+=" $(awk -v c=$col -v a="${RES[blocksnapd,$name]}" -v q="${RES[qemu-nbd,$name]:-0 0 0}" -v k="${RES[nbdkit,$name]:-0 0 0}" 'BEGIN{
             split(a, A, " "); split(q, Q, " "); split(k, K, " "); best = (Q[c] > K[c]) ? Q[c] : K[c];
             printf "%.2fx", A[c] / best }') |"
     else row+=" n/a |"; fi
