@@ -198,7 +198,7 @@ fn edit(path: PathBuf, f: impl Fn(&mut Vec<u8>) + 'static) -> Apply {
 
 fn cases(fx: &Fixture) -> Vec<Case> {
     let mut out = Vec::new();
-    let mut rng = StdRng::seed_from_u64(0xbadc_0de);
+    let mut rng = StdRng::seed_from_u64(0x0bad_c0de);
     for id in &fx.ids {
         let delta = {
             let st = Store::open(&fx.store).unwrap();
@@ -575,7 +575,9 @@ fn every_damage_is_detected_and_restore_never_returns_wrong_data() {
 /// A manifest rewritten with a valid envelope (checksum recomputed) but one field changed: as a
 /// software bug or a careless hand edit would leave it. Verify must flag it, and restore must not
 /// return wrong data.
-fn forged_manifest_cases() -> Vec<(&'static str, fn(&mut store::Manifest, &[SnapshotId]))> {
+type Forge = fn(&mut store::Manifest, &[SnapshotId]);
+
+fn forged_manifest_cases() -> Vec<(&'static str, Forge)> {
     vec![
         ("volume_size +4096", |m, _| m.volume_size += 4096),
         ("volume_size -4096", |m, _| m.volume_size -= 4096),
