@@ -1,0 +1,6 @@
+#![no_main]
+
+#[path = "../../tests/fuzz_support/targets.rs"]
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::store_records(data));
