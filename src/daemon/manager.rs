@@ -28,11 +28,29 @@ pub fn message_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Converts a module error with a `kind()` into the wire error.
+/// True when an error was caused, somewhere down its chain, by a full filesystem.
+fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Converts a module error with a `kind()` into the wire error. A full filesystem is 5100
+/// (the store cannot take more) with a message that says so first.
 macro_rules! into_api_error {
     ($($t:ty),*) => {$(
         impl From<$t> for ApiError {
             fn from(e: $t) -> ApiError {
+                if out_of_space(&e) {
+                    return ApiError::new(ErrorKind::Unavailable, format!("no space left: {}", message_chain(&e)));
+                }
                 ApiError::new(e.kind(), message_chain(&e))
             }
         }
