@@ -39,7 +39,8 @@
 //! 16    u64 volume size in bytes
 //! 24    u64 granularity in bytes
 //! 32    snapshot id, 16 B ASCII, 0-padded
-//! 48    12 reserved bytes (0)
+//! 48    u64 inode number of the target image (a map never vouches for another file)
+//! 56    4 reserved bytes (0)
 //! 60    u32 CRC32 of bytes 0..60
 //! 4096  hydrated bits, one per granule, LSB first, in little-endian u64 words
 //! ```
@@ -47,7 +48,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -127,7 +128,7 @@ impl std::fmt::Debug for LazyExport {
     }
 }
 
-fn header(size: u64, granularity: u64, source: &ChainReader) -> [u8; HEADER_LEN] {
+fn header(size: u64, granularity: u64, source: &ChainReader, ino: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -136,6 +137,7 @@ fn header(size: u64, granularity: u64, source: &ChainReader) -> [u8; HEADER_LEN]
     for (o, b) in h[32..48].iter_mut().zip(source.id().as_str().bytes()) {
         *o = b;
     }
+    h[48..56].copy_from_slice(&ino.to_le_bytes());
     let crc = crc32fast::hash(&h[..60]);
     h[60..].copy_from_slice(&crc.to_le_bytes());
     h
@@ -183,7 +185,11 @@ impl LazyExport {
         let len = file.metadata().map_err(err("stat"))?.len();
         let granules = size.div_ceil(granularity);
         let nwords = granules.div_ceil(64) as usize;
-        let want = header(size, granularity, &source);
+        // A map left over from another image at this path must not mark its holes hydrated.
+        let ino = std::fs::metadata(target.path())
+            .map_err(err("stat the image of"))?
+            .ino();
+        let want = header(size, granularity, &source, ino);
         let mut h = [0u8; HEADER_LEN];
         if len >= HEADER_LEN as u64 {
             file.read_exact_at(&mut h, 0).map_err(err("read"))?;
@@ -210,7 +216,7 @@ impl LazyExport {
             }
             if h != want {
                 return Err(corrupt(
-                    "it belongs to another snapshot, size, granularity or version",
+                    "it belongs to another snapshot, image file, size, granularity or version",
                 ));
             }
             if len < BITS_AT + nwords as u64 * 8 {
@@ -890,6 +896,14 @@ mod tests {
         let target = FileExport::open(&f.dir.path().join("target")).unwrap();
         let err = LazyExport::open(target, f.reader(), &map_path, 3000).unwrap_err();
         assert!(matches!(err, NbdError::BadGranularity { .. }), "{err}");
+        // A new image put in the old one's place does not inherit its hydrated map.
+        let fresh = f.dir.path().join("target.new");
+        drop(FileExport::create(&fresh, f.size).unwrap());
+        std::fs::rename(&fresh, f.dir.path().join("target")).unwrap();
+        let target = FileExport::open(&f.dir.path().join("target")).unwrap();
+        let err = LazyExport::open(target, f.reader(), &map_path, G).unwrap_err();
+        assert!(matches!(err, NbdError::HydrationMapCorrupt { .. }), "{err}");
+        assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
     }
 
     #[test]
