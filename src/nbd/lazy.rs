@@ -1002,6 +1002,66 @@ mod tests {
         );
     }
 
+    /// `cargo test --release --lib bench_lazy -- --ignored --nocapture`
+    /// (size in MiB from `BLOCKSNAP_BENCH_MIB`, default 256; store on the filesystem).
+    #[test]
+    #[ignore = "benchmark: prints timings, takes seconds"]
+    fn bench_lazy() {
+        use std::time::Instant;
+        let mib: u64 = std::env::var("BLOCKSNAP_BENCH_MIB")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(256);
+        let size = mib * MIB;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let img = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("source"))
+            .unwrap();
+        img.set_len(size).unwrap();
+        // Three quarters data in 4 MiB stretches.
+        for (i, off) in (0..size).step_by(4 * MIB as usize).enumerate() {
+            if i % 4 != 3 {
+                img.write_all_at(&noise(4 * MIB as usize, i as u64), off)
+                    .unwrap();
+            }
+        }
+        capture(&store, meta(1, None, size), &img, &NoProgress).unwrap();
+        let t = Instant::now();
+        let reader = Arc::new(ChainReader::open(&store, &sid(1)).unwrap());
+        let open = t.elapsed();
+        let target = FileExport::create(&dir.path().join("target"), size).unwrap();
+        let e = LazyExport::open(target, Arc::clone(&reader), &dir.path().join("map"), G).unwrap();
+        // Random 4 KiB client reads of unhydrated granules (each hydrates one granule).
+        let t = Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let n = 2000u64;
+        for i in 0..n {
+            let off = (i * 7919 * 4096) % (size - 4096);
+            e.read_at(&mut buf, off).unwrap();
+        }
+        let rand = t.elapsed();
+        let t = Instant::now();
+        let mut steps = 0;
+        while !e.hydrate_next(8 * MIB).unwrap().finished {
+            steps += 1;
+        }
+        let hyd = t.elapsed();
+        eprintln!(
+            "{mib} MiB: reader open {:?}; {n} random 4 KiB reads {:?} ({:?} each); \
+             hydration {:?} in {steps} steps of 8 MiB = {:.0} MiB/s",
+            open,
+            rand,
+            rand / n as u32,
+            hyd,
+            mib as f64 / hyd.as_secs_f64()
+        );
+    }
+
     #[test]
     fn lazy_export_is_send_sync() {
         fn send_sync<T: Send + Sync + 'static>() {}
