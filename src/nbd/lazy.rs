@@ -21,7 +21,8 @@
 //! fails the client's request with EIO, never serves wrong data.
 //!
 //! # Durability and restart
-//! The hydrated set is persisted in a map file beside the image. Its rule: a bit is set
+//! The hydrated set is persisted in a map file beside the image (created durably, with a
+//! directory fsync, and only for an image that holds no data yet). Its rule: a bit is set
 //! on disk only after the granule's data is durable in the target (fdatasync of the image,
 //! then of the map), and every bit a client write depends on is on disk before a FLUSH or
 //! FUA write is acknowledged — exactly the writes NBD promises to keep. Bits are written
@@ -198,11 +199,28 @@ impl LazyExport {
         // Empty, or created but never initialised: nothing can have been served yet.
         let reopened = !(len < HEADER_LEN as u64 || h.iter().all(|&b| b == 0));
         if !reopened {
+            // A lost map over a used image would re-hydrate granules holding flushed
+            // writes: a new map is only for an image with no data yet.
+            let extents = target
+                .block_status(0, size)
+                .map_err(err("map the image of"))?;
+            if extents.iter().any(|x| !x.hole) {
+                return Err(NbdError::HydrationMapCorrupt {
+                    path,
+                    reason: "it is missing or empty but the image holds data".into(),
+                });
+            }
             file.set_len(0).map_err(err("size"))?;
             file.set_len(BITS_AT + nwords as u64 * 8)
                 .map_err(err("size"))?;
             file.write_all_at(&want, 0).map_err(err("write"))?;
             file.sync_all().map_err(err("sync"))?;
+            // The new name must be durable before any write is acknowledged.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(err("sync the directory of"))?;
+            }
         } else {
             let corrupt = |reason: &str| NbdError::HydrationMapCorrupt {
                 path: path.clone(),
@@ -896,6 +914,13 @@ mod tests {
         let target = FileExport::open(&f.dir.path().join("target")).unwrap();
         let err = LazyExport::open(target, f.reader(), &map_path, 3000).unwrap_err();
         assert!(matches!(err, NbdError::BadGranularity { .. }), "{err}");
+        // A lost map over an image with data is refused, not started from scratch.
+        let moved = f.dir.path().join("map.lost");
+        std::fs::rename(&map_path, &moved).unwrap();
+        let target = FileExport::open(&f.dir.path().join("target")).unwrap();
+        let err = LazyExport::open(target, f.reader(), &map_path, G).unwrap_err();
+        assert!(matches!(err, NbdError::HydrationMapCorrupt { .. }), "{err}");
+        std::fs::rename(&moved, &map_path).unwrap();
         // A new image put in the old one's place does not inherit its hydrated map.
         let fresh = f.dir.path().join("target.new");
         drop(FileExport::create(&fresh, f.size).unwrap());
