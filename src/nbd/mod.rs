@@ -5,12 +5,15 @@
 //! - [`server`]: [`NbdServer`], the handshake and transmission phases over unix or TCP
 //!   sockets, one tokio task per connection and requests served concurrently;
 //! - [`tracked`]: [`TrackedExport`], changed-block tracking (persistent write-intent
-//!   bitmap) and copy-before-write for point-in-time capture.
+//!   bitmap) and copy-before-write for point-in-time capture;
+//! - [`lazy`]: [`LazyExport`], lazy restore: a snapshot served at once while a background
+//!   job hydrates a new image (persistent hydrated map).
 //!
-//! This module knows nothing of volumes, the catalog or HTTP; it may call `nix`, tokio and
-//! `crate::api` (for error kinds) only.
+//! This module knows nothing of volumes, the catalog or HTTP; it may call `nix`, tokio,
+//! `crate::api` (for error kinds) and, for lazy restore, the store's `ChainReader`.
 
 pub mod export;
+pub mod lazy;
 pub mod proto;
 pub mod server;
 pub mod tracked;
@@ -18,6 +21,7 @@ pub mod tracked;
 use std::path::{Path, PathBuf};
 
 pub use export::{Export, Extent, FileExport};
+pub use lazy::{HydrateStep, LazyExport};
 pub use server::NbdServer;
 pub use tracked::{DirtyRange, EpochScope, Recovery, TrackedExport};
 
@@ -80,6 +84,26 @@ pub enum NbdError {
     EpochOpen,
     #[error("Offset {offset} is not a block inside the volume")]
     BadBlock { offset: u64 },
+    #[error("Cannot {op} hydration map {path}")]
+    HydrationMap {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Hydration map {path} cannot be used: {reason}")]
+    HydrationMapCorrupt { path: PathBuf, reason: String },
+    #[error("Hydration granularity {granularity} is not a power of two of at least 4096")]
+    BadGranularity { granularity: u64 },
+    #[error("Lazy restore target is {target} bytes but the snapshot is {snapshot}")]
+    LazySizeMismatch { target: u64, snapshot: u64 },
+    #[error("Cannot hydrate bytes {start}..{end} of the volume")]
+    Hydrate {
+        start: u64,
+        end: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl NbdError {
@@ -105,9 +129,18 @@ impl NbdError {
             NbdError::ExportNotFound { .. } | NbdError::NoEpoch => ErrorKind::NotFound,
             NbdError::Connection { .. } | NbdError::HandshakeTimeout => ErrorKind::Unavailable,
             NbdError::Bitmap { .. } | NbdError::Epoch { .. } => ErrorKind::Io,
-            NbdError::BitmapCorrupt { .. } | NbdError::BitmapSizeMismatch { .. } => {
-                ErrorKind::Corrupt
+            NbdError::BitmapCorrupt { .. }
+            | NbdError::BitmapSizeMismatch { .. }
+            | NbdError::HydrationMapCorrupt { .. } => ErrorKind::Corrupt,
+            NbdError::HydrationMap { .. } => ErrorKind::Io,
+            NbdError::BadGranularity { .. } | NbdError::LazySizeMismatch { .. } => {
+                ErrorKind::InvalidArgument
             }
+            // A damaged snapshot record is Corrupt; anything else failed I/O.
+            NbdError::Hydrate { source, .. } => source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<crate::store::StoreError>())
+                .map_or(ErrorKind::Io, |e| e.kind()),
         }
     }
 }

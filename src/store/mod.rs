@@ -1,8 +1,9 @@
 //! The snapshot store: snapshots as manifests plus deltas of extent records over a `Backend`.
 //!
 //! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), writing
-//! (`writer`, `hashes`), restore and verify (`restore`), delete-with-fold and crash recovery
-//! (`delete`), and the blob storage underneath (`backend`). It is fed bytes from a
+//! (`writer`, `hashes`), restore and verify (`restore`), random-access reads for lazy
+//! restore (`reader`), delete-with-fold and crash recovery (`delete`), and the blob
+//! storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
 //! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
 //! operation is blocking. `recover` must run before other work (at daemon start). Memory does
@@ -18,12 +19,14 @@ pub mod capture;
 mod delete;
 pub mod format;
 mod hashes;
+mod reader;
 pub mod restore;
 mod writer;
 
 pub use backend::{Backend, BlobWriter, FsBackend, MemBackend, SharedMem};
 pub use capture::{capture, capture_extents};
 pub use delete::RecoveryReport;
+pub use reader::ChainReader;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
 pub use writer::{hash_block, BlockHashes, SnapshotWriter, ZERO_HASH};
 
