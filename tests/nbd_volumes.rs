@@ -212,3 +212,90 @@ fn rollback_of_an_nbd_volume_needs_a_detach_and_restarts_tracking() {
         .join(format!("{vol}.cbt"))
         .exists());
 }
+
+#[test]
+fn lazy_restore_is_usable_at_once_and_keeps_client_writes() {
+    if !root_or_skip("lazy_restore_is_usable_at_once_and_keeps_client_writes") || !tools() {
+        return;
+    }
+    let mut d = Daemon::start("");
+    let vol = d.job(&["create-volumes", "-s", "128M", "--backend", "nbd"]);
+    let vol = vol["volumes"][0].as_str().unwrap().to_string();
+    d.ok(&["attach-volumes", "-v", &vol]);
+    let uri = d.describe_volume(&vol)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io(&uri, "write -P 0x61 0 48M");
+    qemu_io(&uri, "write -P 0x62 100M 8M");
+    let ss = snap(&d, &vol, true);
+    let ss = ss["snapshot_id"].as_str().unwrap().to_string();
+    d.ok(&["detach-volumes", "-v", &vol]);
+
+    let r = d.ok(&[
+        "create-volume-from-snapshot",
+        "-s",
+        &ss,
+        "--lazy",
+        "-N",
+        "lazy",
+    ]);
+    let lv = r["volume_id"].as_str().unwrap().to_string();
+    let job = r["job_id"].as_str().unwrap().to_string();
+    let v = d.describe_volume(&lv);
+    assert_eq!(v["backend"], "nbd");
+    assert_eq!(v["status"], "available", "{v}");
+    // Usable at once: attach, read the snapshot's bytes, write over some of them.
+    d.ok(&["attach-volumes", "-v", &lv]);
+    let luri = d.describe_volume(&lv)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io(&luri, "read -P 0x62 100M 8M");
+    qemu_io(&luri, "write -P 0x63 1M 12k");
+    qemu_io(&luri, "flush");
+    d.fails(&["create-snapshots", "-r", &lv], 2500);
+    let j = d.wait_job(&job);
+    assert_eq!(j["status"], "successful", "{j}");
+    assert_eq!(j["progress"]["total_bytes"], 128 << 20, "{j}");
+    qemu_io(&luri, "read -P 0x61 0 1M");
+    qemu_io(&luri, "read -P 0x63 1M 12k");
+    qemu_io(&luri, "read -P 0x61 16M 32M");
+    qemu_io(&luri, "read -P 0 48M 52M");
+    // Still served lazily until detached once; then an ordinary tracked volume.
+    d.ok(&["detach-volumes", "-v", &lv]);
+    d.ok(&["attach-volumes", "-v", &lv]);
+    let luri = d.describe_volume(&lv)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sha = export_sha(&d, &luri, "lazy");
+    let s2 = snap(&d, &lv, true);
+    assert_eq!(restore_sha(&d, s2["snapshot_id"].as_str().unwrap()), sha);
+    d.ok(&["detach-volumes", "-v", &lv]);
+
+    // A restart in the middle of hydration resumes it.
+    let r = d.ok(&["create-volume-from-snapshot", "-s", &ss, "--lazy"]);
+    let lv2 = r["volume_id"].as_str().unwrap().to_string();
+    d.kill9();
+    d.spawn();
+    let jobs = d.ok(&["describe-jobs", "-s", "pending,working"]);
+    for j in jobs["job_set"].as_array().unwrap() {
+        d.wait_job(j["job_id"].as_str().unwrap());
+    }
+    let image = d.image(&lv2);
+    let v = d.job(&["create-volume-from-snapshot", "-s", &ss]);
+    let full = v["volume_id"].as_str().unwrap().to_string();
+    assert_eq!(common::sha256(&image), common::sha256(&d.image(&full)));
+    d.fails(
+        &[
+            "create-volume-from-snapshot",
+            "-s",
+            &ss,
+            "--lazy",
+            "--backend",
+            "loop",
+        ],
+        1100,
+    );
+}

@@ -67,6 +67,8 @@ pub struct Manager {
     pub(super) nbd: crate::nbd::NbdServer,
     /// The tracked exports of attached NBD volumes, by volume id.
     trackers: Mutex<HashMap<String, Arc<super::nbd_capture::Tracker>>>,
+    /// Lazily restored volumes still hydrating (or served since), by volume id.
+    lazies: Mutex<HashMap<String, Arc<crate::nbd::LazyExport>>>,
 }
 
 impl Manager {
@@ -80,6 +82,7 @@ impl Manager {
             metrics: Metrics::default(),
             nbd: crate::nbd::NbdServer::new(),
             trackers: Mutex::new(HashMap::new()),
+            lazies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,6 +128,15 @@ impl Manager {
     ) -> Result<T, ApiError> {
         let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         f(&catalog).map_err(ApiError::from)
+    }
+
+    pub(super) fn lazies(&self) -> &Mutex<HashMap<String, Arc<crate::nbd::LazyExport>>> {
+        &self.lazies
+    }
+
+    /// True while a volume is (or is served as) a lazy restore.
+    pub(super) fn is_lazy(&self, volume_id: &str) -> bool {
+        super::lazy::lazy_source(&self.state_dir(), volume_id).is_some()
     }
 
     /// The tracked export of an attached NBD volume.

@@ -7,6 +7,7 @@
 mod auth;
 mod capture;
 mod jobs;
+mod lazy;
 mod manager;
 mod metrics;
 mod nbd_capture;

@@ -170,13 +170,23 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
                     .and_then(|v| v.as_str())
                     .unwrap_or_default()
                     .to_string();
-                let locks = vec![vid.clone()];
-                Some((
-                    locks,
-                    Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
-                        m.restore_new_volume(&vid, &sid, p)
-                    }) as jobs::Work,
-                ))
+                if job.params.get("lazy").and_then(|v| v.as_bool()) == Some(true) {
+                    // Hydration resumes where its durable map says it stopped.
+                    let locks = snapshot_volumes(manager, std::slice::from_ref(&sid));
+                    Some((
+                        locks,
+                        Box::new(move |m: &Arc<Manager>, p: &JobProgress| m.hydrate(&vid, &sid, p))
+                            as jobs::Work,
+                    ))
+                } else {
+                    let locks = vec![vid.clone()];
+                    Some((
+                        locks,
+                        Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
+                            m.restore_new_volume(&vid, &sid, p)
+                        }) as jobs::Work,
+                    ))
+                }
             }
             "ApplySnapshots" => {
                 let ids = ids_param(&job, "snapshots");
@@ -236,6 +246,7 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
         } else if !v.transition_status.is_empty()
             && v.status != "pending"
             && !manager.jobs().volume_busy(&v.id)
+            && !manager.is_lazy(&v.id)
         {
             manager.update_volume(&v.id, |r| r.transition_status.clear())?;
         }

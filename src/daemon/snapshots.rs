@@ -191,6 +191,12 @@ impl Manager {
                     v.id, v.status, v.transition_status
                 )));
             }
+            if self.is_lazy(&v.id) {
+                return Err(ApiError::busy(format!(
+                    "volume {} is served by its lazy restore; once the restore job has ended, detach and attach it once to snapshot it",
+                    v.id
+                )));
+            }
             if !p.force {
                 self.refuse_open_writers(&v)?;
             }
@@ -403,13 +409,23 @@ impl Manager {
         if s.status != "available" {
             return Err(ApiError::busy(format!("snapshot {} is {}", s.id, s.status)));
         }
-        if p.lazy {
-            return Err(ApiError::bad("--lazy restore is not implemented yet"));
-        }
         let name = p.volume_name.unwrap_or_default();
         check_name(&name)?;
-        let backend = parse_backend(p.backend.as_deref(), config.default_backend)?;
+        let default_backend = if p.lazy {
+            crate::config::Backend::Nbd
+        } else {
+            config.default_backend
+        };
+        let backend = parse_backend(p.backend.as_deref(), default_backend)?;
         let vid = api::new_volume_id().to_string();
+        if p.lazy {
+            if backend != crate::config::Backend::Nbd {
+                return Err(ApiError::bad(
+                    "--lazy restore needs the nbd backend: reads of blocks not yet copied are served by the daemon",
+                ));
+            }
+            return self.create_lazy_volume(&s, &vid, &name, caller);
+        }
         self.with_catalog(|c| {
             c.insert_volume(&new_volume_row(
                 &vid,
@@ -432,6 +448,48 @@ impl Manager {
             vec![vid.clone(), s.volume_id.clone()],
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.restore_new_volume(&work_vid, &work_sid, progress)
+            }),
+        )?;
+        Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))
+    }
+
+    /// A lazily restored volume: usable at once, hydrated by a background job.
+    fn create_lazy_volume(
+        self: &Arc<Self>,
+        s: &SnapshotRow,
+        vid: &str,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<serde_json::Value, ApiError> {
+        let state_dir = self.state_dir();
+        let image = volume::image_path(&state_dir, vid);
+        volume::create_image(&image, s.virtual_size_bytes)
+            .map_err(|e| ApiError::from_volume(e, vid))?;
+        super::lazy::write_marker(&state_dir, vid, &s.id)?;
+        let mut row = new_volume_row(
+            vid,
+            name,
+            s.virtual_size_bytes,
+            crate::config::Backend::Nbd,
+            &caller.user,
+        );
+        row.status = "available".into();
+        row.transition_status = "restoring".into();
+        self.with_catalog(|c| c.insert_volume(&row))?;
+        let job = JobRow::new(
+            &api::new_job_id().to_string(),
+            "CreateVolumeFromSnapshot",
+            vec![vid.to_string()],
+            serde_json::json!({ "snapshot": s.id, "volume": vid, "lazy": true }),
+        );
+        let (work_vid, work_sid) = (vid.to_string(), s.id.clone());
+        // The new volume itself is not locked: it is attached and used while it hydrates.
+        let job_id = jobs::submit(
+            self,
+            job,
+            vec![s.volume_id.clone()],
+            Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
+                m.hydrate(&work_vid, &work_sid, progress)
             }),
         )?;
         Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))

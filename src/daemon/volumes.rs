@@ -220,6 +220,13 @@ impl Manager {
         match Backend::parse(&v.backend) {
             Some(Backend::Nbd) => {
                 let state_dir = self.state_dir();
+                if let Some(sid) = super::lazy::lazy_source(&state_dir, &v.id) {
+                    let lazy = self.lazy_export(&v.id, &sid)?;
+                    self.nbd
+                        .add_export(&v.id, lazy)
+                        .map_err(|e| ApiError::new(e.kind(), format!("volume {}: {e}", v.id)))?;
+                    return Ok(crate::nbd::nbd_uri(&v.id, &self.config().nbd_socket_path()));
+                }
                 let tracker =
                     Arc::new(super::nbd_capture::open_tracker(&state_dir, &v.id, &image)?);
                 self.nbd
@@ -262,6 +269,7 @@ impl Manager {
             Some(Backend::Nbd) => {
                 let _ = self.nbd.remove_export(&v.id);
                 self.set_tracker(&v.id, None);
+                self.drop_lazy(&v.id);
                 Ok(())
             }
             _ => volume::detach_loop(
@@ -340,11 +348,14 @@ impl Manager {
                     v.id, v.device
                 )));
             }
-            if self.jobs().volume_busy(&v.id) {
+            if self.jobs().volume_busy(&v.id)
+                || self.is_lazy(&v.id) && !v.transition_status.is_empty()
+            {
                 return Err(ApiError::busy(format!("volume {} has a job running", v.id)));
             }
         }
         for v in rows {
+            super::lazy::forget(&self.state_dir(), &v.id);
             let image = volume::image_path(&self.state_dir(), &v.id);
             volume::remove_image(&image).map_err(|e| ApiError::from_volume(e, &v.id))?;
             super::nbd_capture::forget_tracking(&self.state_dir(), &v.id);
