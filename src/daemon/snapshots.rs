@@ -327,25 +327,50 @@ impl Manager {
         self: &Arc<Self>,
         p: api::DeleteSnapshots,
     ) -> Result<serde_json::Value, ApiError> {
-        if p.snapshots.is_empty() {
-            return Err(ApiError::bad("delete-snapshots needs snapshot ids (-s)"));
-        }
-        let mut rows = Vec::new();
-        for id in &p.snapshots {
-            let s = self.snapshot_row(id)?;
-            if s.status != "available" {
-                return Err(ApiError::busy(format!(
-                    "snapshot {} is {}; wait for its job to end",
-                    s.id, s.status
-                )));
+        let rows = self.available_snapshots(&p.snapshots, "delete-snapshots")?;
+        self.submit_snapshot_job("DeleteSnapshots", &rows, |m, ids, progress| {
+            for id in ids {
+                m.delete_snapshot(id, progress)?;
             }
-            rows.push(s);
+            Ok(())
+        })
+    }
+
+    /// The snapshots named by a call, each `available`; refuses an empty list.
+    fn available_snapshots(
+        &self,
+        ids: &[String],
+        verb: &str,
+    ) -> Result<Vec<SnapshotRow>, ApiError> {
+        if ids.is_empty() {
+            return Err(ApiError::bad(format!("{verb} needs snapshot ids (-s)")));
         }
+        ids.iter()
+            .map(|id| {
+                let s = self.snapshot_row(id)?;
+                if s.status != "available" {
+                    return Err(ApiError::busy(format!(
+                        "snapshot {} is {}; wait for its job to end",
+                        s.id, s.status
+                    )));
+                }
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Starts a job over `rows` that locks their volumes and runs `work` on their ids.
+    fn submit_snapshot_job(
+        self: &Arc<Self>,
+        action: &str,
+        rows: &[SnapshotRow],
+        work: fn(&Manager, &[String], &JobProgress) -> Result<(), ApiError>,
+    ) -> Result<serde_json::Value, ApiError> {
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let locks: Vec<String> = rows.iter().map(|r| r.volume_id.clone()).collect();
         let job = JobRow::new(
             &api::new_job_id().to_string(),
-            "DeleteSnapshots",
+            action,
             ids.clone(),
             serde_json::json!({ "snapshots": ids }),
         );
@@ -354,12 +379,7 @@ impl Manager {
             self,
             job,
             locks,
-            Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
-                for id in &work_ids {
-                    m.delete_snapshot(id, progress)?;
-                }
-                Ok(())
-            }),
+            Box::new(move |m: &Arc<Manager>, progress: &JobProgress| work(m, &work_ids, progress)),
         )?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
     }
@@ -683,35 +703,10 @@ impl Manager {
         self: &Arc<Self>,
         p: api::VerifySnapshots,
     ) -> Result<serde_json::Value, ApiError> {
-        if p.snapshots.is_empty() {
-            return Err(ApiError::bad("verify-snapshots needs snapshot ids (-s)"));
-        }
-        let mut rows = Vec::new();
-        for id in &p.snapshots {
-            let s = self.snapshot_row(id)?;
-            if s.status != "available" {
-                return Err(ApiError::busy(format!("snapshot {} is {}", s.id, s.status)));
-            }
-            rows.push(s);
-        }
-        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
-        let locks: Vec<String> = rows.iter().map(|r| r.volume_id.clone()).collect();
-        let job = JobRow::new(
-            &api::new_job_id().to_string(),
-            "VerifySnapshots",
-            ids.clone(),
-            serde_json::json!({ "snapshots": ids }),
-        );
-        let work_ids = ids.clone();
-        let job_id = jobs::submit(
-            self,
-            job,
-            locks,
-            Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
-                m.verify_list(&work_ids, progress)
-            }),
-        )?;
-        Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
+        let rows = self.available_snapshots(&p.snapshots, "verify-snapshots")?;
+        self.submit_snapshot_job("VerifySnapshots", &rows, |m, ids, progress| {
+            m.verify_list(ids, progress)
+        })
     }
 
     pub(super) fn verify_list(
