@@ -176,7 +176,8 @@ fn unmounted_volume_with_a_writer_is_refused_unless_forced() {
     // A process holding the device open for writing.
     let mut holder = Command::new("sh")
         .arg("-c")
-        .arg(format!("exec 3<>{} ; sleep 60", dev.display()))
+        // `exec` twice: the process we kill is the one holding the device open.
+        .arg(format!("exec 3<>{} ; exec sleep 60", dev.display()))
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn holder");
