@@ -595,7 +595,6 @@ fn forged_manifest_cases() -> Vec<(&'static str, Forge)> {
 }
 
 #[test]
-#[ignore = "BUG: restore trusts a manifest with a valid envelope: an edited volume_size or parent restores wrong data with Ok (verify misses the parent edit)"]
 fn forged_manifests_are_detected() {
     let fx = build();
     let work = fast_tempdir("bs-matrix-forged-");

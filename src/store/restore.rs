@@ -162,7 +162,8 @@ struct Fetched {
 
 /// Coalesces contiguous writes into large pwrites.
 struct Out<'a> {
-    target: &'a File,
+    /// `None`: nothing is written (a check-only pass).
+    target: Option<&'a File>,
     start: u64,
     buf: Vec<u8>,
 }
@@ -179,7 +180,10 @@ impl Out<'_> {
         // Whole records go straight to the target; only small pieces are gathered.
         if data.len() >= DIRECT_WRITE {
             self.flush()?;
-            return pwrite(self.target, off, data);
+            return match self.target {
+                Some(t) => pwrite(t, off, data),
+                None => Ok(()),
+            };
         }
         self.buf.extend_from_slice(data);
         Ok(())
@@ -187,7 +191,9 @@ impl Out<'_> {
 
     fn flush(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
-            pwrite(self.target, self.start, &self.buf)?;
+            if let Some(t) = self.target {
+                pwrite(t, self.start, &self.buf)?;
+            }
             self.start += self.buf.len() as u64;
             self.buf.clear();
         }
@@ -231,6 +237,144 @@ fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), 
     Ok(())
 }
 
+/// Checks a restored image block by block, in order, against the hashes its leaf snapshot
+/// recorded at capture time. Fed from the read-ahead thread, so hashing overlaps writing.
+struct BlockCheck {
+    hashes: Option<super::hashes::HashReader>,
+    id: SnapshotId,
+    block: u64,
+    size: u64,
+    /// Start of the block being assembled, and its bytes so far.
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl BlockCheck {
+    fn open(store: &Store, leaf: &Manifest) -> Result<BlockCheck, StoreError> {
+        Ok(BlockCheck {
+            hashes: Some(super::hashes::HashReader::open(
+                store,
+                leaf,
+                leaf.volume_size,
+            )?),
+            id: leaf.id.clone(),
+            block: u64::from(leaf.block_size),
+            size: leaf.volume_size,
+            start: 0,
+            buf: Vec::with_capacity(leaf.block_size as usize),
+        })
+    }
+
+    fn pos(&self) -> u64 {
+        self.start + self.buf.len() as u64
+    }
+
+    fn block_len(&self) -> u64 {
+        self.block.min(self.size - self.start)
+    }
+
+    fn expected(&mut self) -> Result<[u8; super::format::HASH_LEN], StoreError> {
+        let i = self.start / self.block;
+        match self.hashes.as_mut() {
+            Some(h) => h.get(i),
+            None => Err(StoreError::Invalid("block check used after finish".into())),
+        }
+    }
+
+    fn mismatch(&self) -> StoreError {
+        let end = self.start + self.block_len();
+        StoreError::corrupt(
+            &self.id,
+            "restored image",
+            (self.start, end),
+            "restored bytes differ from the hash recorded at capture: the chain's manifests or records do not fit together",
+        )
+    }
+
+    /// Compares a completed block (`bytes`, or the assembled buffer) and moves on.
+    fn complete(&mut self, bytes: Option<&[u8]>) -> Result<(), StoreError> {
+        let got = match bytes {
+            Some(b) => super::writer::hash_block(b),
+            None => super::writer::hash_block(&self.buf),
+        };
+        if got != self.expected()? {
+            return Err(self.mismatch());
+        }
+        self.start += self.block_len();
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn data(&mut self, offset: u64, mut bytes: &[u8]) -> Result<(), StoreError> {
+        if offset != self.pos() {
+            return Err(StoreError::Invalid(format!(
+                "restore check out of order at {offset}"
+            )));
+        }
+        while !bytes.is_empty() {
+            let want = (self.block_len() as usize) - self.buf.len();
+            if self.buf.is_empty() && bytes.len() >= want {
+                let (whole, rest) = bytes.split_at(want);
+                self.complete(Some(whole))?;
+                bytes = rest;
+                continue;
+            }
+            let n = want.min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() as u64 == self.block_len() {
+                self.complete(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if offset != self.pos() {
+            return Err(StoreError::Invalid(format!(
+                "restore check out of order at {offset}"
+            )));
+        }
+        let end = offset + len;
+        while self.pos() < end {
+            let want = self.block_len() - self.buf.len() as u64;
+            if self.buf.is_empty() && end - self.start >= want {
+                // A whole zero block: recorded as the zero sentinel, no hashing needed.
+                if self.expected()? != super::writer::ZERO_HASH {
+                    return Err(self.mismatch());
+                }
+                self.start += want;
+                continue;
+            }
+            let n = want.min(end - self.pos());
+            self.buf.resize(self.buf.len() + n as usize, 0);
+            if self.buf.len() as u64 == self.block_len() {
+                self.complete(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Treats everything from the current position to `offset` as zeros (an unwritten gap).
+    fn zero_until(&mut self, offset: u64) -> Result<(), StoreError> {
+        let pos = self.pos();
+        if offset > pos {
+            self.zero(pos, offset - pos)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StoreError> {
+        if !self.buf.is_empty() {
+            self.complete(None)?;
+        }
+        match self.hashes.take() {
+            Some(h) => h.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Store {
     /// Writes the point-in-time image of snapshot `id` to `target`.
     #[tracing::instrument(skip_all, fields(snapshot = %id))]
@@ -238,6 +382,17 @@ impl Store {
         &self,
         id: &SnapshotId,
         target: &File,
+        mode: RestoreMode,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
+        self.assemble(id, Some(target), mode, progress)
+    }
+
+    /// Restores into `target`, or with `None` only assembles and checks the image (verify).
+    fn assemble(
+        &self,
+        id: &SnapshotId,
+        target: Option<&File>,
         mode: RestoreMode,
         progress: &dyn Progress,
     ) -> Result<(), StoreError> {
@@ -251,11 +406,24 @@ impl Store {
             .map(|m| self.delta_index(m))
             .collect::<Result<Vec<_>, _>>()?;
         let pieces = extent_map(&layers, size);
-        let md = target.metadata().map_err(target_err(0, size))?;
-        let block_dev = md.file_type().is_block_device();
-        if !block_dev {
-            target.set_len(size).map_err(target_err(0, size))?;
+        // Every restored block is checked against the hash the leaf recorded for it when it
+        // was captured: records that are each intact but assembled wrongly (a damaged or
+        // edited manifest, a bug in the chain logic) are caught before `Ok` is returned.
+        let mut check = BlockCheck::open(self, leaf)?;
+        let mut block_dev = false;
+        if let Some(target) = target {
+            let md = target.metadata().map_err(target_err(0, size))?;
+            block_dev = md.file_type().is_block_device();
+            if !block_dev {
+                target.set_len(size).map_err(target_err(0, size))?;
+            }
         }
+        // Only an existing target has old bytes to overwrite.
+        let mode = if target.is_some() {
+            mode
+        } else {
+            RestoreMode::Fresh
+        };
         progress.set_total(size);
         let mut out = Out {
             target,
@@ -267,10 +435,15 @@ impl Store {
             let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(8);
             let (chain, layers, pieces) = (&chain, &layers, &pieces);
             // Read-ahead: records are read and checked while earlier ones are written.
+            let check = &mut check;
             s.spawn(move || {
                 // One cached record per layer: a record split by newer pieces is read once.
                 let mut cache: Vec<Option<(usize, Arc<Vec<u8>>)>> = vec![None; chain.len()];
                 for p in pieces {
+                    if let Err(e) = check.zero_until(p.offset) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                     let msg = match p.src {
                         Src::Zero => Ok(Fetched {
                             piece: *p,
@@ -297,10 +470,25 @@ impl Store {
                             })
                         }
                     };
+                    let msg = msg.and_then(|f| {
+                        match &f.rec {
+                            None => check.zero(f.piece.offset, f.piece.len)?,
+                            Some((rec_offset, buf)) => {
+                                let from = (32 + f.piece.offset - rec_offset) as usize;
+                                check
+                                    .data(f.piece.offset, &buf[from..from + f.piece.len as usize])?
+                            }
+                        }
+                        Ok(f)
+                    });
                     let failed = msg.is_err();
                     if tx.send(msg).is_err() || failed {
                         return;
                     }
+                }
+                // The end of the image, and the hash list's own checksum.
+                if let Err(e) = check.zero_until(size).and_then(|()| check.finish()) {
+                    let _ = tx.send(Err(e));
                 }
             });
             for msg in rx {
@@ -308,13 +496,15 @@ impl Store {
                 if progress.cancelled() {
                     return Err(StoreError::Cancelled { id: id.clone() });
                 }
-                if p.offset > pos && mode == RestoreMode::Overwrite {
+                if let (Some(target), true) =
+                    (target, p.offset > pos && mode == RestoreMode::Overwrite)
+                {
                     out.flush()?;
                     zero_range(target, block_dev, pos, p.offset - pos)?;
                 }
                 match rec {
                     None => {
-                        if mode == RestoreMode::Overwrite {
+                        if let (Some(target), RestoreMode::Overwrite) = (target, mode) {
                             out.flush()?;
                             zero_range(target, block_dev, p.offset, p.len)?;
                         }
@@ -330,10 +520,11 @@ impl Store {
             Ok(())
         })?;
         out.flush()?;
+        progress.advance(size - pos);
+        let Some(target) = target else { return Ok(()) };
         if pos < size && mode == RestoreMode::Overwrite {
             zero_range(target, block_dev, pos, size - pos)?;
         }
-        progress.advance(size - pos);
         target.sync_all().map_err(target_err(0, size))
     }
 
@@ -400,6 +591,27 @@ impl Store {
         for m in &chain {
             report.checked.push(m.id.clone());
             self.verify_one(m, &mut report.problems, progress)?;
+        }
+        // Every file is intact on its own; now check that they fit together: the image the
+        // chain assembles must match, block by block, the hashes recorded at capture.
+        if report.problems.is_empty() {
+            match self.assemble(id, None, RestoreMode::Fresh, &super::NoProgress) {
+                Ok(()) => {}
+                Err(StoreError::Corrupt {
+                    id,
+                    file,
+                    start,
+                    end,
+                    reason,
+                }) => report.problems.push(VerifyProblem {
+                    snapshot: id,
+                    file,
+                    start,
+                    end,
+                    reason,
+                }),
+                Err(e) => return Err(e),
+            }
         }
         Ok(report)
     }
