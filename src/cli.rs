@@ -450,16 +450,12 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             let failure = api::ApiError::internal(format!("Cannot start the async runtime: {e}"));
-            println!("{}", failure.to_response(""));
+            emit(&failure.to_response("").to_string());
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(run(&cli));
-    match outcome {
-        Outcome::Text(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+    let (text, success) = match runtime.block_on(run(&cli)) {
+        Outcome::Text(text) => (text, true),
         Outcome::Response(value) => {
             let text = match cli.output {
                 Output::Json => {
@@ -467,14 +463,24 @@ pub fn main() -> ExitCode {
                 }
                 Output::Table => render_table(&value),
             };
-            println!("{}", text.trim_end());
-            if exit_code(&value) == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            (text, exit_code(&value) == 0)
         }
+    };
+    // A reader that went away (`| head`) is not worth a panic, but the output was lost.
+    if emit(&text) && success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
+}
+
+/// Writes `text` and a final newline to stdout; false when stdout is gone.
+fn emit(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", text.trim_end())
+        .and_then(|()| out.flush())
+        .is_ok()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 const OK_JOB: &str = "j-0000000good";
 const BAD_JOB: &str = "j-00000000bad";
+const RESTART_JOB: &str = "j-0000restart";
 const RESTORED: &str = "vol-rrrrrrrr";
 
 #[derive(Default)]
@@ -127,6 +128,9 @@ fn answer(state: &mut State, request: &Value) -> Value {
         "CreateSnapshots" if request["snapshot_name"] == "doomed" => {
             json!({"action": response, "ret_code": 0, "job_id": BAD_JOB, "snapshots": ["ss-bbbbbbbb"]})
         }
+        "CreateSnapshots" if request["snapshot_name"] == "restart" => {
+            json!({"action": response, "ret_code": 0, "job_id": RESTART_JOB, "snapshots": ["ss-cccccccc"]})
+        }
         "CreateSnapshots" => {
             json!({"action": response, "ret_code": 0, "job_id": OK_JOB, "snapshots": ["ss-umocjmc3"]})
         }
@@ -138,6 +142,12 @@ fn answer(state: &mut State, request: &Value) -> Value {
                 *polls
             };
             let j = match (id.as_str(), n) {
+                // The daemon restarting in the middle of the job.
+                (RESTART_JOB, 1 | 2) => {
+                    return json!({"action": response, "ret_code": 5100,
+                                  "message": "blocksnapd is shutting down"})
+                }
+                (RESTART_JOB, _) => job(RESTART_JOB, "CreateSnapshots", "successful", 4096, None),
                 (OK_JOB, 1) => job(OK_JOB, "CreateSnapshots", "pending", 0, None),
                 (OK_JOB, 2) => job(OK_JOB, "CreateSnapshots", "working", 2048, None),
                 (OK_JOB, _) => job(OK_JOB, "CreateSnapshots", "successful", 4096, None),
@@ -289,6 +299,22 @@ fn wait_reports_a_failed_job_with_its_code_and_exits_non_zero() {
         json!({"action": "CreateSnapshotsResponse", "ret_code": 2500, "job_id": BAD_JOB,
                "message": "freeze of /mnt timed out after 10s; thawed"})
     );
+}
+
+#[test]
+fn wait_rides_out_a_daemon_restart() {
+    let d = FakeDaemon::start();
+    let out = d.run(&[
+        "create-snapshots",
+        "-r",
+        "vol-aaaaaaaa",
+        "-N",
+        "restart",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_json(&out)["job_id"], RESTART_JOB);
+    assert_eq!(d.requests().len(), 4);
 }
 
 #[test]

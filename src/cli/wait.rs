@@ -7,10 +7,14 @@ use crate::client;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the job is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long the daemon may be unreachable (or answer 5100, shutting down) while a job is
+/// followed: a restart in the middle of a job resumes or fails it, so keep asking.
+const RECONNECT_GRACE: Duration = Duration::from_secs(15);
 
 /// Returns once the job succeeded; a failure (of the job, or of asking about it) is the
 /// response to print instead: `{"action", "ret_code", "message", "job_id"}`.
@@ -30,8 +34,24 @@ pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Resul
         ..Default::default()
     })
     .to_body();
+    let unavailable = i64::from(api::ErrorKind::Unavailable.ret_code());
+    // Since when the daemon has been unreachable, if it is.
+    let mut unreachable_since: Option<Instant> = None;
     loop {
-        let response = match client::call(&cli.socket, &body).await {
+        let answer = client::call(&cli.socket, &body).await;
+        let retry = match &answer {
+            Err(e) => e.kind() == api::ErrorKind::Unavailable,
+            Ok(r) => r["ret_code"].as_i64() == Some(unavailable),
+        };
+        if retry && unreachable_since.get_or_insert_with(Instant::now).elapsed() < RECONNECT_GRACE {
+            bar.update("(daemon unreachable, retrying)", &Value::Null);
+            tokio::time::sleep(POLL_INTERVAL).await;
+            continue;
+        }
+        if !retry {
+            unreachable_since = None;
+        }
+        let response = match answer {
             Ok(r) => r,
             Err(e) => {
                 bar.finish();
@@ -115,6 +135,10 @@ impl Bar {
 
     fn update(&self, status: &str, progress: &Value) {
         let Some(bar) = &self.bar else { return };
+        if progress.is_null() {
+            bar.set_message(format!("{} {status}", self.job_id));
+            return;
+        }
         let done = progress["done_bytes"].as_u64().unwrap_or(0);
         let total = progress["total_bytes"].as_u64().unwrap_or(0);
         if total > 0 && bar.length() != Some(total) {
