@@ -138,6 +138,18 @@ impl Catalog {
         Ok(Catalog { conn })
     }
 
+    /// Every row a query returns, converted by `from_row`.
+    fn all<T>(
+        &self,
+        sql: &str,
+        op: &'static str,
+        from_row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(sql).map_err(q(op))?;
+        let rows = st.query_map([], from_row).map_err(q(op))?;
+        rows.collect::<std::result::Result<_, _>>().map_err(q(op))
+    }
+
     // ---- volumes
 
     pub fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
@@ -209,18 +221,14 @@ impl Catalog {
 
     /// Every volume, oldest first (deleted ones included).
     pub fn volumes(&self) -> Result<Vec<VolumeRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
+        self.all(
+            &format!(
                 "SELECT {} FROM volumes ORDER BY create_time, rowid",
                 VolumeRow::COLUMNS
-            ))
-            .map_err(q("select volumes"))?;
-        let rows = st
-            .query_map([], VolumeRow::from_row)
-            .map_err(q("select volumes"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(q("select volumes"))
+            ),
+            "select volumes",
+            VolumeRow::from_row,
+        )
     }
 
     // ---- snapshots
@@ -255,18 +263,14 @@ impl Catalog {
 
     /// Every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
+        self.all(
+            &format!(
                 "SELECT {} FROM snapshots ORDER BY snapshot_time, create_time, rowid",
                 SnapshotRow::COLUMNS
-            ))
-            .map_err(q("select snapshots"))?;
-        let rows = st
-            .query_map([], SnapshotRow::from_row)
-            .map_err(q("select snapshots"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(q("select snapshots"))
+            ),
+            "select snapshots",
+            SnapshotRow::from_row,
+        )
     }
 
     pub fn delete_snapshot_row(&self, id: &str) -> Result<()> {
@@ -307,18 +311,14 @@ impl Catalog {
 
     /// Every job, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
+        self.all(
+            &format!(
                 "SELECT {} FROM jobs ORDER BY create_time, rowid",
                 JobRow::COLUMNS
-            ))
-            .map_err(q("select jobs"))?;
-        let rows = st
-            .query_map([], JobRow::from_row)
-            .map_err(q("select jobs"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(q("select jobs"))
+            ),
+            "select jobs",
+            JobRow::from_row,
+        )
     }
 
     // ---- freeze journal

@@ -144,19 +144,7 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
                     )
                 })
             }
-            "DeleteSnapshots" => {
-                let ids = ids_param(&job, "snapshots");
-                let locks = snapshot_volumes(manager, &ids);
-                Some((
-                    locks,
-                    Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
-                        for id in &ids {
-                            m.delete_snapshot(id, p)?;
-                        }
-                        Ok(())
-                    }) as jobs::Work,
-                ))
-            }
+            "DeleteSnapshots" => Some(per_snapshot(manager, &job, Manager::delete_list)),
             "CreateVolumeFromSnapshot" => {
                 let sid = job
                     .params
@@ -188,28 +176,8 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
                     ))
                 }
             }
-            "ApplySnapshots" => {
-                let ids = ids_param(&job, "snapshots");
-                let locks = snapshot_volumes(manager, &ids);
-                Some((
-                    locks,
-                    Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
-                        for id in &ids {
-                            m.apply_snapshot(id, p)?;
-                        }
-                        Ok(())
-                    }) as jobs::Work,
-                ))
-            }
-            "VerifySnapshots" => {
-                let ids = ids_param(&job, "snapshots");
-                let locks = snapshot_volumes(manager, &ids);
-                Some((
-                    locks,
-                    Box::new(move |m: &Arc<Manager>, p: &JobProgress| m.verify_list(&ids, p))
-                        as jobs::Work,
-                ))
-            }
+            "ApplySnapshots" => Some(per_snapshot(manager, &job, Manager::apply_list)),
+            "VerifySnapshots" => Some(per_snapshot(manager, &job, Manager::verify_list)),
             // A point in time that has passed cannot be captured again.
             _ => None,
         };
@@ -252,6 +220,20 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// A resumed job over the snapshots in its params, locking their volumes.
+fn per_snapshot(
+    manager: &Manager,
+    job: &JobRow,
+    work: fn(&Manager, &[String], &JobProgress) -> Result<(), ApiError>,
+) -> (Vec<String>, jobs::Work) {
+    let ids = ids_param(job, "snapshots");
+    let locks = snapshot_volumes(manager, &ids);
+    (
+        locks,
+        Box::new(move |m: &Arc<Manager>, p: &JobProgress| work(m, &ids, p)),
+    )
 }
 
 fn snapshot_volumes(manager: &Manager, ids: &[String]) -> Vec<String> {

@@ -328,12 +328,31 @@ impl Manager {
         p: api::DeleteSnapshots,
     ) -> Result<serde_json::Value, ApiError> {
         let rows = self.available_snapshots(&p.snapshots, "delete-snapshots")?;
-        self.submit_snapshot_job("DeleteSnapshots", &rows, |m, ids, progress| {
-            for id in ids {
-                m.delete_snapshot(id, progress)?;
-            }
-            Ok(())
-        })
+        self.submit_snapshot_job("DeleteSnapshots", &rows, Manager::delete_list)
+    }
+
+    /// The work of DeleteSnapshots (also resumed at start).
+    pub(super) fn delete_list(
+        &self,
+        ids: &[String],
+        progress: &JobProgress,
+    ) -> Result<(), ApiError> {
+        for id in ids {
+            self.delete_snapshot(id, progress)?;
+        }
+        Ok(())
+    }
+
+    /// The work of ApplySnapshots (also resumed at start).
+    pub(super) fn apply_list(
+        &self,
+        ids: &[String],
+        progress: &JobProgress,
+    ) -> Result<(), ApiError> {
+        for id in ids {
+            self.apply_snapshot(id, progress)?;
+        }
+        Ok(())
     }
 
     /// The snapshots named by a call, each `available`; refuses an empty list.
@@ -616,10 +635,7 @@ impl Manager {
             job,
             locks,
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
-                for id in &work_ids {
-                    m.apply_snapshot(id, progress)?;
-                }
-                Ok(())
+                m.apply_list(&work_ids, progress)
             }),
         )?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
@@ -704,9 +720,7 @@ impl Manager {
         p: api::VerifySnapshots,
     ) -> Result<serde_json::Value, ApiError> {
         let rows = self.available_snapshots(&p.snapshots, "verify-snapshots")?;
-        self.submit_snapshot_job("VerifySnapshots", &rows, |m, ids, progress| {
-            m.verify_list(ids, progress)
-        })
+        self.submit_snapshot_job("VerifySnapshots", &rows, Manager::verify_list)
     }
 
     pub(super) fn verify_list(
