@@ -15,4 +15,4 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
         libnbd-bin nbdkit nbdfuse qemu-utils fio jq curl b3sum restic >/dev/null
 fi
 export BLOCKSNAP_REQUIRE_ROOT_TESTS="${BLOCKSNAP_REQUIRE_ROOT_TESTS:-1}"
-exec cargo test --release "$@"
+exec cargo test --release --features failpoints "$@"

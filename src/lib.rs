@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod failpoint;
 pub mod nbd;
 pub mod quiesce;
 pub mod store;

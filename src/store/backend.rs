@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::failpoint;
+
 /// A streaming writer for one blob; nothing is visible under the key before `commit`.
 pub trait BlobWriter: Write + Send {
     /// Makes the blob durable and visible under its key atomically. A failure means the blob
@@ -108,6 +110,7 @@ impl FsBackend {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    failpoint::check("store.dir.fsync")?;
     File::open(dir)?.sync_all()
 }
 
@@ -148,9 +151,11 @@ impl FsWriter {
 
 impl Write for FsWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        failpoint::check("store.blob.write")?;
         self.file()?.write(buf)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        failpoint::check("store.blob.write")?;
         self.file()?.write_all(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -166,8 +171,10 @@ impl BlobWriter for FsWriter {
             .take()
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
+        failpoint::check("store.blob.fsync")?;
         file.sync_all()?;
         drop(file);
+        failpoint::check("store.blob.rename")?;
         fs::rename(&self.tmp, &self.dest)?;
         match self.dest.parent() {
             Some(dir) => sync_dir(dir),
@@ -199,6 +206,7 @@ impl Backend for FsBackend {
             dest.display(),
             rand::random::<u64>()
         ));
+        failpoint::check("store.blob.create")?;
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         Ok(Box::new(FsWriter {
             // Small buffer: big writes (delta buffers of 1 MiB) bypass it without a copy.
@@ -237,6 +245,7 @@ impl Backend for FsBackend {
 
     fn delete(&self, key: &str) -> io::Result<()> {
         let path = self.path(key)?;
+        failpoint::check("store.delete")?;
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
