@@ -64,6 +64,9 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub config: PathBuf,
+    /// `FAILPOINTS` for the next `spawn` (a `--features failpoints` build): see
+    /// `src/failpoint.rs`. Empty means none.
+    pub failpoints: String,
     child: Option<Child>,
 }
 
@@ -90,6 +93,7 @@ impl Daemon {
             state_dir: state_dir.to_path_buf(),
             config: dir.path().join("blocksnap.toml"),
             dir,
+            failpoints: String::new(),
             child: None,
         };
         std::fs::write(&d.config, extra_config).expect("write config");
@@ -103,6 +107,7 @@ impl Daemon {
             state_dir: dir.path().join("state"),
             config: dir.path().join("blocksnap.toml"),
             dir,
+            failpoints: String::new(),
             child: None,
         };
         std::fs::write(&d.config, extra_config).expect("write config");
@@ -125,6 +130,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket)
             .env("BLOCKSNAP_LOG", "blocksnap=debug,blocksnapd=debug")
+            .env("FAILPOINTS", &self.failpoints)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -164,6 +170,18 @@ impl Daemon {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the daemon has exited (e.g. killed itself at a `kill` failpoint); reaps it.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     /// SIGKILLs the daemon (only the process this test started).
