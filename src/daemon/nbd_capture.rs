@@ -5,7 +5,9 @@
 //! the swap. Blocks still to be streamed are protected by copy-before-write in the export's
 //! write path, so the snapshot equals the image at the switch while writes go on. With a
 //! trusted dirty set (it was tracked since the parent snapshot) only the dirty blocks are
-//! read; otherwise every block is read and compared by hash with the parent's.
+//! read; otherwise every block is read and compared by hash with the parent's. The dirty set
+//! is widened to whole store blocks for reading and hashing, but an incremental stores only
+//! the 4 KiB pieces that were written.
 
 use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
@@ -131,9 +133,18 @@ impl Manager {
                 freeze_ms,
                 consistency: "crash".into(),
             };
+            // Whole store blocks are read at their point in time (each block's hash needs
+            // all of it), but of an incremental only the 4 KiB pieces written since the
+            // parent are stored: the rest of each block is the parent's.
             let image = self.point_in_time_image(&tracker, &row.id, &ranges, progress)?;
+            let fine = match scope {
+                EpochScope::Dirty => tracker.epoch_dirty_ranges().map_err(|e| {
+                    nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)
+                })?,
+                EpochScope::All => ranges.clone(),
+            };
             let dirty: Vec<std::ops::Range<u64>> =
-                ranges.iter().map(|r| r.offset..r.offset + r.len).collect();
+                fine.iter().map(|r| r.offset..r.offset + r.len).collect();
             Ok(crate::store::capture_extents(
                 self.store(),
                 meta,

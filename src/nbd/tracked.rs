@@ -657,6 +657,18 @@ impl<E: Export> TrackedExport<E> {
         Ok(ranges)
     }
 
+    /// The 4 KiB-granular dirty set the open epoch took at its switch (before any widening
+    /// to `align` blocks): every byte changed since the last committed snapshot lies in it.
+    pub fn epoch_dirty_ranges(&self) -> Result<Vec<DirtyRange>, NbdError> {
+        let epoch = self
+            .read_state()
+            .epoch
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or(NbdError::NoEpoch)?;
+        Ok(self.ranges_of(&epoch.taken))
+    }
+
     /// The epoch switch for an incremental snapshot: [`start_epoch`](Self::start_epoch)
     /// with [`EpochScope::Dirty`]. Returns the 4 KiB-granular ranges changed since the last
     /// committed snapshot; stream them with `read_snapshot_block`, then `finish_epoch`.
