@@ -19,7 +19,6 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 pub type Tracker = TrackedExport<FileExport>;
 
@@ -106,17 +105,18 @@ impl Manager {
         };
         let spill = state_dir.join("tmp").join(format!("{}.cow", row.id));
         let _ = std::fs::remove_file(&spill);
-        let switch = Instant::now();
         let snapshot_time = now();
-        let ranges = tracker
-            .start_epoch_aligned(scope, &spill, u64::from(block_size))
+        // freeze_ms is how long writers were held: the switch itself, not the flush before
+        // it (writes go on during the flush).
+        let (ranges, held) = tracker
+            .start_epoch_timed(scope, &spill, u64::from(block_size))
             .map_err(|e| {
                 nbd_err(
                     &format!("cannot start a snapshot epoch on volume {}", v.id),
                     e,
                 )
             })?;
-        let freeze_ms = switch.elapsed().as_micros().div_ceil(1000) as u64;
+        let freeze_ms = held.as_micros().div_ceil(1000) as u64;
         let result = (|| {
             self.mark_taken(row, snapshot_time, freeze_ms, "crash")?;
             let meta = SnapshotMeta {
