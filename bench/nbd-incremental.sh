@@ -8,7 +8,9 @@
 #   bench/nbd-incremental.sh
 #
 # Knobs (env): VOL_SIZE (4G), DATA_MIB (2048), RW_BLOCKS (5243 = 1% of DATA_MIB in 4 KiB
-# blocks, rounded up), REPS (2), BACKENDS ("nbd loop"), TMPBASE (/var/tmp), BIN (target/release).
+# blocks, rounded up), REPS (2), BACKENDS ("nbd loop"), COLD (1: drop the page cache before
+# each timed snapshot; 0: keep it, as on a live system where recent writes are cached),
+# TMPBASE (/var/tmp), BIN (target/release).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -17,6 +19,7 @@ DATA_MIB=${DATA_MIB:-2048}
 RW_BLOCKS=${RW_BLOCKS:-$(( (DATA_MIB * 256 + 99) / 100 ))}
 REPS=${REPS:-2}
 BACKENDS=${BACKENDS:-"nbd loop"}
+COLD=${COLD:-1}
 TMPBASE=${TMPBASE:-/var/tmp}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
@@ -41,9 +44,9 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 now() { date +%s.%N; }
-dropcaches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+dropcaches() { sync; [ "$COLD" = 1 ] && echo 3 > /proc/sys/vm/drop_caches || true; }
 bs() { "$BIN/blocksnap" --socket "$SOCK" "$@"; }
-# timed CMD...: drops caches, runs it; sets T (seconds)
+# timed CMD...: syncs and drops caches (COLD=1), runs it; sets T (seconds)
 timed() { dropcaches; local t0; t0=$(now); "$@"; T=$(awk -v a="$t0" -v b="$(now)" 'BEGIN{print b-a}'); }
 
 echo "== environment"
@@ -56,7 +59,7 @@ echo "tools:  $(fio --version), $(nbdcopy --version | head -1)"
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "plan:   ${VOL_SIZE} volume, ${DATA_MIB} MiB random data at offset 0, full snapshot, then"
 echo "        ${RW_BLOCKS} distinct random 4 KiB writes within the data (fio randwrite: nbd engine"
-echo "        on the export / direct psync on the loop device), incremental; caches dropped"
+echo "        on the export / direct psync on the loop device), incremental; sync$([ "$COLD" = 1 ] && echo " and drop caches")"
 echo "        before each timed snapshot; default config (store block_size 16K); ${REPS} rep(s)"
 echo
 
