@@ -139,7 +139,8 @@ fn store_sub_block_records_restore_verify_and_fold() {
     // longer matches the whole-block hash recorded at capture.
     scribble(&img, 5 * MIB, 4 * KIB, 7);
     scribble(&img, 5 * MIB + 8 * KIB, 10, 8);
-    let dirty = [5 * MIB..5 * MIB + 4 * KIB];
+    let only_the_first = 5 * MIB..5 * MIB + 4 * KIB;
+    let dirty = [only_the_first];
     capture_extents(&store, meta(5, Some(4), size), &img, &dirty, &NoProgress).unwrap();
     let err = restored(&store, dir.path(), &sid(5)).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
