@@ -5,7 +5,9 @@
 //! the swap. Blocks still to be streamed are protected by copy-before-write in the export's
 //! write path, so the snapshot equals the image at the switch while writes go on. With a
 //! trusted dirty set (it was tracked since the parent snapshot) only the dirty blocks are
-//! read; otherwise every block is read and compared by hash with the parent's.
+//! read; otherwise every block is read and compared by hash with the parent's. The dirty set
+//! is widened to whole store blocks for reading and hashing, but an incremental stores only
+//! the 4 KiB pieces that were written.
 
 use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
@@ -17,7 +19,6 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 pub type Tracker = TrackedExport<FileExport>;
 
@@ -104,17 +105,18 @@ impl Manager {
         };
         let spill = state_dir.join("tmp").join(format!("{}.cow", row.id));
         let _ = std::fs::remove_file(&spill);
-        let switch = Instant::now();
         let snapshot_time = now();
-        let ranges = tracker
-            .start_epoch_aligned(scope, &spill, u64::from(block_size))
+        // freeze_ms is how long writers were held: the switch itself, not the flush before
+        // it (writes go on during the flush).
+        let (ranges, held) = tracker
+            .start_epoch_timed(scope, &spill, u64::from(block_size))
             .map_err(|e| {
                 nbd_err(
                     &format!("cannot start a snapshot epoch on volume {}", v.id),
                     e,
                 )
             })?;
-        let freeze_ms = switch.elapsed().as_micros().div_ceil(1000) as u64;
+        let freeze_ms = held.as_micros().div_ceil(1000) as u64;
         let result = (|| {
             self.mark_taken(row, snapshot_time, freeze_ms, "crash")?;
             let meta = SnapshotMeta {
@@ -131,9 +133,18 @@ impl Manager {
                 freeze_ms,
                 consistency: "crash".into(),
             };
+            // Whole store blocks are read at their point in time (each block's hash needs
+            // all of it), but of an incremental only the 4 KiB pieces written since the
+            // parent are stored: the rest of each block is the parent's.
             let image = self.point_in_time_image(&tracker, &row.id, &ranges, progress)?;
+            let fine = match scope {
+                EpochScope::Dirty => tracker.epoch_dirty_ranges().map_err(|e| {
+                    nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)
+                })?,
+                EpochScope::All => ranges.clone(),
+            };
             let dirty: Vec<std::ops::Range<u64>> =
-                ranges.iter().map(|r| r.offset..r.offset + r.len).collect();
+                fine.iter().map(|r| r.offset..r.offset + r.len).collect();
             Ok(crate::store::capture_extents(
                 self.store(),
                 meta,
@@ -194,7 +205,25 @@ impl Manager {
             .file
             .set_len(crate::nbd::Export::size(tracker))
             .map_err(io)?;
-        for r in ranges {
+        // The blocks of an incremental are scattered: ask the kernel to read the next ones
+        // ahead (a window at a time), so the disk sees many reads at once instead of one
+        // dependent random read per block. Only a hint; large ranges are read sequentially
+        // and get the kernel's own readahead.
+        let inner = tracker.inner();
+        let mut prefetched = 0;
+        let mut window = 0u64;
+        for (i, r) in ranges.iter().enumerate() {
+            while prefetched < ranges.len() && window < PREFETCH_WINDOW {
+                let p = &ranges[prefetched];
+                if p.len <= PREFETCH_MAX_RANGE {
+                    let _ = crate::nbd::Export::cache(inner, p.offset, p.len);
+                    window += p.len;
+                }
+                prefetched += 1;
+            }
+            if i < prefetched && r.len <= PREFETCH_MAX_RANGE {
+                window = window.saturating_sub(r.len);
+            }
             let mut off = r.offset;
             while off < r.offset + r.len {
                 if progress.cancelled() {
@@ -212,6 +241,11 @@ impl Manager {
         Ok(scratch)
     }
 }
+
+/// Bytes of scattered dirty ranges read ahead of the copy into the scratch image.
+const PREFETCH_WINDOW: u64 = 32 << 20;
+/// Ranges longer than this are not read ahead by hand.
+const PREFETCH_MAX_RANGE: u64 = 1 << 20;
 
 /// A scratch file removed when dropped.
 struct Scratch {

@@ -593,6 +593,19 @@ impl<E: Export> TrackedExport<E> {
         spill_path: &Path,
         align: u64,
     ) -> Result<Vec<DirtyRange>, NbdError> {
+        self.start_epoch_timed(scope, spill_path, align)
+            .map(|(ranges, _)| ranges)
+    }
+
+    /// [`start_epoch_aligned`](Self::start_epoch_aligned), also returning how long writers
+    /// were held: from the request for the switch (from then on new writes wait) until they
+    /// may resume. The flush before it does not hold writers and is not counted.
+    pub fn start_epoch_timed(
+        &self,
+        scope: EpochScope,
+        spill_path: &Path,
+        align: u64,
+    ) -> Result<(Vec<DirtyRange>, std::time::Duration), NbdError> {
         let group = (align / BLOCK).max(1);
         self.inner
             .flush()
@@ -619,6 +632,7 @@ impl<E: Export> TrackedExport<E> {
             EpochScope::Dirty => Bits::new(nblocks),
             EpochScope::All => Bits::all(nblocks),
         };
+        let held = std::time::Instant::now();
         let mut state = self.write_state();
         if state.epoch.is_some() {
             drop(state);
@@ -646,6 +660,7 @@ impl<E: Export> TrackedExport<E> {
             copy_lock: Mutex::new(()),
         }));
         drop(state);
+        let held = held.elapsed();
         // `streamed` is ours alone, unlike `pending`, so the ranges are computed unlocked.
         let ranges = match scope {
             EpochScope::Dirty => self.ranges_of(&streamed),
@@ -654,7 +669,19 @@ impl<E: Export> TrackedExport<E> {
                 len: self.size,
             }],
         };
-        Ok(ranges)
+        Ok((ranges, held))
+    }
+
+    /// The 4 KiB-granular dirty set the open epoch took at its switch (before any widening
+    /// to `align` blocks): every byte changed since the last committed snapshot lies in it.
+    pub fn epoch_dirty_ranges(&self) -> Result<Vec<DirtyRange>, NbdError> {
+        let epoch = self
+            .read_state()
+            .epoch
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or(NbdError::NoEpoch)?;
+        Ok(self.ranges_of(&epoch.taken))
     }
 
     /// The epoch switch for an incremental snapshot: [`start_epoch`](Self::start_epoch)

@@ -94,8 +94,12 @@ pub fn capture(
 
 /// Captures a snapshot when the caller knows which byte ranges changed since the parent
 /// (e.g. a dirty bitmap kept in an NBD write path). The new block-hash list is the parent's
-/// with the dirty blocks re-hashed; only dirty blocks whose hash changed are stored. Without a
-/// parent, the base is an all-zero volume and `dirty` must cover every non-zero byte.
+/// with the blocks touching `dirty` re-hashed whole. Of a block whose hash changed, only the
+/// bytes inside `dirty` are stored (records need not be block-aligned): the rest of the block
+/// is, by the caller's promise, byte for byte the parent's, so the chain still assembles the
+/// whole block that was hashed. Blocks that became all zeros are zero records; blocks the
+/// parent did not hold whole (a grown volume) are stored whole. Without a parent, the base is
+/// an all-zero volume and `dirty` must cover every non-zero byte.
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture_extents(
     store: &Store,
@@ -111,11 +115,18 @@ pub fn capture_extents(
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
-    // Block-align, clip, sort and merge the dirty set.
-    let mut blocks: Vec<Range<u64>> = dirty
+    // The byte-exact dirty set (what changed blocks store), clipped, sorted and merged.
+    let fine = merge_ranges(
+        dirty
+            .iter()
+            .filter(|r| r.start < r.end && r.start < size)
+            .map(|r| r.start..r.end.min(size))
+            .collect(),
+    );
+    // The blocks to re-hash: the dirty set widened to whole blocks.
+    let mut blocks: Vec<Range<u64>> = fine
         .iter()
-        .filter(|r| r.start < r.end && r.start < size)
-        .map(|r| (r.start / bs * bs)..(r.end.min(size).div_ceil(bs) * bs).min(size))
+        .map(|r| (r.start / bs * bs)..(r.end.div_ceil(bs) * bs).min(size))
         .collect();
     // A short last block of the parent that the volume has outgrown has no valid hash (see
     // `hashes::STALE_HASH`): re-hash it.
@@ -125,14 +136,10 @@ pub fn capture_extents(
             blocks.push(start..(start + bs).min(size));
         }
     }
-    blocks.sort_by_key(|r| r.start);
-    let mut merged: Vec<Range<u64>> = Vec::new();
-    for r in blocks {
-        match merged.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => merged.push(r),
-        }
-    }
+    let merged = merge_ranges(blocks);
+    // Blocks ending at or before this were held whole by the parent: only their dirty bytes
+    // need storing. Without a parent every changed block is stored whole, as before.
+    let pieces_until = parent_size.unwrap_or(0);
     progress.set_total(merged.iter().map(|r| r.end - r.start).sum());
     let chunk = CHUNK.div_ceil(bs) * bs;
     let mut buf = Vec::new();
@@ -150,15 +157,28 @@ pub fn capture_extents(
             let len = chunk.min(r.end - off);
             buf.resize(len as usize, 0);
             read_image(source, off, &mut buf, src_len)?;
-            process_chunk(
-                &mut writer,
-                &mut base,
-                &mut new,
-                &mut scratch,
-                off,
-                &buf,
-                bs,
-            )?;
+            if parent_size.is_none() || covers(&fine, off, off + len) {
+                // Every byte is dirty: whole changed blocks, the same as a full scan.
+                process_chunk(
+                    &mut writer,
+                    &mut base,
+                    &mut new,
+                    &mut scratch,
+                    off,
+                    &buf,
+                    bs,
+                )?;
+            } else {
+                process_chunk_pieces(
+                    &mut writer,
+                    &mut base,
+                    &mut new,
+                    &mut scratch,
+                    Span { off, buf: &buf, bs },
+                    &fine,
+                    pieces_until,
+                )?;
+            }
             progress.advance(len);
             off += len;
         }
@@ -166,6 +186,92 @@ pub fn capture_extents(
     copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
     base.finish()?;
     writer.commit_streamed(new)
+}
+
+/// Sorts ranges and merges overlapping or touching ones.
+fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Whether the sorted, merged `ranges` cover all of `[start, end)`.
+fn covers(ranges: &[Range<u64>], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|r| r.end <= start);
+    ranges
+        .get(i)
+        .is_some_and(|r| r.start <= start && r.end >= end)
+}
+
+/// A chunk of the image read at `off`, in blocks of `bs` bytes.
+struct Span<'a> {
+    off: u64,
+    buf: &'a [u8],
+    bs: u64,
+}
+
+/// Like `process_chunk`, but a changed data block ending at or before `pieces_until` is
+/// stored as its intersection with `fine` (sorted, merged) instead of whole. Its hash is
+/// still that of the whole block.
+fn process_chunk_pieces(
+    w: &mut SnapshotWriter,
+    base: &mut Base,
+    new: &mut HashWriter,
+    scratch: &mut Vec<[u8; HASH_LEN]>,
+    span: Span<'_>,
+    fine: &[Range<u64>],
+    pieces_until: u64,
+) -> Result<(), StoreError> {
+    let Span { off, buf, bs } = span;
+    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
+    scratch.clear();
+    scratch.resize(blocks.len(), ZERO_HASH);
+    // Incremental chunks are mostly one block; split bigger ones over two threads.
+    let half = blocks.len().div_ceil(2);
+    let (h1, h2) = scratch.split_at_mut(half);
+    let (b1, b2) = blocks.split_at(half);
+    let hash_all = |hs: &mut [[u8; HASH_LEN]], bl: &[&[u8]]| {
+        for (h, b) in hs.iter_mut().zip(bl) {
+            *h = hash_block(b);
+        }
+    };
+    std::thread::scope(|s| {
+        if blocks.len() >= 16 {
+            s.spawn(|| hash_all(h2, b2));
+        } else {
+            hash_all(h2, b2);
+        }
+        hash_all(h1, b1);
+    });
+    let first = off / bs;
+    for (i, block) in blocks.iter().enumerate() {
+        let idx = first + i as u64;
+        let h = scratch[i];
+        if h == base.get(idx)? {
+            continue;
+        }
+        let start = idx * bs;
+        let end = start + block.len() as u64;
+        if h == ZERO_HASH {
+            w.add_zero(start, block.len() as u64)?;
+        } else if end > pieces_until {
+            w.add_data(start, block)?;
+        } else {
+            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
+            let from = fine.partition_point(|r| r.end <= start);
+            for r in fine[from..].iter().take_while(|r| r.start < end) {
+                let (s, e) = (r.start.max(start), r.end.min(end));
+                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
+            }
+        }
+    }
+    new.push(scratch)
 }
 
 /// Appends the base's hashes of the blocks from the writer's position up to `until`.
