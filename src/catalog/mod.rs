@@ -27,13 +27,21 @@ pub enum CatalogError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("Catalog write failed ({op})")]
+    Write {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CatalogError {
     pub fn kind(&self) -> crate::api::ErrorKind {
         match self {
             CatalogError::Open { .. } => crate::api::ErrorKind::Unavailable,
-            CatalogError::Query { .. } => crate::api::ErrorKind::Internal,
+            CatalogError::Query { .. } | CatalogError::Write { .. } => {
+                crate::api::ErrorKind::Internal
+            }
         }
     }
 }
@@ -42,6 +50,11 @@ type Result<T> = std::result::Result<T, CatalogError>;
 
 fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
     move |source| CatalogError::Query { op, source }
+}
+
+/// The failpoint before a write to the catalog (each statement commits on its own).
+fn write_point(site: &str, op: &'static str) -> Result<()> {
+    crate::failpoint::check(site).map_err(|source| CatalogError::Write { op, source })
 }
 
 const SCHEMA: &str = "
@@ -153,6 +166,7 @@ impl Catalog {
     // ---- volumes
 
     pub fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
+        write_point("catalog.volume.write", "insert volume")?;
         self.conn
             .execute(
                 "INSERT INTO volumes (id, name, description, size_bytes, status, transition_status,
@@ -181,6 +195,7 @@ impl Catalog {
 
     /// Writes every column of an existing volume row.
     pub fn update_volume(&self, v: &VolumeRow) -> Result<()> {
+        write_point("catalog.volume.write", "update volume")?;
         self.conn
             .execute(
                 "UPDATE volumes SET name=?2, description=?3, size_bytes=?4, status=?5,
@@ -234,6 +249,7 @@ impl Catalog {
     // ---- snapshots
 
     pub fn upsert_snapshot(&self, s: &SnapshotRow) -> Result<()> {
+        write_point("catalog.snapshot.write", "upsert snapshot")?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO snapshots (id, volume_id, volume_name, name, description, status,
@@ -274,6 +290,7 @@ impl Catalog {
     }
 
     pub fn delete_snapshot_row(&self, id: &str) -> Result<()> {
+        write_point("catalog.snapshot.write", "delete snapshot")?;
         self.conn
             .execute("DELETE FROM snapshots WHERE id=?1", [id])
             .map_err(q("delete snapshot"))?;
@@ -283,6 +300,7 @@ impl Catalog {
     // ---- jobs
 
     pub fn upsert_job(&self, j: &JobRow) -> Result<()> {
+        write_point("catalog.job.write", "upsert job")?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO jobs (id, action, status, resource_ids, done_bytes, total_bytes,
@@ -325,6 +343,7 @@ impl Catalog {
 
     /// Records, durably, that `mountpoint` is about to be frozen for `volume_id`.
     pub fn record_frozen(&self, mountpoint: &str, volume_id: &str) -> Result<()> {
+        write_point("catalog.frozen.write", "record frozen")?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO frozen (mountpoint, volume_id, since) VALUES (?1, ?2, ?3)",
@@ -335,6 +354,7 @@ impl Catalog {
     }
 
     pub fn clear_frozen(&self, mountpoint: &str) -> Result<()> {
+        write_point("catalog.frozen.write", "clear frozen")?;
         self.conn
             .execute("DELETE FROM frozen WHERE mountpoint=?1", [mountpoint])
             .map_err(q("clear frozen"))?;

@@ -504,7 +504,6 @@ impl Manager {
         let image = volume::image_path(&state_dir, vid);
         volume::create_image(&image, s.virtual_size_bytes)
             .map_err(|e| ApiError::from_volume(e, vid))?;
-        super::lazy::write_marker(&state_dir, vid, &s.id)?;
         let mut row = new_volume_row(
             vid,
             name,
@@ -514,7 +513,14 @@ impl Manager {
         );
         row.status = "available".into();
         row.transition_status = "restoring".into();
-        self.with_catalog(|c| c.insert_volume(&row))?;
+        let registered = super::lazy::write_marker(&state_dir, vid, &s.id)
+            .and_then(|()| self.with_catalog(|c| c.insert_volume(&row)));
+        if let Err(e) = registered {
+            // No row names them: nothing would ever remove the image and the marker.
+            super::lazy::forget(&state_dir, vid);
+            let _ = volume::remove_image(&image);
+            return Err(e);
+        }
         let job = JobRow::new(
             &api::new_job_id().to_string(),
             "CreateVolumeFromSnapshot",
@@ -551,7 +557,7 @@ impl Manager {
             let file = volume::open_image(&image).map_err(|e| ApiError::from_volume(e, vid))?;
             self.store()
                 .restore(&snapshot, &file, RestoreMode::Fresh, progress)?;
-            file.sync_all().map_err(|e| {
+            volume::sync_image(&file).map_err(|e| {
                 ApiError::new(
                     ErrorKind::Io,
                     format!("cannot sync {}: {e}", image.display()),
@@ -654,7 +660,7 @@ impl Manager {
             // The volume keeps its size: anything past the snapshot's end reads as zeros.
             volume::set_image_len(&file, v.size_bytes)
                 .map_err(|e| ApiError::from_volume(e, &v.id))?;
-            file.sync_all().map_err(|e| {
+            volume::sync_image(&file).map_err(|e| {
                 ApiError::new(
                     ErrorKind::Io,
                     format!("cannot sync {}: {e}", image.display()),
