@@ -288,7 +288,13 @@ impl Manager {
                     Some(kind) => Err(ApiError::new(kind, failures.join("; "))),
                 }
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever take these: they must not stay pending.
+            for row in &rows {
+                let _ = self.discard_snapshot(&row.id);
+            }
+        })?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
     }
 
@@ -488,7 +494,14 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.restore_new_volume(&work_vid, &work_sid, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever fill it: the volume never existed.
+            let _ = self.update_volume(&vid, |v| {
+                v.status = "deleted".into();
+                v.transition_status.clear();
+            });
+        })?;
         Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))
     }
 
@@ -536,7 +549,16 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.hydrate(&work_vid, &work_sid, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // Without its hydration job the volume would never be complete: it never existed.
+            super::lazy::forget(&state_dir, vid);
+            let _ = volume::remove_image(&image);
+            let _ = self.update_volume(vid, |v| {
+                v.status = "deleted".into();
+                v.transition_status.clear();
+            });
+        })?;
         Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))
     }
 
@@ -643,7 +665,12 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.apply_list(&work_ids, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            for (_, v) in &plans {
+                let _ = self.update_volume(&v.id, |r| r.transition_status.clear());
+            }
+        })?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
     }
 

@@ -122,7 +122,16 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.create_images(&work_ids, size, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever create them: the volumes never existed.
+            for id in &ids {
+                let _ = self.update_volume(id, |v| {
+                    v.status = "deleted".into();
+                    v.transition_status.clear();
+                });
+            }
+        })?;
         Ok(serde_json::json!({ "volumes": ids, "job_id": job_id }))
     }
 

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
@@ -78,7 +78,8 @@ pub struct FileExport {
     size: u64,
     path: PathBuf,
     read_only: bool,
-    fsync_failed: AtomicBool,
+    /// The first fsync failure, once there was one.
+    fsync_error: OnceLock<String>,
 }
 
 impl FileExport {
@@ -116,7 +117,7 @@ impl FileExport {
             size: meta.len(),
             path: path.to_path_buf(),
             read_only,
-            fsync_failed: AtomicBool::new(false),
+            fsync_error: OnceLock::new(),
         })
     }
 
@@ -141,7 +142,7 @@ impl FileExport {
             size,
             path: path.to_path_buf(),
             read_only: false,
-            fsync_failed: AtomicBool::new(false),
+            fsync_error: OnceLock::new(),
         })
     }
 
@@ -152,21 +153,21 @@ impl FileExport {
 
     /// Whether an fsync of this export failed (its later flushes all fail).
     pub fn fsync_failed(&self) -> bool {
-        self.fsync_failed.load(Ordering::Acquire)
+        self.fsync_error.get().is_some()
     }
 
     /// `fdatasync`, never retried after a failure: once one failed, this fails for good.
     fn sync(&self) -> io::Result<()> {
-        if self.fsync_failed() {
+        if let Some(first) = self.fsync_error.get() {
             return Err(io::Error::other(format!(
-                "an earlier fsync of {} failed, so the writes it covered may be lost and \
-                 no later flush can be trusted (detach and re-attach the volume)",
+                "an earlier fsync of {} failed ({first}), so the writes it covered may be lost \
+                 and no later flush can be trusted (detach and re-attach the volume)",
                 self.path.display()
             )));
         }
         let result = failpoint::check("nbd.export.fsync").and_then(|()| self.file.sync_data());
         if let Err(e) = &result {
-            self.fsync_failed.store(true, Ordering::Release);
+            let _ = self.fsync_error.set(e.to_string());
             tracing::error!(path = %self.path.display(), error = %e, "fsync of an NBD export failed; every later flush of it fails until it is re-opened");
         }
         result
