@@ -6,6 +6,10 @@
 //! snapshots still verify and restore byte for byte and the operation now succeeds.
 //! Also: a failed fsync of an NBD export poisons it (fsyncgate) until it is re-opened, and a
 //! failed freeze-journal write leaves nothing frozen.
+//!
+//! Without the `failpoints` feature every site is a no-op, so this file is then empty.
+
+#![cfg(feature = "failpoints")]
 
 mod common;
 
@@ -502,10 +506,9 @@ fn matrix(test: &str, prefixes: &[&str]) {
     }
     let mut unreached = Vec::new();
     for site in sites_with_prefix(prefixes) {
-        if needs_nbd(site) || ops_for(site).contains(&Op::LazyRestore) {
-            if !have_tool("qemu-io") {
-                return;
-            }
+        if needs_nbd(site) && !have_tool("qemu-io") {
+            eprintln!("SKIPPED {site}: needs qemu-io");
+            continue;
         }
         let forever = exercise(site, FOREVER);
         let once = exercise(site, ONCE);
