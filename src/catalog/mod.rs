@@ -53,8 +53,8 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
 }
 
 /// The failpoint before a write to the catalog (each statement commits on its own).
-fn write_point(site: &str, op: &'static str) -> Result<()> {
-    crate::failpoint::check(site).map_err(|source| CatalogError::Write { op, source })
+fn write_point(op: &'static str, checked: std::io::Result<()>) -> Result<()> {
+    checked.map_err(|source| CatalogError::Write { op, source })
 }
 
 const SCHEMA: &str = "
@@ -166,7 +166,10 @@ impl Catalog {
     // ---- volumes
 
     pub fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
-        write_point("catalog.volume.write", "insert volume")?;
+        write_point(
+            "insert volume",
+            crate::failpoint::check("catalog.volume.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT INTO volumes (id, name, description, size_bytes, status, transition_status,
@@ -195,7 +198,10 @@ impl Catalog {
 
     /// Writes every column of an existing volume row.
     pub fn update_volume(&self, v: &VolumeRow) -> Result<()> {
-        write_point("catalog.volume.write", "update volume")?;
+        write_point(
+            "update volume",
+            crate::failpoint::check("catalog.volume.write"),
+        )?;
         self.conn
             .execute(
                 "UPDATE volumes SET name=?2, description=?3, size_bytes=?4, status=?5,
@@ -249,7 +255,10 @@ impl Catalog {
     // ---- snapshots
 
     pub fn upsert_snapshot(&self, s: &SnapshotRow) -> Result<()> {
-        write_point("catalog.snapshot.write", "upsert snapshot")?;
+        write_point(
+            "upsert snapshot",
+            crate::failpoint::check("catalog.snapshot.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO snapshots (id, volume_id, volume_name, name, description, status,
@@ -290,7 +299,10 @@ impl Catalog {
     }
 
     pub fn delete_snapshot_row(&self, id: &str) -> Result<()> {
-        write_point("catalog.snapshot.write", "delete snapshot")?;
+        write_point(
+            "delete snapshot",
+            crate::failpoint::check("catalog.snapshot.write"),
+        )?;
         self.conn
             .execute("DELETE FROM snapshots WHERE id=?1", [id])
             .map_err(q("delete snapshot"))?;
@@ -300,7 +312,7 @@ impl Catalog {
     // ---- jobs
 
     pub fn upsert_job(&self, j: &JobRow) -> Result<()> {
-        write_point("catalog.job.write", "upsert job")?;
+        write_point("upsert job", crate::failpoint::check("catalog.job.write"))?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO jobs (id, action, status, resource_ids, done_bytes, total_bytes,
@@ -343,7 +355,10 @@ impl Catalog {
 
     /// Records, durably, that `mountpoint` is about to be frozen for `volume_id`.
     pub fn record_frozen(&self, mountpoint: &str, volume_id: &str) -> Result<()> {
-        write_point("catalog.frozen.write", "record frozen")?;
+        write_point(
+            "record frozen",
+            crate::failpoint::check("catalog.frozen.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO frozen (mountpoint, volume_id, since) VALUES (?1, ?2, ?3)",
@@ -354,7 +369,10 @@ impl Catalog {
     }
 
     pub fn clear_frozen(&self, mountpoint: &str) -> Result<()> {
-        write_point("catalog.frozen.write", "clear frozen")?;
+        write_point(
+            "clear frozen",
+            crate::failpoint::check("catalog.frozen.write"),
+        )?;
         self.conn
             .execute("DELETE FROM frozen WHERE mountpoint=?1", [mountpoint])
             .map_err(q("clear frozen"))?;
