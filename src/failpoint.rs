@@ -25,6 +25,26 @@ pub const SITES: &[&str] = &[
     "store.blob.rename",
     "store.dir.fsync",
     "store.delete",
+    // Volume images (create, grow, roll back, restore target) and their directory.
+    "volume.image.create",
+    "volume.image.resize",
+    "volume.image.fsync",
+    "volume.dir.fsync",
+    // Catalog: before each SQLite write (each commits on its own, `synchronous=FULL`).
+    "catalog.volume.write",
+    "catalog.snapshot.write",
+    "catalog.job.write",
+    "catalog.frozen.write",
+    // NBD export data (write, FLUSH/FUA), the change-tracking bitmap and its base marker.
+    "nbd.export.write",
+    "nbd.export.fsync",
+    "nbd.cbt.write",
+    "nbd.cbt.fsync",
+    "nbd.cbt-base.rename",
+    // Lazy restore: the hydration map and the volume's marker.
+    "nbd.hydration-map.write",
+    "nbd.hydration-map.fsync",
+    "lazy.marker.write",
 ];
 
 /// Passes unless a failpoint named `name` is configured to fail or kill here.

@@ -27,13 +27,21 @@ pub enum CatalogError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("Catalog write failed ({op})")]
+    Write {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CatalogError {
     pub fn kind(&self) -> crate::api::ErrorKind {
         match self {
             CatalogError::Open { .. } => crate::api::ErrorKind::Unavailable,
-            CatalogError::Query { .. } => crate::api::ErrorKind::Internal,
+            CatalogError::Query { .. } | CatalogError::Write { .. } => {
+                crate::api::ErrorKind::Internal
+            }
         }
     }
 }
@@ -42,6 +50,11 @@ type Result<T> = std::result::Result<T, CatalogError>;
 
 fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
     move |source| CatalogError::Query { op, source }
+}
+
+/// The failpoint before a write to the catalog (each statement commits on its own).
+fn write_point(op: &'static str, checked: std::io::Result<()>) -> Result<()> {
+    checked.map_err(|source| CatalogError::Write { op, source })
 }
 
 const SCHEMA: &str = "
@@ -153,6 +166,10 @@ impl Catalog {
     // ---- volumes
 
     pub fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
+        write_point(
+            "insert volume",
+            crate::failpoint::check("catalog.volume.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT INTO volumes (id, name, description, size_bytes, status, transition_status,
@@ -181,6 +198,10 @@ impl Catalog {
 
     /// Writes every column of an existing volume row.
     pub fn update_volume(&self, v: &VolumeRow) -> Result<()> {
+        write_point(
+            "update volume",
+            crate::failpoint::check("catalog.volume.write"),
+        )?;
         self.conn
             .execute(
                 "UPDATE volumes SET name=?2, description=?3, size_bytes=?4, status=?5,
@@ -234,6 +255,10 @@ impl Catalog {
     // ---- snapshots
 
     pub fn upsert_snapshot(&self, s: &SnapshotRow) -> Result<()> {
+        write_point(
+            "upsert snapshot",
+            crate::failpoint::check("catalog.snapshot.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO snapshots (id, volume_id, volume_name, name, description, status,
@@ -274,6 +299,10 @@ impl Catalog {
     }
 
     pub fn delete_snapshot_row(&self, id: &str) -> Result<()> {
+        write_point(
+            "delete snapshot",
+            crate::failpoint::check("catalog.snapshot.write"),
+        )?;
         self.conn
             .execute("DELETE FROM snapshots WHERE id=?1", [id])
             .map_err(q("delete snapshot"))?;
@@ -283,6 +312,7 @@ impl Catalog {
     // ---- jobs
 
     pub fn upsert_job(&self, j: &JobRow) -> Result<()> {
+        write_point("upsert job", crate::failpoint::check("catalog.job.write"))?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO jobs (id, action, status, resource_ids, done_bytes, total_bytes,
@@ -325,6 +355,10 @@ impl Catalog {
 
     /// Records, durably, that `mountpoint` is about to be frozen for `volume_id`.
     pub fn record_frozen(&self, mountpoint: &str, volume_id: &str) -> Result<()> {
+        write_point(
+            "record frozen",
+            crate::failpoint::check("catalog.frozen.write"),
+        )?;
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO frozen (mountpoint, volume_id, since) VALUES (?1, ?2, ?3)",
@@ -335,6 +369,10 @@ impl Catalog {
     }
 
     pub fn clear_frozen(&self, mountpoint: &str) -> Result<()> {
+        write_point(
+            "clear frozen",
+            crate::failpoint::check("catalog.frozen.write"),
+        )?;
         self.conn
             .execute("DELETE FROM frozen WHERE mountpoint=?1", [mountpoint])
             .map_err(q("clear frozen"))?;

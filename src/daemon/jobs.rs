@@ -60,6 +60,9 @@ pub struct Jobs {
     /// Set at shutdown: running work stops at its next progress check.
     cancel: Arc<AtomicBool>,
     tracker: tokio_util::task::TaskTracker,
+    /// The state of jobs whose last catalog write failed: what `describe-jobs` shows for
+    /// them until this process ends (the catalog's row is what the next start sees).
+    unrecorded: Mutex<HashMap<String, JobRow>>,
 }
 
 impl Jobs {
@@ -71,7 +74,27 @@ impl Jobs {
             busy: Mutex::new(HashMap::new()),
             cancel: Arc::new(AtomicBool::new(false)),
             tracker: tokio_util::task::TaskTracker::default(),
+            unrecorded: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A job's state when the catalog could not be told its latest.
+    pub fn unrecorded(&self, job_id: &str) -> Option<JobRow> {
+        self.unrecorded.lock().ok()?.get(job_id).cloned()
+    }
+
+    /// Writes a job's row; when that fails, keeps the state in memory so that callers waiting
+    /// for the job still see it end.
+    fn record(&self, manager: &Manager, job: &JobRow) -> Result<(), ApiError> {
+        let result = manager.with_catalog(|c| c.upsert_job(job));
+        if let Ok(mut u) = self.unrecorded.lock() {
+            if result.is_ok() {
+                u.remove(&job.id);
+            } else {
+                u.insert(job.id.clone(), job.clone());
+            }
+        }
+        result
     }
 
     /// Live (done, total) of a running job.
@@ -188,7 +211,7 @@ async fn run_locked(
     }
     job.status = JobStatus::Working;
     job.status_time = now();
-    if let Err(e) = manager.with_catalog(|c| c.upsert_job(&job)) {
+    if let Err(e) = jobs.record(manager, &job) {
         tracing::error!(job = %job.id, error = %e.message, "cannot mark job working");
     }
     let _ = manager.set_status(&format!(
@@ -227,7 +250,7 @@ async fn run_locked(
             tracing::warn!(job = %job.id, action = %job.action, error = %e.message, "job failed");
         }
     }
-    if let Err(e) = manager.with_catalog(|c| c.upsert_job(&job)) {
+    if let Err(e) = jobs.record(manager, &job) {
         tracing::error!(job = %job.id, error = %e.message, "cannot record job result");
     }
     forget(manager, &job.id);

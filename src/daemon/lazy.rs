@@ -40,6 +40,7 @@ pub fn write_marker(state_dir: &Path, id: &str, snapshot: &str) -> Result<(), Ap
             format!("cannot write {}: {e}", path.display()),
         )
     };
+    crate::failpoint::check("lazy.marker.write").map_err(io)?;
     std::fs::write(&path, format!("{snapshot}\n")).map_err(io)?;
     std::fs::File::open(&path)
         .and_then(|f| f.sync_all())

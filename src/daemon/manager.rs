@@ -295,6 +295,7 @@ impl Manager {
         let rows = self.with_catalog(|c| c.jobs())?;
         let matching: Vec<_> = rows
             .into_iter()
+            .map(|j| self.jobs.unrecorded(&j.id).unwrap_or(j))
             .filter(|j| p.jobs.is_empty() || p.jobs.contains(&j.id))
             .filter(|j| p.status.is_empty() || p.status.iter().any(|s| s == j.status.as_str()))
             .collect();

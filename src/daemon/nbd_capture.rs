@@ -48,6 +48,7 @@ fn write_base(state_dir: &Path, id: &str, generation: u64, ss: &str) -> std::io:
     let tmp = path.with_extension("cbt-base.tmp");
     std::fs::write(&tmp, format!("{generation} {ss}\n"))?;
     File::open(&tmp)?.sync_all()?;
+    crate::failpoint::check("nbd.cbt-base.rename")?;
     std::fs::rename(&tmp, &path)?;
     File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }

@@ -288,7 +288,13 @@ impl Manager {
                     Some(kind) => Err(ApiError::new(kind, failures.join("; "))),
                 }
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever take these: they must not stay pending.
+            for row in &rows {
+                let _ = self.discard_snapshot(&row.id);
+            }
+        })?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
     }
 
@@ -488,7 +494,14 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.restore_new_volume(&work_vid, &work_sid, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever fill it: the volume never existed.
+            let _ = self.update_volume(&vid, |v| {
+                v.status = "deleted".into();
+                v.transition_status.clear();
+            });
+        })?;
         Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))
     }
 
@@ -504,7 +517,6 @@ impl Manager {
         let image = volume::image_path(&state_dir, vid);
         volume::create_image(&image, s.virtual_size_bytes)
             .map_err(|e| ApiError::from_volume(e, vid))?;
-        super::lazy::write_marker(&state_dir, vid, &s.id)?;
         let mut row = new_volume_row(
             vid,
             name,
@@ -514,7 +526,14 @@ impl Manager {
         );
         row.status = "available".into();
         row.transition_status = "restoring".into();
-        self.with_catalog(|c| c.insert_volume(&row))?;
+        let registered = super::lazy::write_marker(&state_dir, vid, &s.id)
+            .and_then(|()| self.with_catalog(|c| c.insert_volume(&row)));
+        if let Err(e) = registered {
+            // No row names them: nothing would ever remove the image and the marker.
+            super::lazy::forget(&state_dir, vid);
+            let _ = volume::remove_image(&image);
+            return Err(e);
+        }
         let job = JobRow::new(
             &api::new_job_id().to_string(),
             "CreateVolumeFromSnapshot",
@@ -530,7 +549,16 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.hydrate(&work_vid, &work_sid, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // Without its hydration job the volume would never be complete: it never existed.
+            super::lazy::forget(&state_dir, vid);
+            let _ = volume::remove_image(&image);
+            let _ = self.update_volume(vid, |v| {
+                v.status = "deleted".into();
+                v.transition_status.clear();
+            });
+        })?;
         Ok(serde_json::json!({ "volume_id": vid, "job_id": job_id }))
     }
 
@@ -551,7 +579,7 @@ impl Manager {
             let file = volume::open_image(&image).map_err(|e| ApiError::from_volume(e, vid))?;
             self.store()
                 .restore(&snapshot, &file, RestoreMode::Fresh, progress)?;
-            file.sync_all().map_err(|e| {
+            volume::sync_image(&file).map_err(|e| {
                 ApiError::new(
                     ErrorKind::Io,
                     format!("cannot sync {}: {e}", image.display()),
@@ -637,7 +665,12 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.apply_list(&work_ids, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            for (_, v) in &plans {
+                let _ = self.update_volume(&v.id, |r| r.transition_status.clear());
+            }
+        })?;
         Ok(serde_json::json!({ "snapshots": ids, "job_id": job_id }))
     }
 
@@ -654,7 +687,7 @@ impl Manager {
             // The volume keeps its size: anything past the snapshot's end reads as zeros.
             volume::set_image_len(&file, v.size_bytes)
                 .map_err(|e| ApiError::from_volume(e, &v.id))?;
-            file.sync_all().map_err(|e| {
+            volume::sync_image(&file).map_err(|e| {
                 ApiError::new(
                     ErrorKind::Io,
                     format!("cannot sync {}: {e}", image.display()),

@@ -122,7 +122,16 @@ impl Manager {
             Box::new(move |m: &Arc<Manager>, progress: &JobProgress| {
                 m.create_images(&work_ids, size, progress)
             }),
-        )?;
+        )
+        .inspect_err(|_| {
+            // No job will ever create them: the volumes never existed.
+            for id in &ids {
+                let _ = self.update_volume(id, |v| {
+                    v.status = "deleted".into();
+                    v.transition_status.clear();
+                });
+            }
+        })?;
         Ok(serde_json::json!({ "volumes": ids, "job_id": job_id }))
     }
 
@@ -135,13 +144,27 @@ impl Manager {
     ) -> Result<(), ApiError> {
         progress.set_total(size * ids.len() as u64);
         let dir = self.state_dir();
-        for id in ids {
+        for (i, id) in ids.iter().enumerate() {
             let path = volume::image_path(&dir, id);
-            volume::create_image(&path, size).map_err(|e| ApiError::from_volume(e, id))?;
-            self.update_volume(id, |v| {
-                v.status = "available".into();
-                v.transition_status.clear();
-            })?;
+            let made = volume::create_image(&path, size)
+                .map_err(|e| ApiError::from_volume(e, id))
+                .and_then(|()| {
+                    self.update_volume(id, |v| {
+                        v.status = "available".into();
+                        v.transition_status.clear();
+                    })
+                });
+            if let Err(e) = made {
+                // This volume and the ones not made yet never existed: none stays pending.
+                for rest in &ids[i..] {
+                    let _ = volume::remove_image(&volume::image_path(&dir, rest));
+                    let _ = self.update_volume(rest, |v| {
+                        v.status = "deleted".into();
+                        v.transition_status.clear();
+                    });
+                }
+                return Err(e);
+            }
             progress.advance(size);
         }
         Ok(())

@@ -7,12 +7,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
 use super::NbdError;
+use crate::failpoint;
 
 /// One run of bytes with the same allocation status, as `block_status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,12 +68,18 @@ const MAX_EXTENTS: usize = 1024;
 const ZERO_CHUNK: usize = 1024 * 1024;
 
 /// A sparse regular file exported as is. Its size is fixed when opened.
+///
+/// A failed fsync poisons the export: the kernel may have dropped the dirty pages it
+/// covered and a retried fsync can then succeed without them ("fsyncgate"), so every later
+/// FLUSH and FUA write fails too, until the export is opened again.
 #[derive(Debug)]
 pub struct FileExport {
     file: File,
     size: u64,
     path: PathBuf,
     read_only: bool,
+    /// The first fsync failure, once there was one.
+    fsync_error: OnceLock<String>,
 }
 
 impl FileExport {
@@ -109,6 +117,7 @@ impl FileExport {
             size: meta.len(),
             path: path.to_path_buf(),
             read_only,
+            fsync_error: OnceLock::new(),
         })
     }
 
@@ -133,12 +142,35 @@ impl FileExport {
             size,
             path: path.to_path_buf(),
             read_only: false,
+            fsync_error: OnceLock::new(),
         })
     }
 
     /// The backing file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether an fsync of this export failed (its later flushes all fail).
+    pub fn fsync_failed(&self) -> bool {
+        self.fsync_error.get().is_some()
+    }
+
+    /// `fdatasync`, never retried after a failure: once one failed, this fails for good.
+    fn sync(&self) -> io::Result<()> {
+        if let Some(first) = self.fsync_error.get() {
+            return Err(io::Error::other(format!(
+                "an earlier fsync of {} failed ({first}), so the writes it covered may be lost \
+                 and no later flush can be trusted (detach and re-attach the volume)",
+                self.path.display()
+            )));
+        }
+        let result = failpoint::check("nbd.export.fsync").and_then(|()| self.file.sync_data());
+        if let Err(e) = &result {
+            let _ = self.fsync_error.set(e.to_string());
+            tracing::error!(path = %self.path.display(), error = %e, "fsync of an NBD export failed; every later flush of it fails until it is re-opened");
+        }
+        result
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -200,15 +232,16 @@ impl Export for FileExport {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64, libc::ENOSPC)?;
+        failpoint::check("nbd.export.write")?;
         self.file.write_all_at(buf, offset)?;
         if fua {
-            self.file.sync_data()?;
+            self.sync()?;
         }
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync()
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -435,11 +435,15 @@ impl LazyExport {
                 i += 1;
             }
             let bytes: Vec<u8> = now[start..i].iter().flat_map(|w| w.to_le_bytes()).collect();
-            map.file
-                .write_all_at(&bytes, BITS_AT + start as u64 * 8)
+            crate::failpoint::check("nbd.hydration-map.write")
+                .and_then(|()| map.file.write_all_at(&bytes, BITS_AT + start as u64 * 8))
                 .map_err(map.io_err("write"))?;
         }
-        map.file.sync_data().map_err(map.io_err("sync"))?;
+        // A failed sync is not trusted: `persisted` stays as it was, so the next attempt
+        // writes every changed word again before syncing.
+        crate::failpoint::check("nbd.hydration-map.fsync")
+            .and_then(|()| map.file.sync_data())
+            .map_err(map.io_err("sync"))?;
         map.persisted.copy_from_slice(now);
         Ok(())
     }

@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use super::export::{Export, Extent};
 use super::NbdError;
+use crate::failpoint;
 
 /// Granularity of the dirty bitmap and of copy-before-write.
 pub const BLOCK: u64 = 4096;
@@ -229,18 +230,26 @@ impl BitmapFile {
     }
 
     fn write_header(&self, clean: bool, fine_crc: u32) -> Result<(), NbdError> {
-        self.file
-            .write_all_at(&self.header(clean, fine_crc), 0)
+        self.write_at(&self.header(clean, fine_crc), 0)
             .map_err(self.io_err("write the header of"))
     }
 
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        failpoint::check("nbd.cbt.write")?;
+        self.file.write_all_at(bytes, offset)
+    }
+
+    fn sync_io(&self) -> io::Result<()> {
+        failpoint::check("nbd.cbt.fsync")?;
+        self.file.sync_data()
+    }
+
     fn sync(&self) -> Result<(), NbdError> {
-        self.file.sync_data().map_err(self.io_err("sync"))
+        self.sync_io().map_err(self.io_err("sync"))
     }
 
     fn write_regions(&self, bits: &Bits) -> Result<(), NbdError> {
-        self.file
-            .write_all_at(&bits.to_bytes(), REGIONS_AT)
+        self.write_at(&bits.to_bytes(), REGIONS_AT)
             .map_err(self.io_err("write regions of"))
     }
 }
@@ -522,8 +531,19 @@ impl<E: Export> TrackedExport<E> {
                 }
             }
         }
-        bf.file.write_all_at(&bytes, REGIONS_AT + lo)?;
-        bf.file.sync_data()?;
+        // A failed sync is not trusted to have written anything: the intent bits stay clear
+        // in memory, so the next write to these regions writes and syncs them again.
+        bf.write_at(&bytes, REGIONS_AT + lo)
+            .and_then(|()| bf.sync_io())
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot persist the write intent to {}: {e}",
+                        bf.path.display()
+                    ),
+                )
+            })?;
         // Only now may other writers skip the sync for these regions.
         self.intent.set_range(first, end);
         Ok(())
@@ -741,11 +761,23 @@ impl<E: Export> TrackedExport<E> {
             regions.set_range(first / BLOCKS_PER_REGION, end.min(nregions));
         }
         let mut bf = self.lock_bitmap();
-        bf.write_regions(&regions)?;
+        // The new generation is durable before the intent shrinks: a bitmap whose regions
+        // no longer cover the epoch's blocks must never carry the generation that a tracking
+        // base (`<generation> <parent>`) written before this epoch names. On any failure the
+        // generation has moved on in memory too, so the next snapshot rescans; the intent
+        // stays as it was (a superset).
         bf.generation += 1;
-        // The file stays marked not clean: the block section is only written at close.
-        bf.write_header(false, 0)?;
-        bf.sync()?;
+        let shrunk = (|| {
+            // The file stays marked not clean: the block section is only written at close.
+            bf.write_header(false, 0)?;
+            bf.sync()?;
+            bf.write_regions(&regions)?;
+            bf.sync()
+        })();
+        if let Err(e) = shrunk {
+            state.dirty.or_from(&epoch.taken);
+            return Err(e);
+        }
         for (i, w) in self.intent.words.iter().enumerate() {
             w.store(regions.words[i].load(Ordering::Acquire), Ordering::Release);
         }
@@ -766,8 +798,7 @@ impl<E: Export> TrackedExport<E> {
         }
         let bytes = dirty.to_bytes();
         let bf = self.lock_bitmap();
-        bf.file
-            .write_all_at(&bytes, BitmapFile::fine_at(self.size))
+        bf.write_at(&bytes, BitmapFile::fine_at(self.size))
             .map_err(bf.io_err("write blocks of"))?;
         bf.sync()?;
         bf.write_header(true, crc32fast::hash(&bytes))?;

@@ -4,6 +4,7 @@
 //! Only ids validated by `crate::api` reach `image_path`, so no name can leave the state dir.
 
 use crate::api::ErrorKind;
+use crate::failpoint;
 use crate::sys::{blkdev, loopdev};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -68,7 +69,10 @@ pub fn image_path(state_dir: &Path, id: &str) -> PathBuf {
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
-        Some(dir) => File::open(dir)?.sync_all(),
+        Some(dir) => {
+            failpoint::check("volume.dir.fsync")?;
+            File::open(dir)?.sync_all()
+        }
         None => Ok(()),
     }
 }
@@ -79,15 +83,31 @@ pub fn create_image(path: &Path, size: u64) -> Result<(), VolumeError> {
         path: path.into(),
         source,
     };
+    failpoint::check("volume.image.create").map_err(err)?;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(err)?;
-    file.set_len(size).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    sync_parent(path).map_err(err)
+    let made = (|| {
+        file.set_len(size)?;
+        sync_image(&file)?;
+        sync_parent(path)
+    })();
+    if let Err(e) = made {
+        // Never leave a half-made image behind: it would block a retry (create_new).
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+/// fsyncs an image (data and size). A failure is final: what it covered may be lost.
+pub fn sync_image(file: &File) -> std::io::Result<()> {
+    failpoint::check("volume.image.fsync")?;
+    file.sync_all()
 }
 
 /// Opens an image for reading and writing.
@@ -112,10 +132,12 @@ pub fn open_image_ro(path: &Path) -> Result<File, VolumeError> {
 
 /// Sets an open image's length (growing leaves a hole that reads as zeros).
 pub fn set_image_len(file: &File, size: u64) -> Result<(), VolumeError> {
-    file.set_len(size).map_err(|source| VolumeError::Resize {
-        path: PathBuf::from("(open image)"),
-        source,
-    })
+    failpoint::check("volume.image.resize")
+        .and_then(|()| file.set_len(size))
+        .map_err(|source| VolumeError::Resize {
+            path: PathBuf::from("(open image)"),
+            source,
+        })
 }
 
 /// Grows an image to `size` bytes.
@@ -125,8 +147,9 @@ pub fn grow_image(path: &Path, size: u64) -> Result<(), VolumeError> {
         source,
     };
     let file = OpenOptions::new().write(true).open(path).map_err(err)?;
+    failpoint::check("volume.image.resize").map_err(err)?;
     file.set_len(size).map_err(err)?;
-    file.sync_all().map_err(err)
+    sync_image(&file).map_err(err)
 }
 
 /// Removes an image; one that is already gone is fine.
