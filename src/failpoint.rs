@@ -25,6 +25,8 @@ pub const SITES: &[&str] = &[
     "store.blob.rename",
     "store.dir.fsync",
     "store.delete",
+    "restore.target.write",
+    "restore.target.fsync",
 ];
 
 /// Passes unless a failpoint named `name` is configured to fail or kill here.

@@ -5,7 +5,8 @@
 //! restore (`reader`), delete-with-fold and crash recovery (`delete`), and the blob
 //! storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
-//! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
+//! catalog, and calls the kernel-wrapper layer only for writeback hints (`sys::writeback`;
+//! otherwise it uses `nix`'s safe calls). Every
 //! operation is blocking. `recover` must run before other work (at daemon start). Memory does
 //! not grow with the volume: captures stream block-hash lists (`hashes`), restores hold the
 //! extent map (one entry per visible piece) and a few records.
