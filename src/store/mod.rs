@@ -188,7 +188,8 @@ pub struct Manifest {
     pub generation: u32,
     pub delta_file: String,
     pub delta_len: u64,
-    /// BLAKE3 of the whole delta file, hex.
+    /// BLAKE3 of the whole delta file, hex; empty in manifests written since version 2 (the
+    /// delta's own CRCs cover it), compared by verify when present.
     pub delta_blake3: String,
     pub hashes_file: String,
 }
@@ -268,6 +269,16 @@ impl Store {
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
         match backend::read_all(backend.as_ref(), FORMAT_KEY, 4096) {
             Ok(bytes) if bytes == format::FORMAT_FILE_CONTENT => {}
+            Ok(bytes) if bytes == format::FORMAT_FILE_V1 => {
+                // Version-1 files stay readable; mark the store so that a binary knowing only
+                // version 1 refuses it rather than misreading the manifests written from now on.
+                let mut w = backend
+                    .put(FORMAT_KEY)
+                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                w.write_all(format::FORMAT_FILE_CONTENT)
+                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                w.commit().map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+            }
             Ok(_) => return Err(StoreError::Invalid("unknown format file".into())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let existing = backend
@@ -373,9 +384,16 @@ impl Store {
         };
         let len = bytes.len() as u64;
         let corrupt = |r: String| StoreError::corrupt(id, "manifest", (0, len), r);
-        let body = format::decode_manifest(&bytes).map_err(|FormatError(r)| corrupt(r))?;
+        let (version, body) =
+            format::decode_manifest_versioned(&bytes).map_err(|FormatError(r)| corrupt(r))?;
         let m: Manifest =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("bad manifest body: {e}")))?;
+        // Version 1 always recorded the delta's BLAKE3; an empty one there is a forgery.
+        if version == 1 && m.delta_blake3.len() != 64 {
+            return Err(corrupt(
+                "version-1 manifest without the delta's BLAKE3".into(),
+            ));
+        }
         if &m.id != id {
             return Err(corrupt(format!("manifest names snapshot {}", m.id)));
         }

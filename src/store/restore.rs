@@ -805,8 +805,8 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        // One sequential pass: the whole-file BLAKE3 (damage anywhere, also in bytes no other
-        // check covers) and, when the index is sound, every record's header and CRC32.
+        // One sequential pass: the whole-file BLAKE3 where the manifest recorded one and, when
+        // the index is sound, every record's header and CRC32.
         let key = file_key(&m.id, &m.delta_file);
         let len = match self.backend().size(&key) {
             Ok(len) => len,
@@ -816,7 +816,8 @@ impl Store {
             }
             Err(e) => return Err(StoreError::backend(&key, e)),
         };
-        let mut hasher = blake3::Hasher::new();
+        // Manifests since version 2 leave `delta_blake3` empty; a recorded one is compared.
+        let mut hasher = (!m.delta_blake3.is_empty()).then(blake3::Hasher::new);
         let mut records = index.as_deref().map(|ix| RecordScan::new(m, ix));
         let mut buf = vec![0u8; 4 << 20];
         let mut pos = 0u64;
@@ -825,13 +826,19 @@ impl Store {
             self.backend()
                 .read_at(&key, pos, &mut buf[..n])
                 .map_err(|e| StoreError::backend(&key, e))?;
-            hasher.update(&buf[..n]);
+            if let Some(h) = &mut hasher {
+                h.update(&buf[..n]);
+            }
             if let Some(scan) = &mut records {
                 scan.feed(pos, &buf[..n], problems, progress);
             }
             pos += n as u64;
         }
-        if len != m.delta_len || hasher.finalize().to_hex().as_str() != m.delta_blake3 {
+        let blake3_differs = match &mut hasher {
+            Some(h) => h.finalize().to_hex().as_str() != m.delta_blake3,
+            None => false,
+        };
+        if len != m.delta_len || blake3_differs {
             problems.push(problem(
                 &m.id,
                 &m.delta_file,

@@ -151,7 +151,7 @@ impl Store {
 }
 
 /// Streams records into a delta blob and finishes it with index and footer. A worker thread
-/// hashes (BLAKE3 of the whole file) and writes, so the caller's thread only encodes records.
+/// writes, so the caller's thread only encodes records.
 pub(crate) struct DeltaWriter {
     id: [u8; 16],
     key: String,
@@ -164,7 +164,7 @@ pub(crate) struct DeltaWriter {
     worker: Option<thread::JoinHandle<WorkerResult>>,
 }
 
-type WorkerResult = io::Result<(Box<dyn BlobWriter>, blake3::Hasher)>;
+type WorkerResult = io::Result<Box<dyn BlobWriter>>;
 
 /// Bytes gathered before a buffer goes to the worker.
 const SEND_AT: usize = 1 << 20;
@@ -172,6 +172,7 @@ const SEND_AT: usize = 1 << 20;
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
     pub len: u64,
+    /// For the manifest's `delta_blake3`: empty since manifest version 2 (see `format`).
     pub blake3: String,
     pub record_count: u64,
     pub payload_bytes: u64,
@@ -193,13 +194,11 @@ impl DeltaWriter {
         let worker = thread::Builder::new()
             .name("delta-writer".into())
             .spawn(move || -> WorkerResult {
-                let mut hasher = blake3::Hasher::new();
                 for buf in rx {
-                    hasher.update(&buf);
                     w.write_all(&buf)?;
                     let _ = back_tx.send(buf);
                 }
-                Ok((w, hasher))
+                Ok(w)
             })
             .map_err(|e| StoreError::backend(&key, e))?;
         let mut d = DeltaWriter {
@@ -240,7 +239,7 @@ impl DeltaWriter {
         Ok(())
     }
 
-    fn join(&mut self) -> Result<(Box<dyn BlobWriter>, blake3::Hasher), StoreError> {
+    fn join(&mut self) -> Result<Box<dyn BlobWriter>, StoreError> {
         self.tx = None;
         let key = self.key.clone();
         match self.worker.take().map(|h| h.join()) {
@@ -292,12 +291,12 @@ impl DeltaWriter {
         self.put(&index)?;
         self.put(&format::encode_footer(&footer, &index))?;
         self.send()?;
-        let (w, hasher) = self.join()?;
+        let w = self.join()?;
         let key = self.key.clone();
         w.commit().map_err(|e| StoreError::backend(&key, e))?;
         Ok(DeltaSummary {
             len: self.pos,
-            blake3: hasher.finalize().to_hex().to_string(),
+            blake3: String::new(),
             record_count: footer.record_count,
             payload_bytes: footer.payload_bytes,
         })
