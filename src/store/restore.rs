@@ -454,17 +454,22 @@ impl BlockCheck {
             at += len;
             start += len as u64;
         }
-        self.hashed.clear();
-        self.hashed.resize(blocks.len(), super::writer::ZERO_HASH);
-        super::writer::hash_blocks(&blocks, &mut self.hashed);
-        for i in 0..blocks.len() {
-            let want = self.expected()?;
-            if self.hashed[i] != want {
-                return Err(self.mismatch());
+        let mut hashed = std::mem::take(&mut self.hashed);
+        hashed.clear();
+        hashed.resize(blocks.len(), super::writer::ZERO_HASH);
+        super::writer::hash_blocks(&blocks, &mut hashed);
+        let mut compare = || -> Result<(), StoreError> {
+            for (h, b) in hashed.iter().zip(&blocks) {
+                if *h != self.expected()? {
+                    return Err(self.mismatch());
+                }
+                self.start += b.len() as u64;
             }
-            self.start += blocks[i].len() as u64;
-        }
-        Ok(&bytes[at..])
+            Ok(())
+        };
+        let r = compare();
+        self.hashed = hashed;
+        r.map(|()| &bytes[at..])
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
