@@ -7,7 +7,8 @@
 #   FSLIST=ext4 bench/snapshot.sh
 #
 # Knobs (env): VOL_SIZE (4G), DATA_MIB (2048), RW_PCT_BLOCKS (5243 = 1% of DATA_MIB in 4 KiB
-# blocks, rounded up), XFS_IMG_GIB (16), TMPBASE (/var/tmp), BIN (target/release).
+# blocks, rounded up), XFS_IMG_GIB (16), TMPBASE (/var/tmp), BIN (target/release),
+# RESTIC (1; 0 skips the restic reference steps for quicker repeated runs).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -20,6 +21,7 @@ TMPBASE=${TMPBASE:-/var/tmp}
 FREEZE_VOL=${FREEZE_VOL:-1G}
 FREEZE_MIB=${FREEZE_MIB:-256}
 FREEZE_REPS=${FREEZE_REPS:-3}
+RESTIC=${RESTIC:-1}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in jq fio b3sum restic mkfs.xfs mkfs.ext4 losetup; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
@@ -154,9 +156,12 @@ run_suite() {
     timed b3sum --no-names "$img" >/dev/null
     local t_b3_1=$T
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$base/restic-cache"
-    restic init -q -r "$base/restic" >/dev/null
-    timed restic -q -r "$base/restic" backup "$img" >/dev/null
-    local t_restic1=$T r_sz1; r_sz1=$(du -sb "$base/restic" | cut -f1)
+    local t_restic1=0 r_sz1=0
+    if [ "$RESTIC" = 1 ]; then
+        restic init -q -r "$base/restic" >/dev/null
+        timed restic -q -r "$base/restic" backup "$img" >/dev/null
+        t_restic1=$T; r_sz1=$(du -sb "$base/restic" | cut -f1)
+    fi
 
     # -- 1% rewrite: RW_BLOCKS distinct random 4 KiB blocks within the data (fio random map)
     fio --name=rewrite --filename="$dev" --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
@@ -169,8 +174,11 @@ run_suite() {
     local ss_inc; ss_inc=$(bs describe-snapshots -r "$vol" | jq -r '.snapshot_set[] | select(.snapshot_name=="incr") | .snapshot_id')
     timed b3sum --no-names "$img" >/dev/null
     local t_b3=$T
-    timed restic -q -r "$base/restic" backup --force "$img" >/dev/null
-    local t_restic2=$T r_sz2; r_sz2=$(du -sb "$base/restic" | cut -f1)
+    local t_restic2=0 r_sz2=0
+    if [ "$RESTIC" = 1 ]; then
+        timed restic -q -r "$base/restic" backup --force "$img" >/dev/null
+        t_restic2=$T; r_sz2=$(du -sb "$base/restic" | cut -f1)
+    fi
 
     # -- restore
     local vol2
@@ -235,8 +243,8 @@ run_suite() {
     printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "incremental snapshot (-F 0, type $inc_type)" "$(fmt "$t_inc") s" "b3sum $(fmt "$t_b3") s (before rewrite $(fmt "$t_b3_1") s)" "$r (target <= 1.1)" "$sz_inc" "$rss_inc"
     r=$(awk -v a="$t_cp2" -v b="$t_rest" 'BEGIN{printf "%.2fx cp throughput", a/b}')
     printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restore (create-volume-from-snapshot)" "$(fmt "$t_rest") s" "cp $(fmt "$t_cp2") s; cp+sync $(fmt "$t_cps2") s" "$r; $(awk -v a="$t_cps2" -v b="$t_rest" 'BEGIN{printf "%.2fx", a/b}') vs cp+sync (target >= 0.9)" "-" "$rss_rest"
-    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic full backup" "-" "restic $(fmt "$t_restic1") s" "$(awk -v a="$t_restic1" -v b="$t_full" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "$r_sz1 (repo)" "-"
-    printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic 2nd backup (--force)" "-" "restic $(fmt "$t_restic2") s" "$(awk -v a="$t_restic2" -v b="$t_inc" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "+$((r_sz2 - r_sz1)) (repo)" "-"
+    [ "$RESTIC" = 1 ] && printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic full backup" "-" "restic $(fmt "$t_restic1") s" "$(awk -v a="$t_restic1" -v b="$t_full" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "$r_sz1 (repo)" "-"
+    [ "$RESTIC" = 1 ] && printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "restic 2nd backup (--force)" "-" "restic $(fmt "$t_restic2") s" "$(awk -v a="$t_restic2" -v b="$t_inc" 'BEGIN{printf "blocksnap %.2fx faster", a/b}')" "+$((r_sz2 - r_sz1)) (repo)" "-"
     printf '| %-34s | %-14s | %-38s | %-50s | %-16s | %s |\n' "cmp volume vs restored (check)" "$(fmt "$t_cmp") s" "identical" "" "" ""
     echo
     echo "[$fs] throughput: full $(awk -v b=$data_b -v t=$t_full 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s of data, cp $(awk -v b=$data_b -v t=$t_cp 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, restore $(awk -v b=$data_b -v t=$t_rest 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, b3sum $(awk -v t=$t_b3 -v s="$(stat -c %s "$img")" 'BEGIN{printf "%.0f", s/t/1048576}') MiB/s of image"

@@ -45,6 +45,9 @@ pub const SITES: &[&str] = &[
     "nbd.hydration-map.write",
     "nbd.hydration-map.fsync",
     "lazy.marker.write",
+    // Restore: the new volume's image as the store writes it.
+    "restore.target.write",
+    "restore.target.fsync",
 ];
 
 /// Passes unless a failpoint named `name` is configured to fail or kill here.

@@ -135,13 +135,30 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
 
 struct FsWriter {
     file: Option<BufWriter<File>>,
+    /// Bytes handed to `write`, and the writeback started behind them.
+    written: u64,
+    writeback: crate::sys::writeback::Streamer,
     tmp: PathBuf,
     dest: PathBuf,
     /// The backend's root, which an abort never removes.
     root: PathBuf,
 }
 
+/// Writeback of a large blob starts every `WRITEBACK_STEP` bytes and is waited for
+/// `WRITEBACK_LAG` bytes behind the writer, so the disk writes while the blob streams and
+/// `commit`'s fsync is short (durability still comes from that fsync alone).
+const WRITEBACK_STEP: u64 = 8 << 20;
+const WRITEBACK_LAG: u64 = 64 << 20;
+
 impl FsWriter {
+    fn wrote(&mut self, n: usize) {
+        self.written += n as u64;
+        if let Some(f) = &self.file {
+            let on_file = self.written - f.buffer().len() as u64;
+            self.writeback.wrote(f.get_ref(), on_file);
+        }
+    }
+
     fn file(&mut self) -> io::Result<&mut BufWriter<File>> {
         self.file
             .as_mut()
@@ -152,11 +169,15 @@ impl FsWriter {
 impl Write for FsWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         failpoint::check("store.blob.write")?;
-        self.file()?.write(buf)
+        let n = self.file()?.write(buf)?;
+        self.wrote(n);
+        Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         failpoint::check("store.blob.write")?;
-        self.file()?.write_all(buf)
+        self.file()?.write_all(buf)?;
+        self.wrote(buf.len());
+        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file()?.flush()
@@ -211,6 +232,8 @@ impl Backend for FsBackend {
         Ok(Box::new(FsWriter {
             // Small buffer: big writes (delta buffers of 1 MiB) bypass it without a copy.
             file: Some(BufWriter::with_capacity(256 << 10, file)),
+            written: 0,
+            writeback: crate::sys::writeback::Streamer::new(WRITEBACK_STEP, WRITEBACK_LAG),
             tmp,
             dest,
             root: self.root.clone(),

@@ -8,15 +8,16 @@
 
 use super::format::HASH_LEN;
 use super::hashes::{HashReader, HashWriter};
-use super::writer::{hash_block, ZERO_HASH};
+use super::writer::{hash_blocks, ZERO_HASH};
 use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 
 /// Bytes read per pread (rounded up to whole blocks).
 const CHUNK: u64 = 4 << 20;
@@ -36,6 +37,13 @@ pub fn capture(
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
     let ranges = data_ranges(source, src_len, bs, size);
+    // One sequential pass: ask for the larger read-ahead window (a hint; failure is harmless).
+    let _ = posix_fadvise(
+        source.as_raw_fd(),
+        0,
+        0,
+        PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+    );
     progress.set_total(size);
     let mut scratch = Vec::new();
     let chunk = CHUNK.div_ceil(bs) * bs;
@@ -446,23 +454,7 @@ fn process_chunk(
     scratch.resize(count, ZERO_HASH);
     let hashes = &mut scratch[..];
     let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-    // Two threads take batches of blocks from a shared queue, so a thread that is scheduled
-    // out on a busy host does not hold the other back.
-    let batch = (256 << 10) / bs as usize + 1;
-    let work = Mutex::new(hashes.chunks_mut(batch).zip(blocks.chunks(batch)));
-    let hash_batches = || loop {
-        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
-        let Some((hs, bs)) = next else { break };
-        for (h, b) in hs.iter_mut().zip(bs) {
-            *h = hash_block(b);
-        }
-    };
-    std::thread::scope(|s| {
-        if count > batch {
-            s.spawn(hash_batches);
-        }
-        hash_batches();
-    });
+    hash_blocks(&blocks, hashes);
     // Runs of changed data blocks go to the writer as one slice (fewer copies).
     let mut run: Option<(u64, usize, usize)> = None;
     for (i, block) in blocks.iter().enumerate() {

@@ -5,7 +5,10 @@
 //! changing a byte means a new version number.
 //!
 //! # `format` (store root)
-//! The ASCII text `blocksnap-store\nversion 1\n`. A directory holding anything else is refused.
+//! The ASCII text `blocksnap-store\nversion 2\n`. A store still marked `version 1` is opened and
+//! its marker rewritten to version 2 (every version-1 file stays readable); a directory holding
+//! anything else is refused, and so a binary that only knows version 1 refuses a version-2 store
+//! instead of misreading its manifests.
 //!
 //! # Delta file `snapshots/<id>/delta.<generation>`
 //! ```text
@@ -22,7 +25,9 @@
 //! length, kind and payload, so a valid record copied to another offset or another snapshot fails.
 //! Records are strictly ascending and non-overlapping; the index must describe exactly the records
 //! laid out back to back from byte 32 to the index position, and the footer ends the file, so
-//! truncation and appended bytes are caught without scanning.
+//! truncation and appended bytes are caught without scanning. Every byte of a delta is covered by
+//! a check of its own: header and record-header fields (magic, version, reserved zeros, values
+//! against the index), payloads by their record's CRC32, index and footer by the footer CRC32.
 //!
 //! # Block-hash file `snapshots/<id>/hashes`
 //! ```text
@@ -35,19 +40,29 @@
 //!
 //! # Manifest `snapshots/<id>/manifest`
 //! ```text
-//! magic "BSNPMAN1" | version u32 = 1 | body length u32 | body (JSON of `Manifest`) | BLAKE3 of all before, 32 B
+//! magic "BSNPMAN1" | version u32 = 2 | body length u32 | body (JSON of `Manifest`) | BLAKE3 of all before, 32 B
 //! ```
+//! Version 1 manifests (still read) always carry `delta_blake3`, the BLAKE3 of the whole delta
+//! file, which verify compares. Version 2 writers leave it empty — hashing every delta byte a
+//! second time cost about a third of a full capture's CPU, and the per-part checks above
+//! already cover every byte — but a non-empty value is still compared. The per-block BLAKE3 of
+//! restored images (block-hash file) is unchanged.
 
 use crate::api::SnapshotId;
 
-pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 1\n";
+pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 2\n";
+/// The marker of a version-1 store: opened, and upgraded to `FORMAT_FILE_CONTENT`.
+pub const FORMAT_FILE_V1: &[u8] = b"blocksnap-store\nversion 1\n";
 
 pub const DELTA_MAGIC: &[u8; 8] = b"BSNPDLT1";
 pub const RECORD_MAGIC: &[u8; 4] = b"BREC";
 pub const FOOTER_MAGIC: &[u8; 8] = b"BSNPEND1";
 pub const HASHES_MAGIC: &[u8; 8] = b"BSNPHSH1";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNPMAN1";
+/// Version of delta and block-hash files (unchanged since version 1 of the store).
 pub const VERSION: u32 = 1;
+/// Version of manifests written now; `decode_manifest_versioned` also reads version 1.
+pub const MANIFEST_VERSION: u32 = 2;
 
 pub const DELTA_HEADER_LEN: u64 = 32;
 pub const RECORD_HEADER_LEN: u64 = 32;
@@ -175,6 +190,9 @@ pub fn decode_delta_header(b: &[u8], id: &SnapshotId) -> Result<(), FormatError>
     }
     if u32_at(b, 8) != VERSION {
         return bad(format!("delta version {} is unknown", u32_at(b, 8)));
+    }
+    if b[12..16] != [0, 0, 0, 0] {
+        return bad("delta header reserved bytes are not zero");
     }
     if b[16..32] != id_bytes(id) {
         return bad("delta header belongs to another snapshot");
@@ -404,7 +422,7 @@ pub fn decode_hashes(
 pub fn encode_manifest(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 48);
     out.extend_from_slice(MANIFEST_MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(body);
     let sum = blake3::hash(&out);
@@ -414,6 +432,11 @@ pub fn encode_manifest(body: &[u8]) -> Vec<u8> {
 
 /// Unwraps a manifest envelope and returns the body.
 pub fn decode_manifest(b: &[u8]) -> Result<&[u8], FormatError> {
+    decode_manifest_versioned(b).map(|(_, body)| body)
+}
+
+/// Unwraps a manifest envelope: returns its version (1 or 2) and the body.
+pub fn decode_manifest_versioned(b: &[u8]) -> Result<(u32, &[u8]), FormatError> {
     if b.len() < 16 + HASH_LEN || &b[0..8] != MANIFEST_MAGIC {
         return bad("manifest has no manifest magic or is truncated");
     }
@@ -425,10 +448,11 @@ pub fn decode_manifest(b: &[u8]) -> Result<&[u8], FormatError> {
     if blake3::hash(&b[..end]).as_bytes() != &b[end..] {
         return bad("manifest checksum mismatch");
     }
-    if u32_at(b, 8) != VERSION {
+    let version = u32_at(b, 8);
+    if version != 1 && version != MANIFEST_VERSION {
         return bad("manifest version is unknown");
     }
-    Ok(&b[16..end])
+    Ok((version, &b[16..end]))
 }
 
 #[cfg(test)]
@@ -459,6 +483,30 @@ mod tests {
             assert!(decode_manifest(&bad).is_err(), "flip at {i}");
         }
         assert!(decode_manifest(&enc[..enc.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn old_manifests_still_decode_and_unknown_versions_do_not() {
+        let mut enc = encode_manifest(b"{}");
+        assert_eq!(decode_manifest_versioned(&enc).unwrap(), (2, &b"{}"[..]));
+        let reseal = |e: &mut Vec<u8>, v: u32| {
+            e[8..12].copy_from_slice(&v.to_le_bytes());
+            let end = e.len() - HASH_LEN;
+            let sum = blake3::hash(&e[..end]);
+            e[end..].copy_from_slice(sum.as_bytes());
+        };
+        reseal(&mut enc, 1);
+        assert_eq!(decode_manifest_versioned(&enc).unwrap(), (1, &b"{}"[..]));
+        reseal(&mut enc, 3);
+        assert!(decode_manifest(&enc).is_err());
+    }
+
+    #[test]
+    fn delta_header_reserved_bytes_are_checked() {
+        let mut h = encode_delta_header(&sid());
+        assert!(decode_delta_header(&h, &sid()).is_ok());
+        h[13] = 1;
+        assert!(decode_delta_header(&h, &sid()).is_err());
     }
 
     #[test]

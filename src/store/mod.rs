@@ -5,7 +5,8 @@
 //! restore (`reader`), delete-with-fold and crash recovery (`delete`), and the blob
 //! storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
-//! catalog, and never calls the kernel-wrapper layer (it uses `nix`'s safe calls). Every
+//! catalog, and calls the kernel-wrapper layer only for writeback hints (`sys::writeback`;
+//! otherwise it uses `nix`'s safe calls). Every
 //! operation is blocking. `recover` must run before other work (at daemon start). Memory does
 //! not grow with the volume: captures stream block-hash lists (`hashes`), restores hold the
 //! extent map (one entry per visible piece) and a few records.
@@ -187,7 +188,8 @@ pub struct Manifest {
     pub generation: u32,
     pub delta_file: String,
     pub delta_len: u64,
-    /// BLAKE3 of the whole delta file, hex.
+    /// BLAKE3 of the whole delta file, hex; empty in manifests written since version 2 (the
+    /// delta's own CRCs cover it), compared by verify when present.
     pub delta_blake3: String,
     pub hashes_file: String,
 }
@@ -267,6 +269,16 @@ impl Store {
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
         match backend::read_all(backend.as_ref(), FORMAT_KEY, 4096) {
             Ok(bytes) if bytes == format::FORMAT_FILE_CONTENT => {}
+            Ok(bytes) if bytes == format::FORMAT_FILE_V1 => {
+                // Version-1 files stay readable; mark the store so that a binary knowing only
+                // version 1 refuses it rather than misreading the manifests written from now on.
+                let mut w = backend
+                    .put(FORMAT_KEY)
+                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                w.write_all(format::FORMAT_FILE_CONTENT)
+                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                w.commit().map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+            }
             Ok(_) => return Err(StoreError::Invalid("unknown format file".into())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let existing = backend
@@ -372,9 +384,16 @@ impl Store {
         };
         let len = bytes.len() as u64;
         let corrupt = |r: String| StoreError::corrupt(id, "manifest", (0, len), r);
-        let body = format::decode_manifest(&bytes).map_err(|FormatError(r)| corrupt(r))?;
+        let (version, body) =
+            format::decode_manifest_versioned(&bytes).map_err(|FormatError(r)| corrupt(r))?;
         let m: Manifest =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("bad manifest body: {e}")))?;
+        // Version 1 always recorded the delta's BLAKE3; an empty one there is a forgery.
+        if version == 1 && m.delta_blake3.len() != 64 {
+            return Err(corrupt(
+                "version-1 manifest without the delta's BLAKE3".into(),
+            ));
+        }
         if &m.id != id {
             return Err(corrupt(format!("manifest names snapshot {}", m.id)));
         }

@@ -6,9 +6,11 @@
 //! and byte range; wrong data is never written silently. Verify re-reads every byte of a
 //! chain and reports every problem it finds instead of stopping at the first.
 
-use super::format::{IndexEntry, RecordKind};
+use super::format::{self, IndexEntry, RecordKind, RECORD_HEADER_LEN};
 use super::{file_key, Manifest, Progress, Store, StoreError};
 use crate::api::SnapshotId;
+use crate::failpoint;
+use crate::sys::writeback::Streamer;
 use nix::fcntl::{fallocate, FallocateFlags};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -154,10 +156,102 @@ pub(crate) fn extent_map(layers: &[Vec<IndexEntry>], size: u64) -> Vec<Piece> {
     pieces
 }
 
-/// A piece with the record it reads from (record offset, record bytes with header).
+/// Records read with one pread: `first..end` of a layer's index, back to back in its delta
+/// file from `pos`.
+struct Span {
+    layer: usize,
+    first: usize,
+    end: usize,
+    pos: u64,
+    buf: Arc<Vec<u8>>,
+}
+
+/// What the reader stage hands the checker.
+enum Step {
+    Span(Span),
+    Piece(Piece),
+}
+
+/// A checked piece for the writer: for a data piece, the span buffer and where its bytes start.
 struct Fetched {
     piece: Piece,
-    rec: Option<(u64, Arc<Vec<u8>>)>,
+    data: Option<(Arc<Vec<u8>>, usize)>,
+}
+
+/// Bytes of records read ahead at once (shared by the layers of a chain), and the least.
+const SPAN_BYTES: u64 = 4 << 20;
+const MIN_SPAN: u64 = 256 << 10;
+/// Writeback of the target starts every `WRITEBACK_STEP` bytes and is waited for
+/// `WRITEBACK_LAG` behind, so the final fsync is short.
+const WRITEBACK_STEP: u64 = 8 << 20;
+const WRITEBACK_LAG: u64 = 64 << 20;
+
+/// Checks every record of a span: header against the index, CRC32 over id, range and payload.
+fn check_span(m: &Manifest, index: &[IndexEntry], span: &Span) -> Result<(), StoreError> {
+    let id = format::id_bytes(&m.id);
+    for e in &index[span.first..span.end] {
+        let corrupt = |r: String| StoreError::corrupt(&m.id, &m.delta_file, (e.offset, e.end()), r);
+        let at = (e.file_pos - span.pos) as usize;
+        let end = at + (RECORD_HEADER_LEN + e.payload_len()) as usize;
+        let rec = span
+            .buf
+            .get(at..end)
+            .ok_or_else(|| corrupt("record lies outside its span".into()))?;
+        format::check_record_header(&rec[..32], e).map_err(|format::FormatError(r)| corrupt(r))?;
+        if format::record_crc(&id, e.offset, e.length, e.kind, &rec[32..]) != e.crc {
+            return Err(corrupt("record CRC32 mismatch".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The checker stage of `assemble`: checks spans and assembled blocks, forwards checked pieces.
+fn check_steps(
+    chain: &[Manifest],
+    layers: &[Vec<IndexEntry>],
+    size: u64,
+    check: &mut BlockCheck,
+    rx: mpsc::Receiver<Result<Step, StoreError>>,
+    tx: &mpsc::SyncSender<Result<Fetched, StoreError>>,
+) -> Result<(), StoreError> {
+    let mut spans: Vec<Option<Span>> = layers.iter().map(|_| None).collect();
+    for step in rx {
+        match step? {
+            Step::Span(span) => {
+                check_span(&chain[span.layer], &layers[span.layer], &span)?;
+                let layer = span.layer;
+                spans[layer] = Some(span);
+            }
+            Step::Piece(p) => {
+                check.zero_until(p.offset)?;
+                let data = match p.src {
+                    Src::Zero => {
+                        check.zero(p.offset, p.len)?;
+                        None
+                    }
+                    Src::Data { layer, rec } => {
+                        let span = spans[layer]
+                            .as_ref()
+                            .filter(|sp| (sp.first..sp.end).contains(&rec))
+                            .ok_or_else(|| {
+                                StoreError::Invalid(format!("restore: record {rec} was not read"))
+                            })?;
+                        let e = &layers[layer][rec];
+                        let from = (e.file_pos - span.pos + RECORD_HEADER_LEN + p.offset - e.offset)
+                            as usize;
+                        check.data(p.offset, &span.buf[from..from + p.len as usize])?;
+                        Some((span.buf.clone(), from))
+                    }
+                };
+                if tx.send(Ok(Fetched { piece: p, data })).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // The end of the image, and the hash list's own checksum.
+    check.zero_until(size)?;
+    check.finish()
 }
 
 /// Coalesces contiguous writes into large pwrites.
@@ -166,6 +260,7 @@ struct Out<'a> {
     target: Option<&'a File>,
     start: u64,
     buf: Vec<u8>,
+    writeback: Streamer,
 }
 
 const OUT_BUF: usize = 4 << 20;
@@ -180,10 +275,7 @@ impl Out<'_> {
         // Whole records go straight to the target; only small pieces are gathered.
         if data.len() >= DIRECT_WRITE {
             self.flush()?;
-            return match self.target {
-                Some(t) => pwrite(t, off, data),
-                None => Ok(()),
-            };
+            return self.pwrite(off, data);
         }
         self.buf.extend_from_slice(data);
         Ok(())
@@ -191,11 +283,30 @@ impl Out<'_> {
 
     fn flush(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
-            if let Some(t) = self.target {
-                pwrite(t, self.start, &self.buf)?;
-            }
+            let buf = std::mem::take(&mut self.buf);
+            let r = self.pwrite(self.start, &buf);
+            self.buf = buf;
+            r?;
             self.start += self.buf.len() as u64;
             self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn pwrite(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
+        if let Some(t) = self.target {
+            pwrite(t, off, data)?;
+            self.writeback.wrote(t, off + data.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[off, off + len)` of the target (after what is gathered).
+    fn zero(&mut self, block_dev: bool, off: u64, len: u64) -> Result<(), StoreError> {
+        self.flush()?;
+        if let Some(t) = self.target {
+            zero_range(t, block_dev, off, len)?;
+            self.writeback.wrote(t, off + len);
         }
         Ok(())
     }
@@ -211,9 +322,10 @@ fn target_err(start: u64, end: u64) -> impl FnOnce(std::io::Error) -> StoreError
 }
 
 fn pwrite(target: &File, off: u64, data: &[u8]) -> Result<(), StoreError> {
-    target
-        .write_all_at(data, off)
-        .map_err(target_err(off, off + data.len() as u64))
+    let err = target_err(off, off + data.len() as u64);
+    failpoint::check("restore.target.write")
+        .and_then(|()| target.write_all_at(data, off))
+        .map_err(err)
 }
 
 /// Zeroes `[off, off+len)` of the target: punch a hole, or write zeros where that is refused.
@@ -247,6 +359,8 @@ struct BlockCheck {
     /// Start of the block being assembled, and its bytes so far.
     start: u64,
     buf: Vec<u8>,
+    /// Hashes of a run of whole blocks being checked.
+    hashed: Vec<[u8; super::format::HASH_LEN]>,
 }
 
 impl BlockCheck {
@@ -262,6 +376,7 @@ impl BlockCheck {
             size: leaf.volume_size,
             start: 0,
             buf: Vec::with_capacity(leaf.block_size as usize),
+            hashed: Vec::new(),
         })
     }
 
@@ -291,12 +406,9 @@ impl BlockCheck {
         )
     }
 
-    /// Compares a completed block (`bytes`, or the assembled buffer) and moves on.
-    fn complete(&mut self, bytes: Option<&[u8]>) -> Result<(), StoreError> {
-        let got = match bytes {
-            Some(b) => super::writer::hash_block(b),
-            None => super::writer::hash_block(&self.buf),
-        };
+    /// Compares the assembled block and moves on.
+    fn complete(&mut self) -> Result<(), StoreError> {
+        let got = super::writer::hash_block(&self.buf);
         if got != self.expected()? {
             return Err(self.mismatch());
         }
@@ -314,19 +426,50 @@ impl BlockCheck {
         while !bytes.is_empty() {
             let want = (self.block_len() as usize) - self.buf.len();
             if self.buf.is_empty() && bytes.len() >= want {
-                let (whole, rest) = bytes.split_at(want);
-                self.complete(Some(whole))?;
-                bytes = rest;
+                bytes = self.whole_blocks(bytes)?;
                 continue;
             }
             let n = want.min(bytes.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.buf.len() as u64 == self.block_len() {
-                self.complete(None)?;
+                self.complete()?;
             }
         }
         Ok(())
+    }
+
+    /// Checks the whole blocks at the front of `bytes` (at least one; the buffer is empty),
+    /// hashing them on two threads; returns what is left.
+    fn whole_blocks<'b>(&mut self, bytes: &'b [u8]) -> Result<&'b [u8], StoreError> {
+        let mut blocks: Vec<&[u8]> = Vec::new();
+        let mut at = 0usize;
+        let mut start = self.start;
+        while start < self.size {
+            let len = self.block.min(self.size - start) as usize;
+            if bytes.len() - at < len {
+                break;
+            }
+            blocks.push(&bytes[at..at + len]);
+            at += len;
+            start += len as u64;
+        }
+        let mut hashed = std::mem::take(&mut self.hashed);
+        hashed.clear();
+        hashed.resize(blocks.len(), super::writer::ZERO_HASH);
+        super::writer::hash_blocks(&blocks, &mut hashed);
+        let mut compare = || -> Result<(), StoreError> {
+            for (h, b) in hashed.iter().zip(&blocks) {
+                if *h != self.expected()? {
+                    return Err(self.mismatch());
+                }
+                self.start += b.len() as u64;
+            }
+            Ok(())
+        };
+        let r = compare();
+        self.hashed = hashed;
+        r.map(|()| &bytes[at..])
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -349,7 +492,7 @@ impl BlockCheck {
             let n = want.min(end - self.pos());
             self.buf.resize(self.buf.len() + n as usize, 0);
             if self.buf.len() as u64 == self.block_len() {
-                self.complete(None)?;
+                self.complete()?;
             }
         }
         Ok(())
@@ -366,7 +509,7 @@ impl BlockCheck {
 
     fn finish(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
-            self.complete(None)?;
+            self.complete()?;
         }
         match self.hashes.take() {
             Some(h) => h.finish(),
@@ -429,88 +572,43 @@ impl Store {
             target,
             start: 0,
             buf: Vec::with_capacity(OUT_BUF),
+            writeback: Streamer::new(WRITEBACK_STEP, WRITEBACK_LAG),
         };
         let mut pos = 0u64;
+        // Three stages, so reading, checking and writing overlap: a reader thread issues large
+        // preads of runs of needed records, a checker thread checks each record's header and
+        // CRC32 and every assembled block's BLAKE3 (hashing on two threads), and this thread
+        // writes the checked bytes. Nothing reaches the writer before it has been checked.
         std::thread::scope(|s| -> Result<(), StoreError> {
-            let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(8);
+            let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
+            let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(4);
             let (chain, layers, pieces) = (&chain, &layers, &pieces);
-            // Read-ahead: records are read and checked while earlier ones are written.
+            s.spawn(move || {
+                if let Err(e) = self.read_spans(chain, layers, pieces, &span_tx) {
+                    let _ = span_tx.send(Err(e));
+                }
+            });
             let check = &mut check;
             s.spawn(move || {
-                // One cached record per layer: a record split by newer pieces is read once.
-                let mut cache: Vec<Option<(usize, Arc<Vec<u8>>)>> = vec![None; chain.len()];
-                for p in pieces {
-                    if let Err(e) = check.zero_until(p.offset) {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                    let msg = match p.src {
-                        Src::Zero => Ok(Fetched {
-                            piece: *p,
-                            rec: None,
-                        }),
-                        Src::Data { layer, rec } => {
-                            let slot = &mut cache[layer];
-                            let hit = match slot {
-                                Some((r, buf)) if *r == rec => Ok(buf.clone()),
-                                _ => {
-                                    let mut buf = Vec::new();
-                                    let checked = self
-                                        .read_record(&chain[layer], &layers[layer][rec], &mut buf)
-                                        .map(|_| ());
-                                    checked.map(|()| Arc::new(buf))
-                                }
-                            };
-                            hit.map(|buf| {
-                                *slot = Some((rec, buf.clone()));
-                                Fetched {
-                                    piece: *p,
-                                    rec: Some((layers[layer][rec].offset, buf)),
-                                }
-                            })
-                        }
-                    };
-                    let msg = msg.and_then(|f| {
-                        match &f.rec {
-                            None => check.zero(f.piece.offset, f.piece.len)?,
-                            Some((rec_offset, buf)) => {
-                                let from = (32 + f.piece.offset - rec_offset) as usize;
-                                check
-                                    .data(f.piece.offset, &buf[from..from + f.piece.len as usize])?
-                            }
-                        }
-                        Ok(f)
-                    });
-                    let failed = msg.is_err();
-                    if tx.send(msg).is_err() || failed {
-                        return;
-                    }
-                }
-                // The end of the image, and the hash list's own checksum.
-                if let Err(e) = check.zero_until(size).and_then(|()| check.finish()) {
+                if let Err(e) = check_steps(chain, layers, size, check, span_rx, &tx) {
                     let _ = tx.send(Err(e));
                 }
             });
             for msg in rx {
-                let Fetched { piece: p, rec } = msg?;
+                let Fetched { piece: p, data } = msg?;
                 if progress.cancelled() {
                     return Err(StoreError::Cancelled { id: id.clone() });
                 }
-                if let (Some(target), true) =
-                    (target, p.offset > pos && mode == RestoreMode::Overwrite)
-                {
-                    out.flush()?;
-                    zero_range(target, block_dev, pos, p.offset - pos)?;
+                if p.offset > pos && mode == RestoreMode::Overwrite {
+                    out.zero(block_dev, pos, p.offset - pos)?;
                 }
-                match rec {
+                match data {
                     None => {
-                        if let (Some(target), RestoreMode::Overwrite) = (target, mode) {
-                            out.flush()?;
-                            zero_range(target, block_dev, p.offset, p.len)?;
+                        if mode == RestoreMode::Overwrite {
+                            out.zero(block_dev, p.offset, p.len)?;
                         }
                     }
-                    Some((rec_offset, buf)) => {
-                        let from = (32 + p.offset - rec_offset) as usize;
+                    Some((buf, from)) => {
                         out.write(p.offset, &buf[from..from + p.len as usize])?;
                     }
                 }
@@ -523,9 +621,78 @@ impl Store {
         progress.advance(size - pos);
         let Some(target) = target else { return Ok(()) };
         if pos < size && mode == RestoreMode::Overwrite {
-            zero_range(target, block_dev, pos, size - pos)?;
+            out.zero(block_dev, pos, size - pos)?;
         }
+        failpoint::check("restore.target.fsync").map_err(target_err(0, size))?;
         target.sync_all().map_err(target_err(0, size))
+    }
+
+    /// The reader stage of `assemble`: sends, in image order, each piece, preceded by the span
+    /// of records it reads from when that span is not the last one sent for its layer.
+    fn read_spans(
+        &self,
+        chain: &[Manifest],
+        layers: &[Vec<IndexEntry>],
+        pieces: &[Piece],
+        tx: &mpsc::SyncSender<Result<Step, StoreError>>,
+    ) -> Result<(), StoreError> {
+        // Which records some piece reads: only those are fetched.
+        let mut needed: Vec<Vec<bool>> = layers.iter().map(|l| vec![false; l.len()]).collect();
+        for p in pieces {
+            if let Src::Data { layer, rec } = p.src {
+                needed[layer][rec] = true;
+            }
+        }
+        // Each layer keeps its current span alive in the checker: share one budget.
+        let limit = (SPAN_BYTES / chain.len().max(1) as u64).max(MIN_SPAN);
+        let mut have: Vec<Option<(usize, usize)>> = vec![None; layers.len()];
+        for p in pieces {
+            if let Src::Data { layer, rec } = p.src {
+                if !have[layer].is_some_and(|(a, b)| (a..b).contains(&rec)) {
+                    let index = &layers[layer];
+                    let first = &index[rec];
+                    let mut end = rec + 1;
+                    let mut len = RECORD_HEADER_LEN + first.payload_len();
+                    while let Some(e) = index.get(end) {
+                        let more = RECORD_HEADER_LEN + e.payload_len();
+                        if !needed[layer][end] || len + more > limit {
+                            break;
+                        }
+                        len += more;
+                        end += 1;
+                    }
+                    let m = &chain[layer];
+                    let key = file_key(&m.id, &m.delta_file);
+                    let mut buf = vec![0u8; len as usize];
+                    self.backend()
+                        .read_at(&key, first.file_pos, &mut buf)
+                        .map_err(|err| match err.kind() {
+                            std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
+                                &m.id,
+                                &m.delta_file,
+                                (first.offset, index[end - 1].end()),
+                                "record is truncated",
+                            ),
+                            _ => StoreError::backend(&key, err),
+                        })?;
+                    have[layer] = Some((rec, end));
+                    let span = Span {
+                        layer,
+                        first: rec,
+                        end,
+                        pos: first.file_pos,
+                        buf: Arc::new(buf),
+                    };
+                    if tx.send(Ok(Step::Span(span))).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if tx.send(Ok(Step::Piece(*p))).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Re-reads every byte of the chain ending at `id` and checks every checksum.
@@ -643,8 +810,8 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        // One sequential pass: the whole-file BLAKE3 (damage anywhere, also in bytes no other
-        // check covers) and, when the index is sound, every record's header and CRC32.
+        // One sequential pass: the whole-file BLAKE3 where the manifest recorded one and, when
+        // the index is sound, every record's header and CRC32.
         let key = file_key(&m.id, &m.delta_file);
         let len = match self.backend().size(&key) {
             Ok(len) => len,
@@ -654,7 +821,8 @@ impl Store {
             }
             Err(e) => return Err(StoreError::backend(&key, e)),
         };
-        let mut hasher = blake3::Hasher::new();
+        // Manifests since version 2 leave `delta_blake3` empty; a recorded one is compared.
+        let mut hasher = (!m.delta_blake3.is_empty()).then(blake3::Hasher::new);
         let mut records = index.as_deref().map(|ix| RecordScan::new(m, ix));
         let mut buf = vec![0u8; 4 << 20];
         let mut pos = 0u64;
@@ -663,13 +831,19 @@ impl Store {
             self.backend()
                 .read_at(&key, pos, &mut buf[..n])
                 .map_err(|e| StoreError::backend(&key, e))?;
-            hasher.update(&buf[..n]);
+            if let Some(h) = &mut hasher {
+                h.update(&buf[..n]);
+            }
             if let Some(scan) = &mut records {
                 scan.feed(pos, &buf[..n], problems, progress);
             }
             pos += n as u64;
         }
-        if len != m.delta_len || hasher.finalize().to_hex().as_str() != m.delta_blake3 {
+        let blake3_differs = match &mut hasher {
+            Some(h) => h.finalize().to_hex().as_str() != m.delta_blake3,
+            None => false,
+        };
+        if len != m.delta_len || blake3_differs {
             problems.push(problem(
                 &m.id,
                 &m.delta_file,

@@ -556,10 +556,61 @@ fn golden_format_is_unchanged() {
     restored(&store, d.path(), &sid(2)).unwrap();
 }
 
+/// A store written by version 1 (manifests with the delta's whole-file BLAKE3) opens, is
+/// marked version 2, verifies (comparing that BLAKE3) and restores; damage to the recorded
+/// BLAKE3 is still reported, and a version-1 manifest cannot drop it.
+#[test]
+fn version_1_fixtures_still_read() {
+    let d = tempfile::tempdir().unwrap();
+    copy_tree(&fixture_dir().join("v1"), d.path());
+    let v1 = std::fs::read(d.path().join("format")).unwrap();
+    assert_eq!(v1, format::FORMAT_FILE_V1);
+    let store = Store::open(d.path()).unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("format")).unwrap(),
+        format::FORMAT_FILE_CONTENT
+    );
+    assert_eq!(store.list().unwrap().len(), 2);
+    let m = store.manifest(&sid(2)).unwrap();
+    assert_eq!(m.delta_blake3.len(), 64);
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    restored(&store, d.path(), &sid(2)).unwrap();
+    // A version-1 manifest whose BLAKE3 no longer matches the delta: verify says so.
+    let path = d.path().join("snapshots/ss-00000002/manifest");
+    let orig = std::fs::read(&path).unwrap();
+    let reseal = |f: &dyn Fn(&mut Manifest)| {
+        let body = format::decode_manifest(&orig).unwrap();
+        let mut m: Manifest = serde_json::from_slice(body).unwrap();
+        f(&mut m);
+        let mut enc = format::encode_manifest(&serde_json::to_vec(&m).unwrap());
+        enc[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let end = enc.len() - 32;
+        let sum = blake3::hash(&enc[..end]);
+        enc[end..].copy_from_slice(sum.as_bytes());
+        std::fs::write(&path, enc).unwrap();
+    };
+    reseal(&|m| m.delta_blake3 = "00".repeat(32));
+    let report = store.verify(&sid(2), &NoProgress).unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.reason.contains("BLAKE3")),
+        "{report:?}"
+    );
+    // Emptying it in a version-1 manifest is a forgery, not a version-2 manifest.
+    reseal(&|m| m.delta_blake3.clear());
+    let err = store.manifest(&sid(2)).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
+    std::fs::write(&path, &orig).unwrap();
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+}
+
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let dest = to.join(e.file_name());
+        if e.file_name() == "v1" {
+            // The previous format's fixtures (`version_1_fixtures_still_read`).
+            continue;
+        }
         if e.file_type().unwrap().is_dir() {
             std::fs::create_dir_all(&dest).unwrap();
             copy_tree(&e.path(), &dest);

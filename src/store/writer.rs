@@ -28,6 +28,30 @@ pub fn hash_block(block: &[u8]) -> [u8; HASH_LEN] {
     }
 }
 
+/// `hash_block` of each of `blocks` into `out` (same length). Two threads take batches of
+/// about 256 KiB from a shared queue when there is more than one batch, so a thread that is
+/// scheduled out on a busy host does not hold the other back.
+pub(crate) fn hash_blocks(blocks: &[&[u8]], out: &mut [[u8; HASH_LEN]]) {
+    let bs = blocks.first().map_or(1, |b| b.len().max(1));
+    let batch = (256 << 10) / bs + 1;
+    let work = std::sync::Mutex::new(out.chunks_mut(batch).zip(blocks.chunks(batch)));
+    let hash_batches = || loop {
+        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let Some((hs, bl)) = next else { break };
+        for (h, b) in hs.iter_mut().zip(bl) {
+            *h = hash_block(b);
+        }
+    };
+    if blocks.len() > batch {
+        thread::scope(|s| {
+            s.spawn(hash_batches);
+            hash_batches();
+        });
+    } else {
+        hash_batches();
+    }
+}
+
 /// True when every byte is zero (OR-folds 64-byte lanes so the compiler vectorizes it).
 pub fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(64);
@@ -127,7 +151,7 @@ impl Store {
 }
 
 /// Streams records into a delta blob and finishes it with index and footer. A worker thread
-/// hashes (BLAKE3 of the whole file) and writes, so the caller's thread only encodes records.
+/// writes, so the caller's thread only encodes records.
 pub(crate) struct DeltaWriter {
     id: [u8; 16],
     key: String,
@@ -140,7 +164,7 @@ pub(crate) struct DeltaWriter {
     worker: Option<thread::JoinHandle<WorkerResult>>,
 }
 
-type WorkerResult = io::Result<(Box<dyn BlobWriter>, blake3::Hasher)>;
+type WorkerResult = io::Result<Box<dyn BlobWriter>>;
 
 /// Bytes gathered before a buffer goes to the worker.
 const SEND_AT: usize = 1 << 20;
@@ -148,6 +172,7 @@ const SEND_AT: usize = 1 << 20;
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
     pub len: u64,
+    /// For the manifest's `delta_blake3`: empty since manifest version 2 (see `format`).
     pub blake3: String,
     pub record_count: u64,
     pub payload_bytes: u64,
@@ -169,13 +194,11 @@ impl DeltaWriter {
         let worker = thread::Builder::new()
             .name("delta-writer".into())
             .spawn(move || -> WorkerResult {
-                let mut hasher = blake3::Hasher::new();
                 for buf in rx {
-                    hasher.update(&buf);
                     w.write_all(&buf)?;
                     let _ = back_tx.send(buf);
                 }
-                Ok((w, hasher))
+                Ok(w)
             })
             .map_err(|e| StoreError::backend(&key, e))?;
         let mut d = DeltaWriter {
@@ -216,7 +239,7 @@ impl DeltaWriter {
         Ok(())
     }
 
-    fn join(&mut self) -> Result<(Box<dyn BlobWriter>, blake3::Hasher), StoreError> {
+    fn join(&mut self) -> Result<Box<dyn BlobWriter>, StoreError> {
         self.tx = None;
         let key = self.key.clone();
         match self.worker.take().map(|h| h.join()) {
@@ -268,12 +291,12 @@ impl DeltaWriter {
         self.put(&index)?;
         self.put(&format::encode_footer(&footer, &index))?;
         self.send()?;
-        let (w, hasher) = self.join()?;
+        let w = self.join()?;
         let key = self.key.clone();
         w.commit().map_err(|e| StoreError::backend(&key, e))?;
         Ok(DeltaSummary {
             len: self.pos,
-            blake3: hasher.finalize().to_hex().to_string(),
+            blake3: String::new(),
             record_count: footer.record_count,
             payload_bytes: footer.payload_bytes,
         })
