@@ -240,23 +240,7 @@ fn process_chunk_pieces(
     let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
     scratch.clear();
     scratch.resize(blocks.len(), ZERO_HASH);
-    // Incremental chunks are mostly one block; split bigger ones over two threads.
-    let half = blocks.len().div_ceil(2);
-    let (h1, h2) = scratch.split_at_mut(half);
-    let (b1, b2) = blocks.split_at(half);
-    let hash_all = |hs: &mut [[u8; HASH_LEN]], bl: &[&[u8]]| {
-        for (h, b) in hs.iter_mut().zip(bl) {
-            *h = hash_block(b);
-        }
-    };
-    std::thread::scope(|s| {
-        if blocks.len() >= 16 {
-            s.spawn(|| hash_all(h2, b2));
-        } else {
-            hash_all(h2, b2);
-        }
-        hash_all(h1, b1);
-    });
+    hash_blocks(&blocks, scratch);
     let first = off / bs;
     for (i, block) in blocks.iter().enumerate() {
         let idx = first + i as u64;
