@@ -236,8 +236,8 @@ fn peer_credentials_decide_what_each_caller_may_do() {
     .to_string();
     let (vol, snap) = (vol.as_str(), snap.as_str());
     let before = (
-        d.describe_volume(&vol),
-        d.describe_snapshot(&snap),
+        d.describe_volume(vol),
+        d.describe_snapshot(snap),
         d.ok(&["describe-jobs"])["total_count"].clone(),
     );
 
@@ -258,22 +258,22 @@ fn peer_credentials_decide_what_each_caller_may_do() {
     };
     let mutations: Vec<Vec<&str>> = vec![
         vec!["create-volumes", "-s", "4M"],
-        vec!["attach-volumes", "-v", &vol],
-        vec!["detach-volumes", "-v", &vol],
-        vec!["resize-volumes", "-v", &vol, "-s", "8M"],
-        vec!["delete-volumes", "-v", &vol],
-        vec!["create-snapshots", "-r", &vol],
-        vec!["delete-snapshots", "-s", &snap],
-        vec!["create-volume-from-snapshot", "-s", &snap],
-        vec!["apply-snapshots", "-s", &snap],
-        vec!["modify-snapshot-attributes", "-s", &snap, "-N", "pwned"],
-        vec!["verify-snapshots", "-s", &snap],
+        vec!["attach-volumes", "-v", vol],
+        vec!["detach-volumes", "-v", vol],
+        vec!["resize-volumes", "-v", vol, "-s", "8M"],
+        vec!["delete-volumes", "-v", vol],
+        vec!["create-snapshots", "-r", vol],
+        vec!["delete-snapshots", "-s", snap],
+        vec!["create-volume-from-snapshot", "-s", snap],
+        vec!["apply-snapshots", "-s", snap],
+        vec!["modify-snapshot-attributes", "-s", snap, "-N", "pwned"],
+        vec!["verify-snapshots", "-s", snap],
     ];
     let describes: [&[&str]; 4] = [
         &["describe-volumes"],
         &["describe-snapshots", "-V", "1"],
         &["describe-jobs"],
-        &["describe-volumes", "-v", &vol],
+        &["describe-volumes", "-v", vol],
     ];
 
     // A stranger may do nothing: not describe, not mutate, not read metrics, and a malformed
@@ -317,7 +317,7 @@ fn peer_credentials_decide_what_each_caller_may_do() {
             assert_eq!(v["ret_code"], 0, "reader {args:?}: {v}");
         }
         assert_eq!(
-            reader.call(&d, &["describe-volumes", "-v", &vol])["volume_set"][0]["volume_id"],
+            reader.call(&d, &["describe-volumes", "-v", vol])["volume_set"][0]["volume_id"],
             json!(vol)
         );
         for args in &mutations {
@@ -330,8 +330,8 @@ fn peer_credentials_decide_what_each_caller_may_do() {
     }
     // Nothing the refused calls asked for happened.
     let after = (
-        d.describe_volume(&vol),
-        d.describe_snapshot(&snap),
+        d.describe_volume(vol),
+        d.describe_snapshot(snap),
         d.ok(&["describe-jobs"])["total_count"].clone(),
     );
     assert_eq!(
@@ -567,7 +567,9 @@ fn hostile_ids_are_refused_and_touch_nothing() {
         Snapshot,
         Job,
     }
-    let verbs: Vec<(Kind, Box<dyn Fn(Value) -> Value>)> = vec![
+    type ListVerb = Box<dyn Fn(Value) -> Value>;
+    type SingleVerb = Box<dyn Fn(&str) -> Value>;
+    let verbs: Vec<(Kind, ListVerb)> = vec![
         (
             Kind::Volume,
             Box::new(|ids| json!({"action": "DescribeVolumes", "volumes": ids})),
@@ -614,7 +616,7 @@ fn hostile_ids_are_refused_and_touch_nothing() {
         ),
     ];
     // Verbs that take a single id.
-    let single: Vec<Box<dyn Fn(&str) -> Value>> = vec![
+    let single: Vec<SingleVerb> = vec![
         Box::new(|id| json!({"action": "DescribeSnapshots", "resource_id": id})),
         Box::new(
             |id| json!({"action": "ModifySnapshotAttributes", "snapshot": id, "snapshot_name": "x"}),
