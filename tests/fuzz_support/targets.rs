@@ -29,7 +29,9 @@ pub fn request_parse(data: &[u8]) {
                     }
                 }
                 Err(e) => {
-                    assert!(e.message.chars().count() < 400, "{}", e.message);
+                    // At most 64 characters of the id, each escaped to at most 10
+                    // (`\u{10ffff}`), plus the explanation.
+                    assert!(e.message.len() < 64 * 10 + 160, "{}", e.message);
                     assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
                 }
             }
