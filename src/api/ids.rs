@@ -43,6 +43,33 @@ impl IdKind {
         })
     }
 
+    /// Why `s` is not an id of this kind, for a person: a hostile string is shown escaped
+    /// (`{:?}`: no control characters reach a terminal) and cut to its first 64 characters.
+    fn refusal(self, s: &str) -> String {
+        let shown: String = s.chars().take(64).collect();
+        let cut = if shown.len() < s.len() {
+            format!("… ({} bytes)", s.len())
+        } else {
+            String::new()
+        };
+        format!(
+            "{shown:?}{cut} is not a {} id ({}followed by {} characters of [0-9a-z])",
+            self.noun(),
+            self.prefix(),
+            self.len()
+        )
+    }
+
+    /// Refuses (1100) the first string of `ids` that is not an id of this kind. For filters
+    /// such as `describe-volumes -v`: a malformed id is a mistake worth saying, not a filter
+    /// that silently matches nothing.
+    pub fn check_all(self, ids: &[String]) -> Result<(), super::ApiError> {
+        match ids.iter().find(|s| !self.is_valid(s)) {
+            Some(bad) => Err(super::ApiError::bad(self.refusal(bad))),
+            None => Ok(()),
+        }
+    }
+
     fn generate(self) -> String {
         let mut rng = rand::thread_rng();
         let tail: String = (0..self.len())
@@ -71,13 +98,7 @@ macro_rules! id_type {
                 if $kind.is_valid(&s) {
                     Ok($name(s))
                 } else {
-                    Err(format!(
-                        "{:?} is not a {} id ({}followed by {} characters of [0-9a-z])",
-                        s,
-                        $kind.noun(),
-                        $kind.prefix(),
-                        $kind.len()
-                    ))
+                    Err($kind.refusal(&s))
                 }
             }
         }
@@ -145,6 +166,25 @@ mod tests {
             assert!(bad.parse::<VolumeId>().is_err(), "{bad:?}");
         }
         assert!("ss-umocjmc3".parse::<SnapshotId>().is_ok());
+        // Kinds do not mix, and look-alikes (Cyrillic a, full-width digits) are not ids.
+        assert!("ss-umocjmc3".parse::<VolumeId>().is_err());
+        assert!("vol-\u{430}bcdefgh".parse::<VolumeId>().is_err());
+        assert!("vol-\u{ff11}2345678".parse::<VolumeId>().is_err());
+    }
+
+    #[test]
+    fn refusals_are_short_and_escaped() {
+        let long = format!("vol-{}", "a".repeat(100 * 1024));
+        let e = long.parse::<VolumeId>().unwrap_err();
+        assert!(e.len() < 200, "{e}");
+        assert!(e.contains("102404 bytes"), "{e}");
+        let e = "vol-\u{1b}[31m\u{0}".parse::<VolumeId>().unwrap_err();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        let ids = vec!["vol-aaaaaaaa".to_string(), "../x".to_string()];
+        let e = IdKind::Volume.check_all(&ids).unwrap_err();
+        assert_eq!(e.kind, crate::api::ErrorKind::InvalidArgument);
+        assert!(e.message.contains("\"../x\""), "{}", e.message);
+        assert!(IdKind::Volume.check_all(&ids[..1]).is_ok());
         assert!("j-9ebq2zp5sm3".parse::<JobId>().is_ok());
     }
 }

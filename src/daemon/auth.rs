@@ -30,7 +30,7 @@ impl Caller {
             .map(|u| u.name)
             .unwrap_or_else(|| uid.to_string());
         let mut groups = vec![gid];
-        groups.extend(pid.map(process_groups).unwrap_or_default());
+        groups.extend(pid.map(|p| process_groups(p, uid)).unwrap_or_default());
         Caller {
             uid,
             gid,
@@ -74,15 +74,31 @@ fn in_group(groups: &[u32], name: &str) -> bool {
 
 /// Supplementary groups of a live process, from `/proc/<pid>/status` (`Groups:` line): the
 /// credentials the process really holds, not what /etc/group says today.
-fn process_groups(pid: i32) -> Vec<u32> {
+///
+/// SO_PEERCRED fixes uid, gid and pid at connect time, but this file is read later: if the
+/// client has exited and its pid was reused, the file describes another process. The groups
+/// count only when that process still has the client's effective uid, so a reused pid can
+/// never lend a stranger the groups of another user's process. (SO_PEERGROUPS would fix the
+/// groups at connect time too; nix has no wrapper for it yet.)
+fn process_groups(pid: i32, uid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
+        .map(|s| groups_from_status(&s, uid))
+        .unwrap_or_default()
+}
+
+/// The `Groups:` of a `/proc/<pid>/status` text whose effective uid (second field of `Uid:`)
+/// is `uid`; nothing otherwise.
+fn groups_from_status(status: &str, uid: u32) -> Vec<u32> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name));
+    let euid = field("Uid:").and_then(|u| u.split_whitespace().nth(1)?.parse::<u32>().ok());
+    if euid != Some(uid) {
+        return Vec::new();
+    }
+    field("Groups:")
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
         })
         .unwrap_or_default()
 }
@@ -120,5 +136,17 @@ mod tests {
             groups: vec![0],
         };
         assert_eq!(reader.access(&config), Access::Reader);
+    }
+
+    #[test]
+    fn groups_count_only_for_the_callers_uid() {
+        let status = "Name:\tsh\nUid:\t1000\t1000\t1000\t1000\nGid:\t100\t100\t100\t100\nGroups:\t27 50 100 \n";
+        assert_eq!(groups_from_status(status, 1000), vec![27, 50, 100]);
+        // A reused pid now running as someone else lends nothing.
+        assert!(groups_from_status(status, 4242).is_empty());
+        assert!(groups_from_status("Groups:\t27\n", 1000).is_empty());
+        let setuid = "Uid:\t1000\t0\t0\t0\nGroups:\t27\n";
+        assert_eq!(groups_from_status(setuid, 0), vec![27]);
+        assert!(groups_from_status(setuid, 1000).is_empty());
     }
 }

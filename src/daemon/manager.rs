@@ -263,6 +263,7 @@ impl Manager {
     }
 
     fn describe_volumes(&self, p: api::DescribeVolumes) -> Result<serde_json::Value, ApiError> {
+        api::IdKind::Volume.check_all(&p.volumes)?;
         let config = self.config();
         let rows = self.with_catalog(|c| c.volumes())?;
         let word = p.search_word.as_deref().map(str::to_lowercase);
@@ -292,6 +293,7 @@ impl Manager {
     }
 
     fn describe_jobs(&self, p: api::DescribeJobs) -> Result<serde_json::Value, ApiError> {
+        api::IdKind::Job.check_all(&p.jobs)?;
         let rows = self.with_catalog(|c| c.jobs())?;
         let matching: Vec<_> = rows
             .into_iter()

@@ -147,7 +147,14 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     let manager = Arc::new(Manager::new(config.clone(), catalog, store));
     let mode = config.socket_mode_bits().unwrap_or(0o660);
     let listener = bind_socket(&config.socket, mode, Some(&config.socket_group))?;
-    let nbd_listener = bind_socket(&config.nbd_socket_path(), mode, Some(&config.socket_group))?;
+    // The NBD server does not check peer credentials, and a connection to it reads and writes
+    // volume data: only root and `admin_group` may connect, whatever the control socket allows.
+    let nbd_group = if auth::group_gid(&config.admin_group).is_some() {
+        config.admin_group.as_str()
+    } else {
+        "root"
+    };
+    let nbd_listener = bind_socket(&config.nbd_socket_path(), mode & 0o770, Some(nbd_group))?;
     recovery::recover(&manager).map_err(|e| DaemonError::Recovery(e.message))?;
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

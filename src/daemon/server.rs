@@ -101,6 +101,11 @@ async fn route(req: hyper::Request<Incoming>, manager: &Arc<Manager>, caller: &C
             json_response(StatusCode::OK, &value)
         }
         (&Method::GET, "/metrics") => {
+            // Counts of what exists are a description: readers may see them, strangers not.
+            if caller.access(&manager.config()) == Access::None {
+                let e = refusal(caller, "GET /metrics");
+                return json_response(StatusCode::FORBIDDEN, &e.to_response(""));
+            }
             let text = manager.render_metrics();
             hyper::Response::builder()
                 .header("content-type", "text/plain; version=0.0.4")
@@ -151,6 +156,20 @@ async fn iaas(
             return (e.to_response(""), "invalid".into(), e.kind.ret_code());
         }
     };
+    // A stranger gets 1400 whatever it sent: the body is not even parsed for it.
+    let access = caller.access(&manager.config());
+    if access == Access::None {
+        let action = action_name(&body);
+        let e = refusal(
+            caller,
+            if action.is_empty() {
+                "the API"
+            } else {
+                &action
+            },
+        );
+        return (e.to_response(&action), "denied".into(), e.kind.ret_code());
+    }
     let request = match Request::parse(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -159,20 +178,13 @@ async fn iaas(
         }
     };
     let action = request.action().to_string();
-    let access = caller.access(&manager.config());
     let allowed = match access {
         Access::Admin => true,
         Access::Reader => request.is_read_only(),
         Access::None => false,
     };
     if !allowed {
-        let e = ApiError::new(
-            crate::api::ErrorKind::PermissionDenied,
-            format!(
-                "user {} (uid {}) may not call {action}",
-                caller.user, caller.uid
-            ),
-        );
+        let e = refusal(caller, &action);
         return (e.to_response(&action), action, e.kind.ret_code());
     }
     match manager.handle(request, caller).await {
@@ -188,6 +200,17 @@ async fn iaas(
             (e.to_response(&action), action.clone(), e.kind.ret_code())
         }
     }
+}
+
+/// The 1400 answer for a caller who may not call `what`.
+fn refusal(caller: &Caller, what: &str) -> ApiError {
+    ApiError::new(
+        crate::api::ErrorKind::PermissionDenied,
+        format!(
+            "user {} (uid {}) may not call {what}",
+            caller.user, caller.uid
+        ),
+    )
 }
 
 /// The `action` of an unparsable request, when it has a recognisable one, for the response name.

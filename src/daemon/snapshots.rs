@@ -135,6 +135,8 @@ impl Manager {
         &self,
         p: api::DescribeSnapshots,
     ) -> Result<serde_json::Value, ApiError> {
+        api::IdKind::Snapshot.check_all(&p.snapshots)?;
+        api::IdKind::Volume.check_all(p.resource_id.as_slice())?;
         let (rows, volumes) = self.with_catalog(|c| Ok((c.snapshots()?, c.volumes()?)))?;
         let volumes: HashMap<String, VolumeRow> =
             volumes.into_iter().map(|v| (v.id.clone(), v)).collect();

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use blocksnap::api::{Request, SnapshotId};
+use blocksnap::api::{IdKind, Request, SnapshotId};
 use blocksnap::nbd::proto;
 use blocksnap::store::{format, Manifest, MemBackend, NoProgress, RestoreMode, SharedMem, Store};
 use std::sync::Arc;
@@ -14,6 +14,52 @@ pub fn request_parse(data: &[u8]) {
     if let Ok(req) = Request::parse(data) {
         // Whatever parsed must be printable (handlers log it).
         let _ = format!("{req:?}");
+        // The control command sends `to_body()`: it must mean the same request.
+        let again = Request::parse(req.to_body().to_string().as_bytes());
+        assert_eq!(again.as_ref(), Ok(&req), "to_body() does not round-trip");
+        // Ids the daemon would accept are safe to join to a path; the others are refused
+        // with a short message free of control characters.
+        for (kind, ids) in ids_of(&req) {
+            match kind.check_all(&ids) {
+                Ok(()) => {
+                    for id in &ids {
+                        assert!(kind.is_valid(id));
+                        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                        assert!(!id.is_empty() && id.len() <= 16, "{id:?}");
+                    }
+                }
+                Err(e) => {
+                    // At most 64 characters of the id, each escaped to at most 10
+                    // (`\u{10ffff}`), plus the explanation.
+                    assert!(e.message.len() < 64 * 10 + 160, "{}", e.message);
+                    assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+                }
+            }
+        }
+    }
+}
+
+/// The ids a request names, by kind.
+fn ids_of(req: &Request) -> Vec<(IdKind, Vec<String>)> {
+    let one = |s: &Option<String>| s.iter().cloned().collect::<Vec<_>>();
+    match req {
+        Request::DescribeVolumes(p) => vec![(IdKind::Volume, p.volumes.clone())],
+        Request::AttachVolumes(p) => vec![(IdKind::Volume, p.volumes.clone())],
+        Request::DetachVolumes(p) => vec![(IdKind::Volume, p.volumes.clone())],
+        Request::ResizeVolumes(p) => vec![(IdKind::Volume, p.volumes.clone())],
+        Request::DeleteVolumes(p) => vec![(IdKind::Volume, p.volumes.clone())],
+        Request::CreateSnapshots(p) => vec![(IdKind::Volume, p.resources.clone())],
+        Request::DescribeSnapshots(p) => vec![
+            (IdKind::Snapshot, p.snapshots.clone()),
+            (IdKind::Volume, one(&p.resource_id)),
+        ],
+        Request::DeleteSnapshots(p) => vec![(IdKind::Snapshot, p.snapshots.clone())],
+        Request::ApplySnapshots(p) => vec![(IdKind::Snapshot, p.snapshots.clone())],
+        Request::VerifySnapshots(p) => vec![(IdKind::Snapshot, p.snapshots.clone())],
+        Request::CreateVolumeFromSnapshot(p) => vec![(IdKind::Snapshot, one(&p.snapshot))],
+        Request::ModifySnapshotAttributes(p) => vec![(IdKind::Snapshot, one(&p.snapshot))],
+        Request::DescribeJobs(p) => vec![(IdKind::Job, p.jobs.clone())],
+        Request::CreateVolumes(_) => Vec::new(),
     }
 }
 
