@@ -1,6 +1,6 @@
 //! What the NBD server serves: the [`Export`] trait and [`FileExport`], a sparse regular
-//! file accessed with positional I/O. Calls here block; the server runs them on tokio's
-//! blocking pool. May call `nix` safe wrappers and `std::fs`, nothing of ours above it.
+//! file accessed with positional I/O. Calls here block; the server runs them on each
+//! connection's own thread. May call `nix` safe wrappers and `std::fs`, nothing of ours above it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -58,6 +58,11 @@ pub trait Export: Send + Sync + 'static {
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+
+    /// A hint that writes of these `(offset, len)` ranges (received together) follow, so
+    /// per-write bookkeeping can be done once for all of them. Failures are left for the
+    /// writes themselves to report. The default does nothing.
+    fn prepare_writes(&self, _ranges: &[(u64, u64)]) {}
 }
 
 /// Longest run of extents one `block_status` call returns; clients ask again for more.

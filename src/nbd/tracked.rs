@@ -496,7 +496,13 @@ impl<E: Export> TrackedExport<E> {
         }
         let first = offset / REGION;
         let end = (offset + len).div_ceil(REGION).min(regions_of(self.size));
-        if self.intent.all_set(first, end) && !self.clean_on_disk.load(Ordering::Acquire) {
+        self.persist_regions(&[(first, end)])
+    }
+
+    /// Makes the write intent for every region span `[first, end)` durable, with one sync.
+    fn persist_regions(&self, spans: &[(u64, u64)]) -> io::Result<()> {
+        let marked = |spans: &[(u64, u64)]| spans.iter().all(|&(f, e)| self.intent.all_set(f, e));
+        if marked(spans) && !self.clean_on_disk.load(Ordering::Acquire) {
             return Ok(());
         }
         let bf = self.lock_bitmap();
@@ -507,25 +513,33 @@ impl<E: Export> TrackedExport<E> {
             bf.sync().map_err(to_io)?;
             self.clean_on_disk.store(false, Ordering::Release);
         }
-        if self.intent.all_set(first, end) {
+        if marked(spans) {
             return Ok(());
         }
-        // Write the affected bytes of the region section with the new bits included.
-        let lo = first / 8;
-        let hi = (end - 1) / 8;
-        let mut bytes = vec![0u8; (hi - lo + 1) as usize];
-        for (k, byte) in bytes.iter_mut().enumerate() {
-            for bit in 0..8u64 {
-                let r = (lo + k as u64) * 8 + bit;
-                if r < regions_of(self.size) && (self.intent.get(r) || (first..end).contains(&r)) {
-                    *byte |= 1 << bit;
+        for &(first, end) in spans {
+            if first >= end || self.intent.all_set(first, end) {
+                continue;
+            }
+            // Write the affected bytes of the region section with the new bits included.
+            let lo = first / 8;
+            let hi = (end - 1) / 8;
+            let mut bytes = vec![0u8; (hi - lo + 1) as usize];
+            for (k, byte) in bytes.iter_mut().enumerate() {
+                for bit in 0..8u64 {
+                    let r = (lo + k as u64) * 8 + bit;
+                    let new = spans.iter().any(|&(f, e)| (f..e).contains(&r));
+                    if r < regions_of(self.size) && (self.intent.get(r) || new) {
+                        *byte |= 1 << bit;
+                    }
                 }
             }
+            bf.file.write_all_at(&bytes, REGIONS_AT + lo)?;
         }
-        bf.file.write_all_at(&bytes, REGIONS_AT + lo)?;
         bf.file.sync_data()?;
         // Only now may other writers skip the sync for these regions.
-        self.intent.set_range(first, end);
+        for &(first, end) in spans {
+            self.intent.set_range(first, end);
+        }
         Ok(())
     }
 
@@ -767,6 +781,18 @@ impl<E: Export> Export for TrackedExport<E> {
 
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
+    }
+
+    fn prepare_writes(&self, ranges: &[(u64, u64)]) {
+        let spans: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|&&(off, len)| len > 0 && check_range(off, len, self.size).is_ok())
+            .map(|&(off, len)| (off / REGION, (off + len).div_ceil(REGION)))
+            .collect();
+        // As in `before_mutation`: a commit must not shrink the intent meanwhile. A
+        // failure here is met again, and reported, by the writes.
+        let _state = self.read_state();
+        let _ = self.persist_regions(&spans);
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
