@@ -3,21 +3,21 @@
 //!
 //! Per connection: a tokio task does the handshake, then hands the socket (switched to
 //! blocking) to a thread of the connection's own for the transmission phase. That thread
-//! reads whatever the client has sent, executes every whole request buffered in order
-//! (positional I/O, no hand-off to another thread), and sends their replies in one write
-//! before it reads again; writes received together announce their ranges to the export
-//! first, so a tracked export makes their write intents durable with one sync. One
-//! writer means every reply is whole on the wire; a client that stops reading replies
-//! blocks only its own thread, whose buffers stay bounded. Parallelism across requests
-//! comes from several connections (multi-conn is advertised). Any protocol violation
-//! ends that connection only.
+//! reads whatever the client has sent, executes the whole requests buffered in order
+//! (positional I/O, no hand-off per request) and sends their replies a few at a time,
+//! all of them before it reads again. Reads that miss the page cache go to a small pool
+//! of threads, writes that wait for a write-intent sync to one thread that syncs the
+//! intents of all it holds at once (see [`Connection`]). Every reply is written whole
+//! under one lock, so replies may come out of order but never interleave; a client that
+//! stops reading replies blocks only its own threads, whose buffers stay bounded. Any
+//! protocol violation ends that connection only.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -383,6 +383,9 @@ const INPUT_BUF: usize = 256 * 1024;
 const KEEP_BUF: usize = 4 * 1024 * 1024;
 /// Replies are sent once this many bytes are waiting, even if more requests are buffered.
 const OUT_FLUSH: usize = 256 * 1024;
+/// Replies are sent once this many are waiting, even if more requests are buffered: the
+/// client gets to work on them while the rest are served.
+const REPLY_BATCH: usize = 4;
 
 /// Runs the transmission phase on a thread of its own, then waits for it. Stop and
 /// export removal shut the socket's read side: the thread answers what it has already
@@ -407,7 +410,9 @@ async fn transmission(
     std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let r = Connection::new(export, caps, conn, leftover).run();
+            let r = Connection::new(export, caps, conn, leftover)
+                .map_err(|e| conn_err("clone socket", e))
+                .and_then(Connection::run);
             let _ = done_tx.send(r);
         })
         .map_err(|s| conn_err("start connection thread", s))?;
@@ -432,17 +437,197 @@ async fn transmission(
 
 /// The transmission phase of one connection, served synchronously: requests already
 /// received are executed in order on this thread (positional I/O, mostly page-cache
-/// hits) and their replies sent together in one write before the next read. No thread
-/// hand-off per request; each reply is whole on the wire because one thread writes.
+/// hits) and their replies sent in batches, with no hand-off to another thread. Two
+/// exceptions, so that one slow request does not hold up the others: a read that would
+/// wait for the disk goes to the connection's read pool (threads that may block, so cold
+/// reads still reach the disk in parallel), and a write that must first wait for a sync
+/// of its own (a tracked export's first write to a region) goes to the slow lane, one
+/// thread that makes the write intents of all it holds durable with one sync.
+/// Each reply is written whole under the writer's lock, so replies never interleave.
 /// Memory per connection is bounded: the input buffer holds at most one maximal write
-/// beyond `INPUT_BUF`, the output at most one maximal read beyond `OUT_FLUSH`.
+/// beyond `INPUT_BUF`, the output at most one maximal read beyond `OUT_FLUSH`, the slow
+/// lane at most `LANE_JOBS` writes of at most `LANE_MAX_WRITE` bytes.
 struct Connection {
     export: Arc<dyn Export>,
     caps: SessionCaps,
     conn: BlockingConn,
+    writer: Arc<Mutex<BlockingConn>>,
     input: Input,
     out: Vec<u8>,
-    writes: Vec<(u64, u64)>,
+    /// Replies in `out`.
+    replies: usize,
+    lane: Option<SlowLane>,
+    reads: Option<ReadPool>,
+}
+
+/// Writes that wait for their write intents, grouped: see [`Connection`].
+struct SlowLane {
+    tx: mpsc::SyncSender<SlowWrite>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct SlowWrite {
+    handle: u64,
+    command: Command,
+    payload: Vec<u8>,
+}
+
+/// Most writes queued for the slow lane before the connection waits for it.
+const LANE_JOBS: usize = 64;
+/// Larger writes are served inline even when they need a sync.
+const LANE_MAX_WRITE: u32 = 1024 * 1024;
+
+impl SlowLane {
+    fn start(
+        export: Arc<dyn Export>,
+        structured: bool,
+        writer: Arc<Mutex<BlockingConn>>,
+    ) -> io::Result<SlowLane> {
+        let (tx, rx) = mpsc::sync_channel::<SlowWrite>(LANE_JOBS);
+        let thread = std::thread::Builder::new()
+            .name("nbd-intent".into())
+            .spawn(move || {
+                let mut jobs = Vec::new();
+                let mut ranges = Vec::new();
+                let mut out = Vec::new();
+                let mut broken = false;
+                while let Ok(job) = rx.recv() {
+                    jobs.push(job);
+                    while jobs.len() < LANE_JOBS {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    if broken {
+                        // The socket is gone: only drain, so the connection never waits.
+                        jobs.clear();
+                        continue;
+                    }
+                    ranges.clear();
+                    ranges.extend(jobs.iter().filter_map(|j| match j.command {
+                        Command::Write { offset, len, .. } => Some((offset, u64::from(len))),
+                        _ => None,
+                    }));
+                    export.prepare_writes(&ranges);
+                    for job in jobs.drain(..) {
+                        serve_command(
+                            &*export,
+                            job.handle,
+                            job.command,
+                            &job.payload,
+                            structured,
+                            false,
+                            &mut out,
+                        );
+                    }
+                    broken = write_locked(&writer, &out).is_err();
+                    out.clear();
+                }
+            })?;
+        Ok(SlowLane { tx, thread })
+    }
+}
+
+fn write_locked(writer: &Mutex<BlockingConn>, bytes: &[u8]) -> io::Result<()> {
+    // A panic while writing leaves at worst a torn reply, after which the client
+    // cannot trust the stream anyway; the next write fails or is garbage to it.
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    w.write_all(bytes)
+}
+
+/// Runs one command, turning a panic in the export into an EIO reply. `false` when
+/// `cached_only` and the command is a read that would block (nothing appended).
+fn serve_command(
+    export: &dyn Export,
+    handle: u64,
+    command: Command,
+    payload: &[u8],
+    structured: bool,
+    cached_only: bool,
+    out: &mut Vec<u8>,
+) -> bool {
+    let start = out.len();
+    let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        execute(
+            export,
+            handle,
+            command,
+            payload,
+            structured,
+            cached_only,
+            out,
+        )
+    }));
+    match done {
+        Ok(done) => done,
+        Err(_) => {
+            out.truncate(start);
+            out.extend_from_slice(&error_reply(
+                handle,
+                proto::EIO,
+                "export panicked",
+                structured,
+            ));
+            true
+        }
+    }
+}
+
+/// Threads of one connection that serve reads missing the page cache, so that such reads
+/// proceed in parallel (the disk's queue) while cached ones are still served inline.
+struct ReadPool {
+    tx: mpsc::SyncSender<(u64, Command)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Threads in a connection's read pool.
+const READ_THREADS: usize = 4;
+/// Reads queued for the pool before the connection waits for it.
+const READ_QUEUE: usize = 64;
+
+impl ReadPool {
+    fn start(
+        export: &Arc<dyn Export>,
+        structured: bool,
+        writer: &Arc<Mutex<BlockingConn>>,
+    ) -> io::Result<ReadPool> {
+        let (tx, rx) = mpsc::sync_channel::<(u64, Command)>(READ_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut pool = ReadPool {
+            tx,
+            threads: Vec::new(),
+        };
+        for _ in 0..READ_THREADS {
+            let (export, writer, rx) = (Arc::clone(export), Arc::clone(writer), Arc::clone(&rx));
+            let thread = std::thread::Builder::new()
+                .name("nbd-read".into())
+                .spawn(move || {
+                    let mut out = Vec::new();
+                    let mut broken = false;
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((handle, command)) = job else { break };
+                        if broken {
+                            continue;
+                        }
+                        serve_command(&*export, handle, command, &[], structured, false, &mut out);
+                        broken = write_locked(&writer, &out).is_err();
+                        out.clear();
+                        if out.capacity() > KEEP_BUF {
+                            out.shrink_to(OUT_FLUSH);
+                        }
+                    }
+                });
+            match thread {
+                Ok(t) => pool.threads.push(t),
+                // Fewer threads still serve; none at all is an error.
+                Err(e) if pool.threads.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(pool)
+    }
 }
 
 /// Bytes read from the socket and not yet consumed: `buf[start..end]`.
@@ -520,19 +705,38 @@ impl Connection {
         caps: SessionCaps,
         conn: BlockingConn,
         leftover: Vec<u8>,
-    ) -> Connection {
-        Connection {
+    ) -> io::Result<Connection> {
+        let writer = Arc::new(Mutex::new(conn.try_clone()?));
+        Ok(Connection {
             export,
             caps,
             conn,
+            writer,
             input: Input::new(leftover),
             out: Vec::with_capacity(OUT_FLUSH),
-            writes: Vec::new(),
-        }
+            replies: 0,
+            lane: None,
+            reads: None,
+        })
     }
 
     fn run(mut self) -> Result<(), NbdError> {
-        let mut fresh = true;
+        let result = self.serve();
+        // Requests handed to other threads are answered before the connection ends.
+        if let Some(lane) = self.lane.take() {
+            drop(lane.tx);
+            let _ = lane.thread.join();
+        }
+        if let Some(pool) = self.reads.take() {
+            drop(pool.tx);
+            for t in pool.threads {
+                let _ = t.join();
+            }
+        }
+        result
+    }
+
+    fn serve(&mut self) -> Result<(), NbdError> {
         loop {
             let need = match next_request(self.input.data(), &self.caps)? {
                 Next::Request(n) if self.input.len() >= n => n,
@@ -555,43 +759,15 @@ impl Connection {
                         }
                         Err(e) => return Err(conn_err("request", e)),
                     }
-                    fresh = true;
                     continue;
                 }
             };
-            if fresh {
-                self.announce_writes();
-                fresh = false;
-            }
             if !self.serve_one(need)? {
+                return self.send_replies();
+            }
+            if self.replies >= REPLY_BATCH || self.out.len() >= OUT_FLUSH {
                 self.send_replies()?;
-                return Ok(());
             }
-            if self.out.len() >= OUT_FLUSH {
-                self.send_replies()?;
-            }
-        }
-    }
-
-    /// Tells the export about every write received and not yet served, so that their
-    /// bookkeeping (write intents) is done once for the batch.
-    fn announce_writes(&mut self) {
-        self.writes.clear();
-        let mut data = self.input.data();
-        while let Ok(Next::Request(n)) = next_request(data, &self.caps) {
-            if data.len() < n {
-                break;
-            }
-            if let Ok(h) = proto::parse_request_header(header_of(data)) {
-                if let Ok(Command::Write { offset, len, .. }) = proto::check_request(&h, &self.caps)
-                {
-                    self.writes.push((offset, u64::from(len)));
-                }
-            }
-            data = &data[n..];
-        }
-        if self.writes.len() > 1 {
-            self.export.prepare_writes(&self.writes);
         }
     }
 
@@ -607,26 +783,93 @@ impl Connection {
                 let reply =
                     error_reply(header.handle, rejection.errno, rejection.reason, structured);
                 self.out.extend_from_slice(&reply);
+                self.replies += 1;
             }
             Ok(Command::Disconnect) => return Ok(false),
+            Ok(command @ Command::Write { offset, len, .. })
+                if len <= LANE_MAX_WRITE
+                    && self.export.write_needs_sync(offset, u64::from(len)) =>
+            {
+                let payload = self.input.data()[proto::REQUEST_HEADER_LEN..need].to_vec();
+                self.input.consume(need);
+                self.to_slow_lane(SlowWrite {
+                    handle: header.handle,
+                    command,
+                    payload,
+                })?;
+            }
             Ok(command) => {
                 let payload = &self.input.data()[proto::REQUEST_HEADER_LEN..need];
-                let start = self.out.len();
-                let handle = header.handle;
-                let export = &*self.export;
-                let out = &mut self.out;
-                let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    execute(export, handle, command, payload, structured, out)
-                }));
-                if done.is_err() {
-                    self.out.truncate(start);
-                    let reply = error_reply(handle, proto::EIO, "export panicked", structured);
-                    self.out.extend_from_slice(&reply);
-                }
+                let done = serve_command(
+                    &*self.export,
+                    header.handle,
+                    command,
+                    payload,
+                    structured,
+                    true,
+                    &mut self.out,
+                );
                 self.input.consume(need);
+                if done {
+                    self.replies += 1;
+                } else {
+                    self.to_read_pool(header.handle, command)?;
+                }
             }
         }
         Ok(true)
+    }
+
+    fn to_slow_lane(&mut self, job: SlowWrite) -> Result<(), NbdError> {
+        if self.lane.is_none() {
+            let lane = SlowLane::start(
+                Arc::clone(&self.export),
+                self.caps.structured,
+                Arc::clone(&self.writer),
+            )
+            .map_err(|e| conn_err("start the write-intent thread", e))?;
+            self.lane = Some(lane);
+        }
+        let Some(lane) = &self.lane else {
+            return Ok(());
+        };
+        let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
+        match lane.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) => {
+                // Don't sit on replies while waiting for the lane.
+                self.send_replies()?;
+                let Some(lane) = &self.lane else {
+                    return Ok(());
+                };
+                lane.tx.send(job).map_err(|_| gone())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
+        }
+    }
+
+    fn to_read_pool(&mut self, handle: u64, command: Command) -> Result<(), NbdError> {
+        if self.reads.is_none() {
+            let pool = ReadPool::start(&self.export, self.caps.structured, &self.writer)
+                .map_err(|e| conn_err("start the read threads", e))?;
+            self.reads = Some(pool);
+        }
+        let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
+        let Some(pool) = &self.reads else {
+            return Ok(());
+        };
+        match pool.tx.try_send((handle, command)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) => {
+                // Don't sit on replies while waiting for the pool.
+                self.send_replies()?;
+                let Some(pool) = &self.reads else {
+                    return Ok(());
+                };
+                pool.tx.send(job).map_err(|_| gone())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
+        }
     }
 
     /// Skips the payload of a rejected request, buffered or still on the wire.
@@ -655,10 +898,9 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
-        self.conn
-            .write_all(&self.out)
-            .map_err(|e| conn_err("reply", e))?;
+        write_locked(&self.writer, &self.out).map_err(|e| conn_err("reply", e))?;
         self.out.clear();
+        self.replies = 0;
         if self.out.capacity() > KEEP_BUF {
             self.out.shrink_to(OUT_FLUSH);
         }
@@ -710,22 +952,28 @@ fn io_reply(handle: u64, result: io::Result<()>, structured: bool, out: &mut Vec
     }
 }
 
-/// Runs one command against the export and appends its complete reply to `out`. Blocking.
+/// Runs one command against the export and appends its complete reply to `out`.
+/// Blocking, except that with `cached_only` a read that would wait for the disk is not
+/// done: `false`, and nothing appended.
 fn execute(
     export: &dyn Export,
     handle: u64,
     command: Command,
     payload: &[u8],
     structured: bool,
+    cached_only: bool,
     out: &mut Vec<u8>,
-) {
+) -> bool {
     match command {
         Command::Read { offset, len, df } => {
-            if structured {
-                read_structured(export, handle, offset, len, df, out)
+            let cached = |b: &mut [u8], o: u64| export.read_cached(b, o);
+            let blocking = |b: &mut [u8], o: u64| Some(export.read_at(b, o));
+            let read: ReadFn = if cached_only { &cached } else { &blocking };
+            return if structured {
+                read_structured(export, read, handle, offset, len, df, out)
             } else {
-                read_simple(export, handle, offset, len, out)
-            }
+                read_simple(read, handle, offset, len, out)
+            };
         }
         Command::Write { offset, fua, .. } => io_reply(
             handle,
@@ -789,6 +1037,7 @@ fn execute(
         // The connection stops at DISC and never hands it here.
         Command::Disconnect => {}
     }
+    true
 }
 
 fn flush_if(export: &dyn Export, fua: bool) -> io::Result<()> {
@@ -799,34 +1048,45 @@ fn flush_if(export: &dyn Export, fua: bool) -> io::Result<()> {
     }
 }
 
+/// How a reply reads data: with blocking reads, or from the page cache only (`None`
+/// when it would block).
+type ReadFn<'a> = &'a dyn Fn(&mut [u8], u64) -> Option<io::Result<()>>;
+
 /// A simple READ reply: the header is built only once the data is in hand, so an error
-/// never follows a success header.
-fn read_simple(export: &dyn Export, handle: u64, offset: u64, len: u32, out: &mut Vec<u8>) {
+/// never follows a success header. `false` (and nothing appended) when `read` would block.
+fn read_simple(read: ReadFn, handle: u64, offset: u64, len: u32, out: &mut Vec<u8>) -> bool {
     let start = out.len();
     out.resize(start + 16 + len as usize, 0);
-    match export.read_at(&mut out[start + 16..], offset) {
-        Ok(()) => out[start..start + 16].copy_from_slice(&proto::simple_reply(handle, 0)),
-        Err(e) => {
+    match read(&mut out[start + 16..], offset) {
+        None => {
+            out.truncate(start);
+            return false;
+        }
+        Some(Ok(())) => out[start..start + 16].copy_from_slice(&proto::simple_reply(handle, 0)),
+        Some(Err(e)) => {
             out.truncate(start);
             out.extend_from_slice(&proto::simple_reply(handle, proto::errno_of(&e)));
         }
     }
+    true
 }
 
 /// A structured READ reply: hole chunks for zero extents (unless DF), data chunks for the
 /// rest, then a final NONE chunk. The whole reply is built before any of it is sent, so
-/// an error turns into a single ERROR chunk.
+/// an error turns into a single ERROR chunk. `false` (and nothing appended) when `read`
+/// would block.
 fn read_structured(
     export: &dyn Export,
+    read: ReadFn,
     handle: u64,
     offset: u64,
     len: u32,
     df: bool,
     out: &mut Vec<u8>,
-) {
+) -> bool {
     if len == 0 {
         out.extend_from_slice(&proto::done_chunk(handle));
-        return;
+        return true;
     }
     let start = out.len();
     // Small reads skip the hole lookup: two lseeks cost more than sending the zeroes.
@@ -853,14 +1113,22 @@ fn read_structured(
         out.extend_from_slice(&seg_off.to_be_bytes());
         let at = out.len();
         out.resize(at + seg_len as usize, 0);
-        if let Err(e) = export.read_at(&mut out[at..], seg_off) {
-            out.truncate(start);
-            let chunk = proto::error_chunk(handle, proto::errno_of(&e), &e.to_string());
-            out.extend_from_slice(&chunk);
-            return;
+        match read(&mut out[at..], seg_off) {
+            Some(Ok(())) => {}
+            None => {
+                out.truncate(start);
+                return false;
+            }
+            Some(Err(e)) => {
+                out.truncate(start);
+                let chunk = proto::error_chunk(handle, proto::errno_of(&e), &e.to_string());
+                out.extend_from_slice(&chunk);
+                return true;
+            }
         }
     }
     out.extend_from_slice(&proto::done_chunk(handle));
+    true
 }
 
 /// Splits a read into (offset, len, reads-as-zero) segments using block status; small

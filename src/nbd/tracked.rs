@@ -773,6 +773,10 @@ impl<E: Export> Export for TrackedExport<E> {
         self.inner.read_at(buf, offset)
     }
 
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        self.inner.read_cached(buf, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let _state = self.before_mutation(offset, buf.len() as u64)?;
@@ -793,6 +797,14 @@ impl<E: Export> Export for TrackedExport<E> {
         // failure here is met again, and reported, by the writes.
         let _state = self.read_state();
         let _ = self.persist_regions(&spans);
+    }
+
+    fn write_needs_sync(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || check_range(offset, len, self.size).is_err() {
+            return false;
+        }
+        let end = (offset + len).div_ceil(REGION);
+        self.clean_on_disk.load(Ordering::Acquire) || !self.intent.all_set(offset / REGION, end)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

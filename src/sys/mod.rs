@@ -3,7 +3,8 @@
 //! One file per kernel interface: `loopdev` (loop devices through /dev/loop-control),
 //! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
 //! owning guard), `reflink` (FICLONE), `fiemap` (extent maps, shared extents) and `process`
-//! (PR_SET_IO_FLUSHER). Ioctl numbers come from nix's macros, argument structs are
+//! (PR_SET_IO_FLUSHER), `uio`
+//! (page-cache-only reads, RWF_NOWAIT). Ioctl numbers come from nix's macros, argument structs are
 //! `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
 //!
 //! This module depends on nothing else of ours except `crate::api::ErrorKind`, the small enum
@@ -15,6 +16,7 @@ pub mod freeze;
 pub mod loopdev;
 pub mod process;
 pub mod reflink;
+pub mod uio;
 
 #[cfg(test)]
 pub(crate) mod test_util;
