@@ -792,7 +792,7 @@ impl Connection {
             {
                 let payload = self.input.data()[proto::REQUEST_HEADER_LEN..need].to_vec();
                 self.input.consume(need);
-                self.to_slow_lane(SlowWrite {
+                self.queue_slow_write(SlowWrite {
                     handle: header.handle,
                     command,
                     payload,
@@ -813,14 +813,14 @@ impl Connection {
                 if done {
                     self.replies += 1;
                 } else {
-                    self.to_read_pool(header.handle, command)?;
+                    self.queue_read(header.handle, command)?;
                 }
             }
         }
         Ok(true)
     }
 
-    fn to_slow_lane(&mut self, job: SlowWrite) -> Result<(), NbdError> {
+    fn queue_slow_write(&mut self, job: SlowWrite) -> Result<(), NbdError> {
         if self.lane.is_none() {
             let lane = SlowLane::start(
                 Arc::clone(&self.export),
@@ -848,7 +848,7 @@ impl Connection {
         }
     }
 
-    fn to_read_pool(&mut self, handle: u64, command: Command) -> Result<(), NbdError> {
+    fn queue_read(&mut self, handle: u64, command: Command) -> Result<(), NbdError> {
         if self.reads.is_none() {
             let pool = ReadPool::start(&self.export, self.caps.structured, &self.writer)
                 .map_err(|e| conn_err("start the read threads", e))?;
