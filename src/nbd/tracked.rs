@@ -919,6 +919,32 @@ mod tests {
     }
 
     #[test]
+    fn prepared_write_intents_are_durable_together() {
+        let (dir, t) = setup(20 * REGION);
+        assert!(t.write_needs_sync(0, 4096));
+        // Empty and out-of-range ranges are ignored.
+        t.prepare_writes(&[
+            (2 * REGION, 4096),
+            (17 * REGION - 4096, 8192),
+            (0, 0),
+            (u64::MAX - 1, 4096),
+        ]);
+        assert!(!t.write_needs_sync(2 * REGION + 4096, 4096));
+        assert!(!t.write_needs_sync(16 * REGION, 2 * REGION));
+        assert!(t.write_needs_sync(0, 4096));
+        assert!(t.write_needs_sync(17 * REGION, REGION + 1));
+        t.write_at(&[1; 4096], 2 * REGION, false).unwrap();
+        // "Crash": every prepared region is dirty afterwards, written to or not.
+        drop(t);
+        let t = reopen(&dir);
+        assert_eq!(t.recovery(), Recovery::Crashed);
+        assert_eq!(
+            t.dirty_ranges(),
+            vec![r(2 * REGION, REGION), r(16 * REGION, 2 * REGION)]
+        );
+    }
+
+    #[test]
     fn copy_before_write_keeps_the_point_in_time_image() {
         let (dir, t) = setup(2 * REGION);
         t.write_at(&[0xaa; 16384], 0, false).unwrap();
