@@ -5,7 +5,8 @@
 #
 # Knobs (env): VOL_SIZE (4G), RUNTIME (10 s per workload), RAMP (2 s), TMPBASE (/var/tmp),
 # BIN (target/release), NBD_SERVE (1 = also measure examples/nbd_serve, the bare server),
-# ORDER ("blocksnapd nbd_serve qemu-nbd nbdkit": the order the servers are measured in).
+# ORDER ("blocksnapd nbd_serve qemu-nbd nbdkit": the order the servers are measured in),
+# ONLY (workload names to run, e.g. "randread-4k randwrite-4k"; default all).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -67,6 +68,10 @@ dd if=/dev/urandom of="$IMG" bs=4M count=$((SIZE_B / 4194304)) conv=notrunc,fsyn
 
 # workloads: name rw bs iodepth
 WORKLOADS=("randread-4k randread 4k 16" "randwrite-4k randwrite 4k 16" "seqread-1M read 1M 16" "seqwrite-1M write 1M 16")
+if [ -n "${ONLY:-}" ]; then
+    SEL=(); for w in "${WORKLOADS[@]}"; do [[ " $ONLY " == *" ${w%% *} "* ]] && SEL+=("$w"); done
+    WORKLOADS=("${SEL[@]}")
+fi
 declare -A RES
 
 run_fio() {  # server uri

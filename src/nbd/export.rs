@@ -1,6 +1,6 @@
 //! What the NBD server serves: the [`Export`] trait and [`FileExport`], a sparse regular
-//! file accessed with positional I/O. Calls here block; the server runs them on tokio's
-//! blocking pool. May call `nix` safe wrappers and `std::fs`, nothing of ours above it.
+//! file accessed with positional I/O. Calls here block; the server runs them on each
+//! connection's own thread. May call `nix` safe wrappers and `std::fs`, nothing of ours above it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -59,6 +59,25 @@ pub trait Export: Send + Sync + 'static {
     /// A hint to prefetch the range (`NBD_CMD_CACHE`). The default does nothing.
     fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
+    }
+
+    /// A hint that writes of these `(offset, len)` ranges (received together) follow, so
+    /// per-write bookkeeping can be done once for all of them. Failures are left for the
+    /// writes themselves to report. The default does nothing.
+    fn prepare_writes(&self, _ranges: &[(u64, u64)]) {}
+
+    /// Whether a write of this range would first wait for bookkeeping of its own (a sync
+    /// of write intents), so that a server may serve other requests meanwhile and group
+    /// such writes with [`prepare_writes`](Self::prepare_writes). The default: never.
+    fn write_needs_sync(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
+    /// [`read_at`](Self::read_at) if it can be done without waiting for the disk (a page
+    /// cache hit): `None` when it cannot (`buf` is then unspecified) and the caller should
+    /// read where blocking is fine. The default never knows, so always `None`.
+    fn read_cached(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
     }
 }
 
@@ -227,6 +246,30 @@ impl Export for FileExport {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64, libc::EINVAL)?;
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = self.check_range(offset, buf.len() as u64, libc::EINVAL) {
+            return Some(Err(e));
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match crate::sys::uio::pread_nowait(&self.file, &mut buf[done..], offset + done as u64)
+            {
+                Ok(Some(0)) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(Some(n)) => done += n,
+                Ok(None) => return None,
+                // No RWF_NOWAIT here: a plain read, as if the data were cached.
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    return Some(
+                        self.file
+                            .read_exact_at(&mut buf[done..], offset + done as u64),
+                    );
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(()))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

@@ -3,14 +3,17 @@
 //! - [`proto`]: constants, pure parsers and encoders of the wire format (fuzzable);
 //! - [`export`]: the [`Export`] trait the server serves, and [`FileExport`];
 //! - [`server`]: [`NbdServer`], the handshake and transmission phases over unix or TCP
-//!   sockets, one tokio task per connection and requests served concurrently;
+//!   sockets: handshake in a tokio task, then a thread per connection that serves cached
+//!   I/O inline and hands reads that miss the cache and writes that wait for a
+//!   write-intent sync to helper threads;
 //! - [`tracked`]: [`TrackedExport`], changed-block tracking (persistent write-intent
 //!   bitmap) and copy-before-write for point-in-time capture;
 //! - [`lazy`]: [`LazyExport`], lazy restore: a snapshot served at once while a background
 //!   job hydrates a new image (persistent hydrated map).
 //!
 //! This module knows nothing of volumes, the catalog or HTTP; it may call `nix`, tokio,
-//! `crate::api` (for error kinds) and, for lazy restore, the store's `ChainReader`.
+//! `crate::sys` (page-cache-only reads), `crate::api` (for error kinds) and, for lazy
+//! restore, the store's `ChainReader`.
 
 pub mod export;
 pub mod lazy;

@@ -1,28 +1,32 @@
 //! [`NbdServer`]: accepts connections on a unix or TCP listener, negotiates the fixed
 //! newstyle handshake and serves requests against the named [`Export`].
 //!
-//! Per connection: one task reads requests; each request runs on tokio's blocking pool;
-//! replies travel through a channel to one writer task, so replies may complete out of
-//! order but never interleave. Bytes in flight per connection are bounded by a semaphore,
-//! which also back-pressures a client that stops reading replies. Any protocol violation
-//! ends that connection only.
+//! Per connection: a tokio task does the handshake, then hands the socket (switched to
+//! blocking) to a thread of the connection's own for the transmission phase. That thread
+//! reads whatever the client has sent, executes the whole requests buffered in order
+//! (positional I/O, no hand-off per request) and sends their replies a few at a time,
+//! all of them before it reads again. Reads that miss the page cache go to a small pool
+//! of threads, writes that wait for a write-intent sync to one thread that syncs the
+//! intents of all it holds at once (see [`Connection`]). Every reply is written whole
+//! under one lock, so replies may come out of order but never interleave; a client that
+//! stops reading replies blocks only its own threads, whose buffers stay bounded. Any
+//! protocol violation ends that connection only.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::export::Export;
-use super::proto::{self, Command, ProtoError, RequestHeader, SessionCaps};
+use super::proto::{self, Command, ProtoError, SessionCaps};
 use super::NbdError;
 
 /// Connections served at once by one `serve_*` call; more are closed at accept.
@@ -31,11 +35,6 @@ const MAX_CONNECTIONS: usize = 512;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Options accepted in one handshake before the client is considered hostile.
 const MAX_OPTIONS: usize = 256;
-/// Bytes of request and reply payload in flight per connection (at least one maximal
-/// request must fit).
-const INFLIGHT_BYTES: usize = 2 * proto::MAX_PAYLOAD as usize;
-/// Budget charged for every request on top of its payload, bounding the request count.
-const REQUEST_COST: usize = 64 * 1024;
 /// Time given to in-flight replies after the reader stops, before the socket is dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most descriptors sent in one block status reply.
@@ -172,21 +171,27 @@ impl NbdServer {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), NbdError>
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + IntoBlocking + Unpin + Send + 'static,
     {
         let (rd, wr) = tokio::io::split(stream);
-        let mut rd = BufReader::with_capacity(128 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(128 * 1024, wr);
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
         let session = tokio::select! {
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut rd, &mut wr)) => {
                 r.map_err(|_| NbdError::HandshakeTimeout)??
             }
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
-        match session {
-            Some(session) => transmission(session, rd, wr, stop).await,
-            None => Ok(()),
-        }
+        let Some(session) = session else {
+            return Ok(());
+        };
+        // Requests the client pipelined behind the handshake stay with the session.
+        let leftover = rd.buffer().to_vec();
+        let stream = rd.into_inner().unsplit(wr.into_inner());
+        let conn = stream
+            .into_blocking()
+            .map_err(|s| conn_err("switch socket to blocking", s))?;
+        transmission(session, conn, leftover, stop).await
     }
 
     /// Option haggling. `None` when the client aborted.
@@ -372,42 +377,26 @@ struct Session {
     block_status: bool,
 }
 
-/// One reply on its way to the socket, with the in-flight budget it holds.
-struct Outgoing {
-    bytes: Vec<u8>,
-    _permit: OwnedSemaphorePermit,
-}
+/// Reads from the socket land in a buffer of at least this size.
+const INPUT_BUF: usize = 256 * 1024;
+/// Buffers grown past this (by a large write or read) shrink back once drained.
+const KEEP_BUF: usize = 4 * 1024 * 1024;
+/// Replies are sent once this many bytes are waiting, even if more requests are buffered.
+const OUT_FLUSH: usize = 256 * 1024;
+/// Replies are sent once this many are waiting, even if more requests are buffered: the
+/// client gets to work on them while the rest are served.
+const REPLY_BATCH: usize = 4;
 
-/// What the reader took off the wire.
-enum Incoming {
-    Request {
-        header: RequestHeader,
-        command: Command,
-        payload: Vec<u8>,
-        permit: OwnedSemaphorePermit,
-    },
-    Rejected {
-        header: RequestHeader,
-        rejection: proto::Rejection,
-        permit: OwnedSemaphorePermit,
-    },
-    Disconnect,
-    Closed,
-}
-
-async fn transmission<R, W>(
+/// Runs the transmission phase on a thread of its own, then waits for it. Stop and
+/// export removal shut the socket's read side: the thread answers what it has already
+/// read, then ends; a client that does not take its replies is cut off after
+/// `DRAIN_TIMEOUT`.
+async fn transmission(
     session: Session,
-    mut rd: BufReader<ReadHalf<R>>,
-    wr: BufWriter<WriteHalf<W>>,
+    conn: BlockingConn,
+    leftover: Vec<u8>,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), NbdError>
-where
-    R: AsyncRead + Send + 'static,
-    W: AsyncWrite + Send + 'static,
-{
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let mut writer = tokio::spawn(write_replies(wr, rx));
-    let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES));
+) -> Result<(), NbdError> {
     let caps = SessionCaps {
         size: session.export.size(),
         structured: session.structured,
@@ -415,158 +404,531 @@ where
         read_only: session.export.read_only(),
     };
     let mut removed = session.removed.clone();
-
-    let result = loop {
-        let incoming = tokio::select! {
-            r = read_request(&mut rd, &caps, &budget) => r,
-            _ = stop.wait_for(|s| *s) => break Ok(()),
-            _ = removed.wait_for(|r| *r) => break Ok(()),
-            _ = tx.closed() => break Ok(()),
-        };
-        match incoming {
-            Err(e) => break Err(e),
-            Ok(Incoming::Disconnect) | Ok(Incoming::Closed) => break Ok(()),
-            Ok(Incoming::Rejected {
-                header,
-                rejection,
-                permit,
-            }) => {
-                let bytes = error_reply(
-                    header.handle,
-                    rejection.errno,
-                    rejection.reason,
-                    caps.structured,
-                );
-                let _ = tx.send(Outgoing {
-                    bytes,
-                    _permit: permit,
-                });
-            }
-            Ok(Incoming::Request {
-                header,
-                command,
-                payload,
-                permit,
-            }) => {
-                let export = Arc::clone(&session.export);
-                let tx = tx.clone();
-                let structured = caps.structured;
-                tokio::task::spawn_blocking(move || {
-                    let handle = header.handle;
-                    let bytes = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(&*export, handle, command, &payload, structured)
-                    }))
-                    .unwrap_or_else(|_| {
-                        error_reply(handle, proto::EIO, "export panicked", structured)
-                    });
-                    // A closed channel means the connection is gone; nobody to answer.
-                    let _ = tx.send(Outgoing {
-                        bytes,
-                        _permit: permit,
-                    });
-                });
-            }
-        }
-    };
-    drop(tx);
-    if result.is_err() {
-        // A protocol violation is a hard disconnect: don't wait for the client.
-        writer.abort();
-        return result;
+    let ctl = conn.try_clone().map_err(|s| conn_err("clone socket", s))?;
+    let (done_tx, mut done_rx) = oneshot::channel();
+    let export = Arc::clone(&session.export);
+    std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let r = Connection::new(export, caps, conn, leftover)
+                .map_err(|e| conn_err("clone socket", e))
+                .and_then(Connection::run);
+            let _ = done_tx.send(r);
+        })
+        .map_err(|s| conn_err("start connection thread", s))?;
+    let lost = || conn_err("serve", io::Error::other("connection thread panicked"));
+    tokio::select! {
+        r = &mut done_rx => return r.unwrap_or_else(|_| Err(lost())),
+        _ = stop.wait_for(|s| *s) => {}
+        _ = removed.wait_for(|r| *r) => {}
     }
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(source))) => Err(conn_err("reply", source)),
-        Ok(Err(_)) => Ok(()),
+    // Ends the thread's next read; what it already read is still answered.
+    let _ = ctl.shutdown(Shutdown::Read);
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut done_rx).await {
+        Ok(r) => r.unwrap_or_else(|_| Err(lost())),
         Err(_) => {
-            writer.abort();
+            // Replies nobody reads: cut the connection so the thread's write fails.
+            let _ = ctl.shutdown(Shutdown::Both);
+            let _ = done_rx.await;
             Ok(())
         }
     }
 }
 
-async fn read_request<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    caps: &SessionCaps,
-    budget: &Arc<Semaphore>,
-) -> Result<Incoming, NbdError> {
-    let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-    match rd.read_exact(&mut hdr).await {
-        Ok(_) => {}
-        // The client went away, perhaps mid-header: nothing left to answer.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Incoming::Closed),
-        Err(source) => return Err(conn_err("request header", source)),
+/// The transmission phase of one connection, served synchronously: requests already
+/// received are executed in order on this thread (positional I/O, mostly page-cache
+/// hits) and their replies sent in batches, with no hand-off to another thread. Two
+/// exceptions, so that one slow request does not hold up the others: a read that would
+/// wait for the disk goes to the connection's read pool (threads that may block, so cold
+/// reads still reach the disk in parallel), and a write that must first wait for a sync
+/// of its own (a tracked export's first write to a region) goes to the slow lane, one
+/// thread that makes the write intents of all it holds durable with one sync.
+/// Each reply is written whole under the writer's lock, so replies never interleave.
+/// Memory per connection is bounded: the input buffer holds at most one maximal write
+/// beyond `INPUT_BUF`, the output at most one maximal read beyond `OUT_FLUSH`, the slow
+/// lane at most `LANE_JOBS` writes of at most `LANE_MAX_WRITE` bytes.
+struct Connection {
+    export: Arc<dyn Export>,
+    caps: SessionCaps,
+    conn: BlockingConn,
+    writer: Arc<Mutex<BlockingConn>>,
+    input: Input,
+    out: Vec<u8>,
+    /// Replies in `out`.
+    replies: usize,
+    lane: Option<SlowLane>,
+    reads: Option<ReadPool>,
+}
+
+/// Writes that wait for their write intents, grouped: see [`Connection`].
+struct SlowLane {
+    tx: mpsc::SyncSender<SlowWrite>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct SlowWrite {
+    handle: u64,
+    command: Command,
+    payload: Vec<u8>,
+}
+
+/// Most writes queued for the slow lane before the connection waits for it.
+const LANE_JOBS: usize = 64;
+/// Larger writes are served inline even when they need a sync.
+const LANE_MAX_WRITE: u32 = 1024 * 1024;
+
+impl SlowLane {
+    fn start(
+        export: Arc<dyn Export>,
+        structured: bool,
+        writer: Arc<Mutex<BlockingConn>>,
+    ) -> io::Result<SlowLane> {
+        let (tx, rx) = mpsc::sync_channel::<SlowWrite>(LANE_JOBS);
+        let thread = std::thread::Builder::new()
+            .name("nbd-intent".into())
+            .spawn(move || {
+                let mut jobs = Vec::new();
+                let mut ranges = Vec::new();
+                let mut out = Vec::new();
+                let mut broken = false;
+                while let Ok(job) = rx.recv() {
+                    jobs.push(job);
+                    while jobs.len() < LANE_JOBS {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    if broken {
+                        // The socket is gone: only drain, so the connection never waits.
+                        jobs.clear();
+                        continue;
+                    }
+                    ranges.clear();
+                    ranges.extend(jobs.iter().filter_map(|j| match j.command {
+                        Command::Write { offset, len, .. } => Some((offset, u64::from(len))),
+                        _ => None,
+                    }));
+                    export.prepare_writes(&ranges);
+                    for job in jobs.drain(..) {
+                        serve_command(
+                            &*export,
+                            job.handle,
+                            job.command,
+                            &job.payload,
+                            structured,
+                            false,
+                            &mut out,
+                        );
+                    }
+                    broken = write_locked(&writer, &out).is_err();
+                    out.clear();
+                }
+            })?;
+        Ok(SlowLane { tx, thread })
     }
-    let header = proto::parse_request_header(&hdr)?;
-    let checked = proto::check_request(&header, caps);
-    let payload_len = match &checked {
-        Ok(Command::Write { len, .. }) => *len as usize,
-        Ok(Command::Read { len, .. }) => *len as usize,
+}
+
+fn write_locked(writer: &Mutex<BlockingConn>, bytes: &[u8]) -> io::Result<()> {
+    // A panic while writing leaves at worst a torn reply, after which the client
+    // cannot trust the stream anyway; the next write fails or is garbage to it.
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    w.write_all(bytes)
+}
+
+/// Runs one command, turning a panic in the export into an EIO reply. `false` when
+/// `cached_only` and the command is a read that would block (nothing appended).
+fn serve_command(
+    export: &dyn Export,
+    handle: u64,
+    command: Command,
+    payload: &[u8],
+    structured: bool,
+    cached_only: bool,
+    out: &mut Vec<u8>,
+) -> bool {
+    let start = out.len();
+    let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        execute(
+            export,
+            handle,
+            command,
+            payload,
+            structured,
+            cached_only,
+            out,
+        )
+    }));
+    match done {
+        Ok(done) => done,
+        Err(_) => {
+            out.truncate(start);
+            out.extend_from_slice(&error_reply(
+                handle,
+                proto::EIO,
+                "export panicked",
+                structured,
+            ));
+            true
+        }
+    }
+}
+
+/// Threads of one connection that serve reads missing the page cache, so that such reads
+/// proceed in parallel (the disk's queue) while cached ones are still served inline.
+struct ReadPool {
+    tx: mpsc::SyncSender<(u64, Command)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Threads in a connection's read pool.
+const READ_THREADS: usize = 4;
+/// Reads queued for the pool before the connection waits for it.
+const READ_QUEUE: usize = 64;
+
+impl ReadPool {
+    fn start(
+        export: &Arc<dyn Export>,
+        structured: bool,
+        writer: &Arc<Mutex<BlockingConn>>,
+    ) -> io::Result<ReadPool> {
+        let (tx, rx) = mpsc::sync_channel::<(u64, Command)>(READ_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut pool = ReadPool {
+            tx,
+            threads: Vec::new(),
+        };
+        for _ in 0..READ_THREADS {
+            let (export, writer, rx) = (Arc::clone(export), Arc::clone(writer), Arc::clone(&rx));
+            let thread = std::thread::Builder::new()
+                .name("nbd-read".into())
+                .spawn(move || {
+                    let mut out = Vec::new();
+                    let mut broken = false;
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((handle, command)) = job else { break };
+                        if broken {
+                            continue;
+                        }
+                        serve_command(&*export, handle, command, &[], structured, false, &mut out);
+                        broken = write_locked(&writer, &out).is_err();
+                        out.clear();
+                        if out.capacity() > KEEP_BUF {
+                            out.shrink_to(OUT_FLUSH);
+                        }
+                    }
+                });
+            match thread {
+                Ok(t) => pool.threads.push(t),
+                // Fewer threads still serve; none at all is an error.
+                Err(e) if pool.threads.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(pool)
+    }
+}
+
+/// Bytes read from the socket and not yet consumed: `buf[start..end]`.
+struct Input {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    fn new(leftover: Vec<u8>) -> Input {
+        let end = leftover.len();
+        let mut buf = leftover;
+        buf.resize(end.max(INPUT_BUF), 0);
+        Input { buf, start: 0, end }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads until at least `need` bytes are buffered; `false` at end of stream.
+    fn fill(&mut self, conn: &mut BlockingConn, need: usize) -> io::Result<bool> {
+        if self.buf.len() - self.start < need {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+        }
+        while self.len() < need {
+            match conn.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Gives back memory a large request took, once nothing is buffered.
+    fn shrink(&mut self) {
+        if self.len() == 0 && self.buf.len() > KEEP_BUF {
+            self.buf.truncate(INPUT_BUF);
+            self.buf.shrink_to_fit();
+        }
+    }
+}
+
+/// What the next buffered request needs.
+enum Next {
+    /// This many bytes (header, and the payload of a valid write) make it whole.
+    Request(usize),
+    /// Not even a header yet.
+    Header,
+}
+
+impl Connection {
+    fn new(
+        export: Arc<dyn Export>,
+        caps: SessionCaps,
+        conn: BlockingConn,
+        leftover: Vec<u8>,
+    ) -> io::Result<Connection> {
+        let writer = Arc::new(Mutex::new(conn.try_clone()?));
+        Ok(Connection {
+            export,
+            caps,
+            conn,
+            writer,
+            input: Input::new(leftover),
+            out: Vec::with_capacity(OUT_FLUSH),
+            replies: 0,
+            lane: None,
+            reads: None,
+        })
+    }
+
+    fn run(mut self) -> Result<(), NbdError> {
+        let result = self.serve();
+        // Requests handed to other threads are answered before the connection ends.
+        if let Some(lane) = self.lane.take() {
+            drop(lane.tx);
+            let _ = lane.thread.join();
+        }
+        if let Some(pool) = self.reads.take() {
+            drop(pool.tx);
+            for t in pool.threads {
+                let _ = t.join();
+            }
+        }
+        result
+    }
+
+    fn serve(&mut self) -> Result<(), NbdError> {
+        loop {
+            let need = match next_request(self.input.data(), &self.caps)? {
+                Next::Request(n) if self.input.len() >= n => n,
+                next => {
+                    // Nothing whole to serve: answer everything so far before waiting.
+                    self.send_replies()?;
+                    self.input.shrink();
+                    let need = match next {
+                        Next::Request(n) => n,
+                        Next::Header => proto::REQUEST_HEADER_LEN,
+                    };
+                    let partial = self.input.len() >= proto::REQUEST_HEADER_LEN;
+                    match self.input.fill(&mut self.conn, need) {
+                        Ok(true) => {}
+                        // The client went away between requests or mid-header.
+                        Ok(false) if !partial => return Ok(()),
+                        Ok(false) => {
+                            let eof = io::ErrorKind::UnexpectedEof.into();
+                            return Err(conn_err("write payload", eof));
+                        }
+                        Err(e) => return Err(conn_err("request", e)),
+                    }
+                    continue;
+                }
+            };
+            if !self.serve_one(need)? {
+                return self.send_replies();
+            }
+            if self.replies >= REPLY_BATCH || self.out.len() >= OUT_FLUSH {
+                self.send_replies()?;
+            }
+        }
+    }
+
+    /// Serves the whole request at the head of the input (`need` bytes). `false` after
+    /// NBD_CMD_DISC.
+    fn serve_one(&mut self, need: usize) -> Result<bool, NbdError> {
+        let header = proto::parse_request_header(header_of(self.input.data()))?;
+        let structured = self.caps.structured;
+        match proto::check_request(&header, &self.caps) {
+            Err(rejection) => {
+                self.input.consume(proto::REQUEST_HEADER_LEN);
+                self.discard(rejection.discard as usize)?;
+                let reply =
+                    error_reply(header.handle, rejection.errno, rejection.reason, structured);
+                self.out.extend_from_slice(&reply);
+                self.replies += 1;
+            }
+            Ok(Command::Disconnect) => return Ok(false),
+            Ok(command @ Command::Write { offset, len, .. })
+                if len <= LANE_MAX_WRITE
+                    && self.export.write_needs_sync(offset, u64::from(len)) =>
+            {
+                let payload = self.input.data()[proto::REQUEST_HEADER_LEN..need].to_vec();
+                self.input.consume(need);
+                self.queue_slow_write(SlowWrite {
+                    handle: header.handle,
+                    command,
+                    payload,
+                })?;
+            }
+            Ok(command) => {
+                let payload = &self.input.data()[proto::REQUEST_HEADER_LEN..need];
+                let done = serve_command(
+                    &*self.export,
+                    header.handle,
+                    command,
+                    payload,
+                    structured,
+                    true,
+                    &mut self.out,
+                );
+                self.input.consume(need);
+                if done {
+                    self.replies += 1;
+                } else {
+                    self.queue_read(header.handle, command)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn queue_slow_write(&mut self, job: SlowWrite) -> Result<(), NbdError> {
+        if self.lane.is_none() {
+            let lane = SlowLane::start(
+                Arc::clone(&self.export),
+                self.caps.structured,
+                Arc::clone(&self.writer),
+            )
+            .map_err(|e| conn_err("start the write-intent thread", e))?;
+            self.lane = Some(lane);
+        }
+        let Some(lane) = &self.lane else {
+            return Ok(());
+        };
+        let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
+        match lane.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) => {
+                // Don't sit on replies while waiting for the lane.
+                self.send_replies()?;
+                let Some(lane) = &self.lane else {
+                    return Ok(());
+                };
+                lane.tx.send(job).map_err(|_| gone())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
+        }
+    }
+
+    fn queue_read(&mut self, handle: u64, command: Command) -> Result<(), NbdError> {
+        if self.reads.is_none() {
+            let pool = ReadPool::start(&self.export, self.caps.structured, &self.writer)
+                .map_err(|e| conn_err("start the read threads", e))?;
+            self.reads = Some(pool);
+        }
+        let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
+        let Some(pool) = &self.reads else {
+            return Ok(());
+        };
+        match pool.tx.try_send((handle, command)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) => {
+                // Don't sit on replies while waiting for the pool.
+                self.send_replies()?;
+                let Some(pool) = &self.reads else {
+                    return Ok(());
+                };
+                pool.tx.send(job).map_err(|_| gone())
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
+        }
+    }
+
+    /// Skips the payload of a rejected request, buffered or still on the wire.
+    fn discard(&mut self, mut len: usize) -> Result<(), NbdError> {
+        let buffered = len.min(self.input.len());
+        self.input.consume(buffered);
+        len -= buffered;
+        while len > 0 {
+            let n = len.min(INPUT_BUF);
+            match self.input.fill(&mut self.conn, n) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let eof = io::ErrorKind::UnexpectedEof.into();
+                    return Err(conn_err("discarded payload", eof));
+                }
+                Err(e) => return Err(conn_err("discarded payload", e)),
+            }
+            let n = n.min(self.input.len());
+            self.input.consume(n);
+            len -= n;
+        }
+        Ok(())
+    }
+
+    fn send_replies(&mut self) -> Result<(), NbdError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        write_locked(&self.writer, &self.out).map_err(|e| conn_err("reply", e))?;
+        self.out.clear();
+        self.replies = 0;
+        if self.out.capacity() > KEEP_BUF {
+            self.out.shrink_to(OUT_FLUSH);
+        }
+        Ok(())
+    }
+}
+
+fn header_of(data: &[u8]) -> &[u8; proto::REQUEST_HEADER_LEN] {
+    // Callers have checked the length; an empty header parses as garbage (bad magic).
+    const EMPTY: [u8; proto::REQUEST_HEADER_LEN] = [0; proto::REQUEST_HEADER_LEN];
+    data.get(..proto::REQUEST_HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .unwrap_or(&EMPTY)
+}
+
+/// How much of `data` the request at its head needs. A header that cannot be parsed
+/// (bad magic, oversized write) is a protocol error that ends the session.
+fn next_request(data: &[u8], caps: &SessionCaps) -> Result<Next, NbdError> {
+    if data.len() < proto::REQUEST_HEADER_LEN {
+        return Ok(Next::Header);
+    }
+    let header = proto::parse_request_header(header_of(data))?;
+    let payload = match proto::check_request(&header, caps) {
+        Ok(Command::Write { len, .. }) => len as usize,
+        // A rejected request's payload is skipped as it streams in, never buffered whole.
         _ => 0,
     };
-    // Bounded by MAX_PAYLOAD (parse/check), so this always fits under INFLIGHT_BYTES.
-    let cost = (payload_len + REQUEST_COST) as u32;
-    let permit = Arc::clone(budget)
-        .acquire_many_owned(cost)
-        .await
-        .map_err(|_| conn_err("budget", io::ErrorKind::BrokenPipe.into()))?;
-    match checked {
-        Err(rejection) => {
-            discard(rd, u64::from(rejection.discard)).await?;
-            Ok(Incoming::Rejected {
-                header,
-                rejection,
-                permit,
-            })
-        }
-        Ok(Command::Disconnect) => Ok(Incoming::Disconnect),
-        Ok(command) => {
-            let payload = if let Command::Write { len, .. } = command {
-                let mut buf = vec![0u8; len as usize];
-                rd.read_exact(&mut buf)
-                    .await
-                    .map_err(|source| conn_err("write payload", source))?;
-                buf
-            } else {
-                Vec::new()
-            };
-            Ok(Incoming::Request {
-                header,
-                command,
-                payload,
-                permit,
-            })
-        }
-    }
-}
-
-async fn discard<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> Result<(), NbdError> {
-    let copied = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink())
-        .await
-        .map_err(|source| conn_err("discarded payload", source))?;
-    if copied < len {
-        return Err(conn_err(
-            "discarded payload",
-            io::ErrorKind::UnexpectedEof.into(),
-        ));
-    }
-    Ok(())
-}
-
-async fn write_replies<W: AsyncWrite>(
-    mut wr: BufWriter<WriteHalf<W>>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) -> io::Result<()> {
-    while let Some(msg) = rx.recv().await {
-        wr.write_all(&msg.bytes).await?;
-        drop(msg);
-        // Batch whatever else is ready into one flush.
-        while let Ok(msg) = rx.try_recv() {
-            wr.write_all(&msg.bytes).await?;
-        }
-        wr.flush().await?;
-    }
-    wr.shutdown().await
+    Ok(Next::Request(proto::REQUEST_HEADER_LEN + payload))
 }
 
 /// An error reply in the form the session requires.
@@ -578,40 +940,63 @@ fn error_reply(handle: u64, errno: u32, message: &str, structured: bool) -> Vec<
     }
 }
 
-fn io_reply(handle: u64, result: io::Result<()>, structured: bool) -> Vec<u8> {
+fn io_reply(handle: u64, result: io::Result<()>, structured: bool, out: &mut Vec<u8>) {
     match result {
-        Ok(()) => proto::simple_reply(handle, 0).to_vec(),
-        Err(e) => error_reply(handle, proto::errno_of(&e), &e.to_string(), structured),
+        Ok(()) => out.extend_from_slice(&proto::simple_reply(handle, 0)),
+        Err(e) => out.extend_from_slice(&error_reply(
+            handle,
+            proto::errno_of(&e),
+            &e.to_string(),
+            structured,
+        )),
     }
 }
 
-/// Runs one command against the export and builds its complete reply. Blocking.
+/// Runs one command against the export and appends its complete reply to `out`.
+/// Blocking, except that with `cached_only` a read that would wait for the disk is not
+/// done: `false`, and nothing appended.
 fn execute(
     export: &dyn Export,
     handle: u64,
     command: Command,
     payload: &[u8],
     structured: bool,
-) -> Vec<u8> {
+    cached_only: bool,
+    out: &mut Vec<u8>,
+) -> bool {
     match command {
         Command::Read { offset, len, df } => {
-            if structured {
-                read_structured(export, handle, offset, len, df)
+            let cached = |b: &mut [u8], o: u64| export.read_cached(b, o);
+            let blocking = |b: &mut [u8], o: u64| Some(export.read_at(b, o));
+            let read: ReadFn = if cached_only { &cached } else { &blocking };
+            return if structured {
+                read_structured(export, read, handle, offset, len, df, out)
             } else {
-                read_simple(export, handle, offset, len)
-            }
+                read_simple(read, handle, offset, len, out)
+            };
         }
-        Command::Write { offset, fua, .. } => {
-            io_reply(handle, export.write_at(payload, offset, fua), structured)
-        }
-        Command::Flush => io_reply(handle, export.flush(), structured),
+        Command::Write { offset, fua, .. } => io_reply(
+            handle,
+            export.write_at(payload, offset, fua),
+            structured,
+            out,
+        ),
+        Command::Flush => io_reply(handle, export.flush(), structured, out),
         Command::Trim { offset, len, fua } => {
             let r = export.trim(offset, u64::from(len));
-            io_reply(handle, r.and_then(|()| flush_if(export, fua)), structured)
+            io_reply(
+                handle,
+                r.and_then(|()| flush_if(export, fua)),
+                structured,
+                out,
+            )
         }
-        Command::Cache { offset, len } => {
-            io_reply(handle, export.cache(offset, u64::from(len)), structured)
-        }
+        Command::Cache { offset, len } => io_reply(
+            handle,
+            export.cache(offset, u64::from(len)),
+            structured,
+            out,
+        ),
         Command::WriteZeroes {
             offset,
             len,
@@ -625,7 +1010,12 @@ fn execute(
             } else {
                 export.write_zeroes(offset, len, may_trim)
             };
-            io_reply(handle, r.and_then(|()| flush_if(export, fua)), structured)
+            io_reply(
+                handle,
+                r.and_then(|()| flush_if(export, fua)),
+                structured,
+                out,
+            )
         }
         Command::BlockStatus {
             offset,
@@ -634,13 +1024,20 @@ fn execute(
         } => match export.block_status(offset, u64::from(len)) {
             Ok(extents) => {
                 let descs = descriptors(&extents, len, req_one);
-                proto::block_status_chunk(handle, proto::BASE_ALLOCATION_ID, &descs)
+                let chunk = proto::block_status_chunk(handle, proto::BASE_ALLOCATION_ID, &descs);
+                out.extend_from_slice(&chunk);
             }
-            Err(e) => error_reply(handle, proto::errno_of(&e), &e.to_string(), structured),
+            Err(e) => out.extend_from_slice(&error_reply(
+                handle,
+                proto::errno_of(&e),
+                &e.to_string(),
+                structured,
+            )),
         },
-        // The reader stops at DISC and never hands it here.
-        Command::Disconnect => Vec::new(),
+        // The connection stops at DISC and never hands it here.
+        Command::Disconnect => {}
     }
+    true
 }
 
 fn flush_if(export: &dyn Export, fua: bool) -> io::Result<()> {
@@ -651,35 +1048,57 @@ fn flush_if(export: &dyn Export, fua: bool) -> io::Result<()> {
     }
 }
 
+/// How a reply reads data: with blocking reads, or from the page cache only (`None`
+/// when it would block).
+type ReadFn<'a> = &'a dyn Fn(&mut [u8], u64) -> Option<io::Result<()>>;
+
 /// A simple READ reply: the header is built only once the data is in hand, so an error
-/// never follows a success header.
-fn read_simple(export: &dyn Export, handle: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut out = vec![0u8; 16 + len as usize];
-    match export.read_at(&mut out[16..], offset) {
-        Ok(()) => {
-            out[..16].copy_from_slice(&proto::simple_reply(handle, 0));
-            out
+/// never follows a success header. `false` (and nothing appended) when `read` would block.
+fn read_simple(read: ReadFn, handle: u64, offset: u64, len: u32, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.resize(start + 16 + len as usize, 0);
+    match read(&mut out[start + 16..], offset) {
+        None => {
+            out.truncate(start);
+            return false;
         }
-        Err(e) => proto::simple_reply(handle, proto::errno_of(&e)).to_vec(),
+        Some(Ok(())) => out[start..start + 16].copy_from_slice(&proto::simple_reply(handle, 0)),
+        Some(Err(e)) => {
+            out.truncate(start);
+            out.extend_from_slice(&proto::simple_reply(handle, proto::errno_of(&e)));
+        }
     }
+    true
 }
 
 /// A structured READ reply: hole chunks for zero extents (unless DF), data chunks for the
 /// rest, then a final NONE chunk. The whole reply is built before any of it is sent, so
-/// an error turns into a single ERROR chunk.
-fn read_structured(export: &dyn Export, handle: u64, offset: u64, len: u32, df: bool) -> Vec<u8> {
+/// an error turns into a single ERROR chunk. `false` (and nothing appended) when `read`
+/// would block.
+fn read_structured(
+    export: &dyn Export,
+    read: ReadFn,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    df: bool,
+    out: &mut Vec<u8>,
+) -> bool {
     if len == 0 {
-        return proto::done_chunk(handle).to_vec();
+        out.extend_from_slice(&proto::done_chunk(handle));
+        return true;
     }
+    let start = out.len();
     // Small reads skip the hole lookup: two lseeks cost more than sending the zeroes.
-    let segments = if df || u64::from(len) < MIN_HOLE_LOOKUP {
-        vec![(offset, u64::from(len), false)]
+    let whole = [(offset, u64::from(len), false)];
+    let looked_up;
+    let segments: &[(u64, u64, bool)] = if df || u64::from(len) < MIN_HOLE_LOOKUP {
+        &whole
     } else {
-        read_segments(export, offset, u64::from(len))
+        looked_up = read_segments(export, offset, u64::from(len));
+        &looked_up
     };
-    let data_bytes: u64 = segments.iter().filter(|s| !s.2).map(|s| s.1).sum();
-    let mut out = Vec::with_capacity(data_bytes as usize + 28 * segments.len() + 20);
-    for (seg_off, seg_len, zero) in segments {
+    for &(seg_off, seg_len, zero) in segments {
         if zero {
             // Segments never exceed the request, so they fit in 32 bits.
             out.extend_from_slice(&proto::hole_chunk(0, handle, seg_off, seg_len as u32));
@@ -692,14 +1111,24 @@ fn read_structured(export: &dyn Export, handle: u64, offset: u64, len: u32, df: 
             seg_len as u32 + 8,
         ));
         out.extend_from_slice(&seg_off.to_be_bytes());
-        let start = out.len();
-        out.resize(start + seg_len as usize, 0);
-        if let Err(e) = export.read_at(&mut out[start..], seg_off) {
-            return proto::error_chunk(handle, proto::errno_of(&e), &e.to_string());
+        let at = out.len();
+        out.resize(at + seg_len as usize, 0);
+        match read(&mut out[at..], seg_off) {
+            Some(Ok(())) => {}
+            None => {
+                out.truncate(start);
+                return false;
+            }
+            Some(Err(e)) => {
+                out.truncate(start);
+                let chunk = proto::error_chunk(handle, proto::errno_of(&e), &e.to_string());
+                out.extend_from_slice(&chunk);
+                return true;
+            }
         }
     }
     out.extend_from_slice(&proto::done_chunk(handle));
-    out
+    true
 }
 
 /// Splits a read into (offset, len, reads-as-zero) segments using block status; small
@@ -797,7 +1226,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// A listener the server can accept from.
 trait Listener: Send {
-    type Stream: AsyncRead + AsyncWrite + Send + 'static;
+    type Stream: AsyncRead + AsyncWrite + IntoBlocking + Unpin + Send + 'static;
     fn next_conn(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
@@ -815,6 +1244,63 @@ impl Listener for TcpListener {
         // Replies are small and latency-bound; don't let Nagle hold them.
         s.set_nodelay(true)?;
         Ok(s)
+    }
+}
+
+/// A socket taken out of tokio for the transmission phase's own thread.
+enum BlockingConn {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl BlockingConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            BlockingConn::Unix(s) => s.read(buf),
+            BlockingConn::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            BlockingConn::Unix(s) => s.write_all(buf),
+            BlockingConn::Tcp(s) => s.write_all(buf),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            BlockingConn::Unix(s) => s.shutdown(how),
+            BlockingConn::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<BlockingConn> {
+        Ok(match self {
+            BlockingConn::Unix(s) => BlockingConn::Unix(s.try_clone()?),
+            BlockingConn::Tcp(s) => BlockingConn::Tcp(s.try_clone()?),
+        })
+    }
+}
+
+/// A tokio socket that can become a blocking std one.
+trait IntoBlocking {
+    fn into_blocking(self) -> io::Result<BlockingConn>;
+}
+
+impl IntoBlocking for tokio::net::UnixStream {
+    fn into_blocking(self) -> io::Result<BlockingConn> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingConn::Unix(s))
+    }
+}
+
+impl IntoBlocking for tokio::net::TcpStream {
+    fn into_blocking(self) -> io::Result<BlockingConn> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(BlockingConn::Tcp(s))
     }
 }
 

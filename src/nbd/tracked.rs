@@ -254,6 +254,13 @@ impl BitmapFile {
     }
 }
 
+fn intent_err(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("cannot persist the write intent to {}: {e}", path.display()),
+    )
+}
+
 fn regions_of(size: u64) -> u64 {
     size.div_ceil(REGION)
 }
@@ -505,7 +512,13 @@ impl<E: Export> TrackedExport<E> {
         }
         let first = offset / REGION;
         let end = (offset + len).div_ceil(REGION).min(regions_of(self.size));
-        if self.intent.all_set(first, end) && !self.clean_on_disk.load(Ordering::Acquire) {
+        self.persist_regions(&[(first, end)])
+    }
+
+    /// Makes the write intent for every region span `[first, end)` durable, with one sync.
+    fn persist_regions(&self, spans: &[(u64, u64)]) -> io::Result<()> {
+        let marked = |spans: &[(u64, u64)]| spans.iter().all(|&(f, e)| self.intent.all_set(f, e));
+        if marked(spans) && !self.clean_on_disk.load(Ordering::Acquire) {
             return Ok(());
         }
         let bf = self.lock_bitmap();
@@ -516,36 +529,36 @@ impl<E: Export> TrackedExport<E> {
             bf.sync().map_err(to_io)?;
             self.clean_on_disk.store(false, Ordering::Release);
         }
-        if self.intent.all_set(first, end) {
+        if marked(spans) {
             return Ok(());
         }
-        // Write the affected bytes of the region section with the new bits included.
-        let lo = first / 8;
-        let hi = (end - 1) / 8;
-        let mut bytes = vec![0u8; (hi - lo + 1) as usize];
-        for (k, byte) in bytes.iter_mut().enumerate() {
-            for bit in 0..8u64 {
-                let r = (lo + k as u64) * 8 + bit;
-                if r < regions_of(self.size) && (self.intent.get(r) || (first..end).contains(&r)) {
-                    *byte |= 1 << bit;
+        for &(first, end) in spans {
+            if first >= end || self.intent.all_set(first, end) {
+                continue;
+            }
+            // Write the affected bytes of the region section with the new bits included.
+            let lo = first / 8;
+            let hi = (end - 1) / 8;
+            let mut bytes = vec![0u8; (hi - lo + 1) as usize];
+            for (k, byte) in bytes.iter_mut().enumerate() {
+                for bit in 0..8u64 {
+                    let r = (lo + k as u64) * 8 + bit;
+                    let new = spans.iter().any(|&(f, e)| (f..e).contains(&r));
+                    if r < regions_of(self.size) && (self.intent.get(r) || new) {
+                        *byte |= 1 << bit;
+                    }
                 }
             }
+            bf.write_at(&bytes, REGIONS_AT + lo)
+                .map_err(|e| intent_err(&bf.path, e))?;
         }
         // A failed sync is not trusted to have written anything: the intent bits stay clear
         // in memory, so the next write to these regions writes and syncs them again.
-        bf.write_at(&bytes, REGIONS_AT + lo)
-            .and_then(|()| bf.sync_io())
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot persist the write intent to {}: {e}",
-                        bf.path.display()
-                    ),
-                )
-            })?;
+        bf.sync_io().map_err(|e| intent_err(&bf.path, e))?;
         // Only now may other writers skip the sync for these regions.
-        self.intent.set_range(first, end);
+        for &(first, end) in spans {
+            self.intent.set_range(first, end);
+        }
         Ok(())
     }
 
@@ -817,6 +830,10 @@ impl<E: Export> Export for TrackedExport<E> {
         self.inner.read_at(buf, offset)
     }
 
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        self.inner.read_cached(buf, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let _state = self.before_mutation(offset, buf.len() as u64)?;
@@ -825,6 +842,26 @@ impl<E: Export> Export for TrackedExport<E> {
 
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
+    }
+
+    fn prepare_writes(&self, ranges: &[(u64, u64)]) {
+        let spans: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|&&(off, len)| len > 0 && check_range(off, len, self.size).is_ok())
+            .map(|&(off, len)| (off / REGION, (off + len).div_ceil(REGION)))
+            .collect();
+        // As in `before_mutation`: a commit must not shrink the intent meanwhile. A
+        // failure here is met again, and reported, by the writes.
+        let _state = self.read_state();
+        let _ = self.persist_regions(&spans);
+    }
+
+    fn write_needs_sync(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || check_range(offset, len, self.size).is_err() {
+            return false;
+        }
+        let end = (offset + len).div_ceil(REGION);
+        self.clean_on_disk.load(Ordering::Acquire) || !self.intent.all_set(offset / REGION, end)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -935,6 +972,32 @@ mod tests {
         assert_eq!(
             t.dirty_ranges(),
             vec![r(REGION, REGION), r(3 * REGION, REGION)]
+        );
+    }
+
+    #[test]
+    fn prepared_write_intents_are_durable_together() {
+        let (dir, t) = setup(20 * REGION);
+        assert!(t.write_needs_sync(0, 4096));
+        // Empty and out-of-range ranges are ignored.
+        t.prepare_writes(&[
+            (2 * REGION, 4096),
+            (17 * REGION - 4096, 8192),
+            (0, 0),
+            (u64::MAX - 1, 4096),
+        ]);
+        assert!(!t.write_needs_sync(2 * REGION + 4096, 4096));
+        assert!(!t.write_needs_sync(16 * REGION, 2 * REGION));
+        assert!(t.write_needs_sync(0, 4096));
+        assert!(t.write_needs_sync(17 * REGION, REGION + 1));
+        t.write_at(&[1; 4096], 2 * REGION, false).unwrap();
+        // "Crash": every prepared region is dirty afterwards, written to or not.
+        drop(t);
+        let t = reopen(&dir);
+        assert_eq!(t.recovery(), Recovery::Crashed);
+        assert_eq!(
+            t.dirty_ranges(),
+            vec![r(2 * REGION, REGION), r(16 * REGION, 2 * REGION)]
         );
     }
 

@@ -3,9 +3,9 @@
 //! One file per kernel interface: `loopdev` (loop devices through /dev/loop-control),
 //! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
 //! owning guard), `reflink` (FICLONE), `fiemap` (extent maps, shared extents), `process`
-//! (PR_SET_IO_FLUSHER) and `writeback` (sync_file_range behind streamed writes). Ioctl
-//! numbers come from nix's macros, argument structs are
-//! `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
+//! (PR_SET_IO_FLUSHER), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback`
+//! (sync_file_range behind streamed writes). Ioctl numbers come from nix's macros, argument
+//! structs are `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
 //!
 //! This module depends on nothing else of ours except `crate::api::ErrorKind`, the small enum
 //! every error maps to.
@@ -16,6 +16,7 @@ pub mod freeze;
 pub mod loopdev;
 pub mod process;
 pub mod reflink;
+pub mod uio;
 pub mod writeback;
 
 #[cfg(test)]
