@@ -139,6 +139,7 @@ fn ops_for(site: &str) -> Vec<Op> {
         "nbd.export.fsync" => vec![NbdFlush, NbdSnapshot],
         "nbd.cbt.write" | "nbd.cbt.fsync" => vec![NbdWrite, NbdSnapshot],
         "nbd.cbt-base.rename" => vec![NbdSnapshot],
+        "restore.target.write" | "restore.target.fsync" => vec![FromSnapshot, Apply],
         "nbd.hydration-map.write" | "nbd.hydration-map.fsync" | "lazy.marker.write" => {
             vec![LazyRestore]
         }
@@ -561,7 +562,7 @@ fn every_site_is_covered_by_a_test() {
             continue; // failed_freeze_journal_write_leaves_nothing_frozen
         }
         let _ = ops_for(site); // panics for a site no operation is known to reach
-        let groups = ["store.", "volume.", "catalog.", "nbd.", "lazy."];
+        let groups = ["store.", "restore.", "volume.", "catalog.", "nbd.", "lazy."];
         assert!(
             groups.iter().any(|g| site.starts_with(g)),
             "{site} belongs to no test group"
@@ -571,7 +572,7 @@ fn every_site_is_covered_by_a_test() {
 
 #[test]
 fn store_sites() {
-    matrix("store_sites", &["store."]);
+    matrix("store_sites", &["store.", "restore."]);
 }
 
 #[test]
