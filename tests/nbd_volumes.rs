@@ -299,3 +299,28 @@ fn lazy_restore_is_usable_at_once_and_keeps_client_writes() {
         1100,
     );
 }
+
+#[test]
+fn nbd_tcp_listener_on_loopback_serves_the_same_export() {
+    if !root_or_skip("nbd_tcp_listener_on_loopback_serves_the_same_export") || !tools() {
+        return;
+    }
+    // A free loopback port (released just before the daemon binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let d = Daemon::start(&format!("[nbd]\ntcp = \"127.0.0.1:{port}\"\n"));
+    let vol = d.job(&["create-volumes", "-s", "8M", "--backend", "nbd"]);
+    let vol = vol["volumes"][0].as_str().unwrap().to_string();
+    d.ok(&["attach-volumes", "-v", &vol]);
+    let uri = d.describe_volume(&vol)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io(&uri, "write -P 0x5a 1M 64k");
+    let tcp = format!("nbd://127.0.0.1:{port}/{vol}");
+    assert_eq!(sh(&format!("nbdinfo --size '{tcp}'")).trim(), "8388608");
+    assert_eq!(export_sha(&d, &tcp, "tcp"), export_sha(&d, &uri, "unix"));
+    d.ok(&["detach-volumes", "-v", &vol]);
+}

@@ -94,6 +94,22 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket file but never a live daemon's.
+/// Binds `[nbd] tcp` (validated as a loopback address by the config) when set.
+async fn bind_nbd_tcp(addr: &str) -> Result<Option<tokio::net::TcpListener>, DaemonError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            path: PathBuf::from(format!("tcp:{addr}")),
+            source,
+        })?;
+    // TCP carries no peer credentials: every local user can reach a loopback port.
+    tracing::warn!(%addr, "NBD also served on TCP: any local user can connect to it");
+    Ok(Some(listener))
+}
+
 pub fn bind_socket(
     path: &Path,
     mode: u32,
@@ -155,6 +171,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         "root"
     };
     let nbd_listener = bind_socket(&config.nbd_socket_path(), mode & 0o770, Some(nbd_group))?;
+    let nbd_tcp = bind_nbd_tcp(&config.nbd.tcp).await?;
     recovery::recover(&manager).map_err(|e| DaemonError::Recovery(e.message))?;
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -190,6 +207,11 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
         let rx = shutdown_rx.clone();
         tokio::spawn(async move { nbd.serve_unix(nbd_listener, wait_shutdown(rx)).await })
     };
+    let nbd_tcp = nbd_tcp.map(|listener| {
+        let nbd = manager.nbd.clone();
+        let rx = shutdown_rx.clone();
+        tokio::spawn(async move { nbd.serve_tcp(listener, wait_shutdown(rx)).await })
+    });
     let watchdog = start_watchdog();
     let _ = sd_notify::notify(
         false,
@@ -224,6 +246,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     manager.jobs().shutdown(Duration::from_secs(20)).await;
     let _ = server.await;
     let _ = nbd.await;
+    if let Some(t) = nbd_tcp {
+        let _ = t.await;
+    }
     manager.close_trackers();
     if let Some(w) = watchdog {
         w.abort();
