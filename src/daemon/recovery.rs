@@ -43,12 +43,46 @@ pub fn thaw_leftovers(catalog: &Catalog) {
 }
 
 pub fn recover(manager: &Arc<Manager>) -> Result<(), ApiError> {
+    remove_scratch_leftovers(&manager.state_dir().join("tmp"));
     let report = manager.store().recover()?;
     tracing::info!(?report, "store recovered");
     reconcile_snapshots(manager)?;
     resume_jobs(manager)?;
     reattach(manager);
     Ok(())
+}
+
+/// Removes the scratch files of captures a previous run did not finish: reflink clones
+/// (`<snapshot>.clone`), NBD copy-on-write spills (`.cow`) and point-in-time images (`.pit`).
+/// No capture runs before recovery ends, so none of them is in use; left alone they would
+/// hold a volume's worth of space each for good.
+fn remove_scratch_leftovers(tmp: &std::path::Path) {
+    let entries = match std::fs::read_dir(tmp) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(dir = %tmp.display(), error = %e, "cannot list the scratch directory");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let scratch = path
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| matches!(x, "clone" | "cow" | "pit"));
+        if !scratch || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), "removed a scratch file left by an interrupted capture")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot remove a scratch file left by an interrupted capture")
+            }
+        }
+    }
 }
 
 /// Makes the catalog agree with the store: partial snapshots go, committed ones the catalog

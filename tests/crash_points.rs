@@ -1,0 +1,1008 @@
+//! SIGKILL of the daemon at many randomized points of its long operations, with the
+//! invariants checked after every restart.
+//!
+//! A round picks an operation (create-snapshots full or incremental, of a detached volume or
+//! of a mounted ext4 that gets frozen; create-volume-from-snapshot; apply-snapshots;
+//! delete-snapshots, often of a snapshot in the middle of a chain so that it is folded into
+//! its child; verify-snapshots), arms a crash and runs it:
+//!
+//! - exact points: the daemon starts with `FAILPOINTS="<site>=<N>*off->return(kill)"` for a
+//!   random store site and a random `N`, and kills itself at that hit (a run that ends
+//!   without reaching it counts as "not hit");
+//! - timed points: the test SIGKILLs the daemon after a random delay within the operation's
+//!   measured duration (a kill after the job ended counts as "not hit").
+//!
+//! After the restart: no filesystem is frozen; every job ends within a bound; every snapshot
+//! that was `available` before is still listed and `available` (but the one being deleted)
+//! and restores byte-identically; nothing partial is listed; no loop device leaked; no
+//! temporary or stale file is left in the store or the state dir; and the interrupted
+//! operation, retried, succeeds.
+//!
+//! The seed is printed and can be set with `BLOCKSNAP_CRASH_SEED`; the number of crash
+//! points with `BLOCKSNAP_CRASH_POINTS` (default 200, 2,000 with `BLOCKSNAP_LONG=1`).
+
+mod common;
+
+use common::{root_or_skip, sh, Daemon, Mount};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long any job may take to end after a restart before the test calls it hung.
+const JOB_BOUND: Duration = Duration::from_secs(60);
+const VOLUME_BYTES: u64 = 16 << 20;
+/// Snapshots per volume kept at most (the daemon's quota is 15).
+const MAX_PER_VOLUME: usize = 8;
+
+/// splitmix64: small, seedable, good enough to pick crash points.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// True when writing to the filesystem at `dir` completes within a few seconds (not frozen).
+fn writable(dir: &Path) -> bool {
+    Command::new("timeout")
+        .args([
+            "5",
+            "sh",
+            "-c",
+            &format!(
+                "echo x > {}/.probe && sync -f {}/.probe",
+                dir.display(),
+                dir.display()
+            ),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A state dir on tmpfs (fast fsyncs), removed when dropped.
+struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    fn new() -> StateDir {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        StateDir(
+            tempfile::Builder::new()
+                .prefix("blocksnap-crash-")
+                .tempdir_in(base)
+                .expect("tempdir"),
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create { volume: String, full: bool },
+    FromSnapshot { snapshot: String },
+    Apply { snapshot: String },
+    Delete { snapshot: String, middle: bool },
+    Verify { snapshots: Vec<String> },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Create { full: true, .. } => "create-full",
+            Op::Create { full: false, .. } => "create-incremental",
+            Op::FromSnapshot { .. } => "create-volume-from-snapshot",
+            Op::Apply { .. } => "apply-snapshots",
+            Op::Delete { middle: true, .. } => "delete-middle (fold)",
+            Op::Delete { middle: false, .. } => "delete-snapshots",
+            Op::Verify { .. } => "verify-snapshots",
+        }
+    }
+    fn args(&self) -> Vec<String> {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        match self {
+            Op::Create { volume, full } => s(&[
+                "create-snapshots",
+                "-r",
+                volume,
+                "-F",
+                if *full { "1" } else { "0" },
+            ]),
+            Op::FromSnapshot { snapshot } => s(&["create-volume-from-snapshot", "-s", snapshot]),
+            Op::Apply { snapshot } => s(&["apply-snapshots", "-s", snapshot]),
+            Op::Delete { snapshot, .. } => s(&["delete-snapshots", "-s", snapshot]),
+            Op::Verify { snapshots } => {
+                let mut a = s(&["verify-snapshots"]);
+                for id in snapshots {
+                    a.push("-s".into());
+                    a.push(id.clone());
+                }
+                a
+            }
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Count {
+    rounds: u64,
+    hit: u64,
+    survived: u64,
+}
+
+/// The test's model of what must hold.
+struct World {
+    d: Daemon,
+    _state: StateDir,
+    /// The detached volume whose image the test writes directly (exact sha256 known).
+    raw: String,
+    /// sha256 of `raw`'s image as it is now.
+    raw_sha: String,
+    /// The volume with a mounted ext4 (frozen by every snapshot of it).
+    fs_vol: String,
+    fs_dev: PathBuf,
+    mnt: PathBuf,
+    /// Available snapshots: id -> (volume, sha256 of the volume image it captured).
+    snaps: BTreeMap<String, (String, String)>,
+    /// Every job this test started, and the ones known to have ended.
+    jobs: BTreeSet<String>,
+    ended: HashSet<String>,
+    /// Learned upper bound of hits per (op, site): exact points draw N below it.
+    hit_bound: BTreeMap<(&'static str, &'static str), u64>,
+    /// Typical duration of each op (ms), for timed points.
+    duration_ms: BTreeMap<&'static str, f64>,
+    log_seen: u64,
+    rng: Rng,
+}
+
+/// Waits for a job to end (successful or failed) within `JOB_BOUND`; returns its item.
+fn wait_job(d: &Daemon, job: &str) -> Value {
+    let deadline = Instant::now() + JOB_BOUND;
+    loop {
+        let v = d.ok(&["describe-jobs", "-j", job]);
+        let j = v["job_set"][0].clone();
+        if matches!(j["status"].as_str(), Some("successful") | Some("failed")) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job} did not end within {JOB_BOUND:?}: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let state = StateDir::new();
+        let d = Daemon::start_with_state_dir(&state.0.path().join("state"), "");
+        let raw = d.volume("16M", "raw");
+        let fs_vol = d.volume("16M", "fs");
+        let fs_dev = d.attach(&fs_vol);
+        sh(&format!(
+            "mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 {}",
+            fs_dev.display()
+        ));
+        let mnt = d.dir.path().join("mnt");
+        let mut w = World {
+            d,
+            _state: state,
+            raw,
+            raw_sha: String::new(),
+            fs_vol,
+            fs_dev,
+            mnt,
+            snaps: BTreeMap::new(),
+            jobs: BTreeSet::new(),
+            ended: HashSet::new(),
+            hit_bound: BTreeMap::new(),
+            duration_ms: BTreeMap::new(),
+            log_seen: 0,
+            rng: Rng(seed),
+        };
+        w.scribble_raw(64);
+        w.raw_sha = common::sha256(&w.d.image(&w.raw));
+        w
+    }
+
+    fn image_sha(&self, volume: &str) -> String {
+        common::sha256(&self.d.image(volume))
+    }
+
+    /// Random writes straight into the detached volume's image.
+    fn scribble_raw(&mut self, writes: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.d.image(&self.raw))
+            .expect("open raw image");
+        for _ in 0..writes {
+            let len = (1 + self.rng.below(16)) * 4096;
+            let off = self.rng.below((VOLUME_BYTES - len) / 4096) * 4096;
+            let fill: Vec<u8> = if self.rng.chance(15) {
+                vec![0u8; len as usize]
+            } else {
+                (0..len / 8)
+                    .flat_map(|_| self.rng.next().to_le_bytes())
+                    .collect()
+            };
+            f.write_all_at(&fill, off).expect("write raw image");
+        }
+        f.sync_all().expect("sync raw image");
+    }
+
+    /// New files in the mounted filesystem, old ones removed to keep it from filling.
+    fn scribble_fs(&mut self) {
+        let n = self.rng.below(1_000_000);
+        let dir = self.mnt.join("data");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("readdir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        names.sort();
+        while names.len() > 6 {
+            let victim = names.remove(self.rng.below(names.len() as u64) as usize);
+            std::fs::remove_file(victim).expect("rm");
+        }
+        let data: Vec<u8> = (0..(32 + self.rng.below(480)) * 128)
+            .flat_map(|_| self.rng.next().to_le_bytes())
+            .collect();
+        let mut f = std::fs::File::create(dir.join(format!("f{n:06}"))).expect("create");
+        f.write_all(&data).expect("write");
+        f.sync_all().expect("fsync");
+    }
+
+    /// Listed snapshots: id -> item.
+    fn listed(&self) -> BTreeMap<String, Value> {
+        let v = self.d.ok(&["describe-snapshots"]);
+        let set = v["snapshot_set"].as_array().expect("snapshot_set").clone();
+        assert_eq!(
+            set.len() as u64,
+            v["total_count"].as_u64().unwrap_or(0),
+            "describe-snapshots paged: {v}"
+        );
+        set.into_iter()
+            .map(|s| (s["snapshot_id"].as_str().unwrap_or_default().to_string(), s))
+            .collect()
+    }
+
+    /// Runs a job-starting verb that must succeed; returns (response, ms it took).
+    fn job(&mut self, args: &[String]) -> (Value, f64) {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = Instant::now();
+        let v = self.d.ok(&a);
+        let job = v["job_id"].as_str().expect("job_id").to_string();
+        self.jobs.insert(job.clone());
+        let j = wait_job(&self.d, &job);
+        self.ended.insert(job);
+        assert_eq!(
+            j["status"],
+            "successful",
+            "{args:?}: job failed: {j}\n--- daemon log ---\n{}",
+            log_tail(&self.d)
+        );
+        (v, t.elapsed().as_secs_f64() * 1000.0)
+    }
+
+    /// sha256 of a new volume restored from `snap` (the volume is deleted again).
+    fn restored_sha(&mut self, snap: &str, fsck: bool) -> String {
+        let (v, _) = self.job(&[
+            "create-volume-from-snapshot".into(),
+            "-s".into(),
+            snap.into(),
+        ]);
+        let vid = v["volume_id"].as_str().expect("volume_id").to_string();
+        let image = self.d.image(&vid);
+        if fsck {
+            sh(&format!("e2fsck -fn {} >/dev/null", image.display()));
+        }
+        let sha = common::sha256(&image);
+        self.d.ok(&["delete-volumes", "-v", &vid]);
+        sha
+    }
+
+    fn check_restore(&mut self, snap: &str, ctx: &str) {
+        let want = self.snaps[snap].1.clone();
+        let got = self.restored_sha(snap, false);
+        assert_eq!(
+            got, want,
+            "{ctx}: snapshot {snap} no longer restores byte-identically"
+        );
+    }
+
+    /// Records a snapshot that became available. The raw volume's content is known exactly;
+    /// the mounted filesystem's is what its first restore gives (checked with e2fsck).
+    fn adopt(&mut self, snap: &str, volume: &str, raw_sha: &str) {
+        let sha = if volume == self.raw {
+            raw_sha.to_string()
+        } else {
+            self.snaps
+                .insert(snap.to_string(), (volume.to_string(), String::new()));
+            self.restored_sha(snap, true)
+        };
+        self.snaps
+            .insert(snap.to_string(), (volume.to_string(), sha));
+    }
+
+    fn snaps_of(&self, volume: &str) -> Vec<String> {
+        self.snaps
+            .iter()
+            .filter(|(_, (v, _))| v == volume)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Picks the next operation.
+    fn pick_op(&mut self) -> Op {
+        let volumes = [self.raw.clone(), self.fs_vol.clone()];
+        for v in &volumes {
+            if self.snaps_of(v).len() >= MAX_PER_VOLUME {
+                let all = self.snaps_of(v);
+                let snapshot = self.rng.pick(&all).clone();
+                return self.delete_op(snapshot);
+            }
+        }
+        if self.snaps.is_empty() {
+            return Op::Create {
+                volume: self.raw.clone(),
+                full: true,
+            };
+        }
+        let all: Vec<String> = self.snaps.keys().cloned().collect();
+        match self.rng.below(100) {
+            0..=34 => {
+                let volume = self.rng.pick(&volumes).clone();
+                let full = self.rng.chance(25);
+                Op::Create { volume, full }
+            }
+            35..=49 => Op::FromSnapshot {
+                snapshot: self.rng.pick(&all).clone(),
+            },
+            50..=62 => {
+                let raw = self.snaps_of(&self.raw);
+                match raw.is_empty() {
+                    true => Op::Create {
+                        volume: self.raw.clone(),
+                        full: false,
+                    },
+                    false => Op::Apply {
+                        snapshot: self.rng.pick(&raw).clone(),
+                    },
+                }
+            }
+            63..=87 => {
+                // Prefer a snapshot in the middle of a chain: its delete folds into a child.
+                let listed = self.listed();
+                let parents: HashSet<String> = listed
+                    .values()
+                    .filter_map(|s| s["parent_id"].as_str())
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect();
+                let middle: Vec<String> = all
+                    .iter()
+                    .filter(|id| {
+                        parents.contains(*id)
+                            && listed[*id]["parent_id"].as_str().is_some_and(|p| !p.is_empty())
+                    })
+                    .cloned()
+                    .collect();
+                let snapshot = if !middle.is_empty() && self.rng.chance(70) {
+                    self.rng.pick(&middle).clone()
+                } else {
+                    self.rng.pick(&all).clone()
+                };
+                self.delete_op(snapshot)
+            }
+            _ => {
+                let n = 1 + self.rng.below(3) as usize;
+                let mut pick: BTreeSet<String> = BTreeSet::new();
+                for _ in 0..n {
+                    pick.insert(self.rng.pick(&all).clone());
+                }
+                Op::Verify {
+                    snapshots: pick.into_iter().collect(),
+                }
+            }
+        }
+    }
+
+    fn delete_op(&self, snapshot: String) -> Op {
+        let listed = self.listed();
+        let has_parent = listed
+            .get(&snapshot)
+            .and_then(|s| s["parent_id"].as_str())
+            .is_some_and(|p| !p.is_empty());
+        let has_child = listed
+            .values()
+            .any(|s| s["parent_id"].as_str() == Some(snapshot.as_str()));
+        Op::Delete {
+            snapshot,
+            middle: has_parent && has_child,
+        }
+    }
+
+    /// Restarts the daemon with `failpoints` (if it is not already running with them).
+    fn ensure_daemon(&mut self, failpoints: &str) {
+        if self.d.pid().is_some() && self.d.failpoints == failpoints {
+            return;
+        }
+        if self.d.pid().is_some() {
+            assert!(self.d.stop(), "daemon did not stop: {}", log_tail(&self.d));
+        }
+        self.d.failpoints = failpoints.to_string();
+        self.d.spawn();
+    }
+
+    /// Everything that must hold after a restart, with `deleting` the snapshot whose delete
+    /// was interrupted (it may be gone) and `created` the one whose capture was (it may have
+    /// made it). Returns the listed snapshots.
+    fn check_invariants(
+        &mut self,
+        ctx: &str,
+        deleting: Option<&str>,
+        created: Option<&str>,
+    ) -> BTreeMap<String, Value> {
+        assert!(
+            writable(&self.mnt),
+            "{ctx}: filesystem left frozen after the restart"
+        );
+        // Every job ends within the bound; the daemon knows no other jobs.
+        let open: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|j| !self.ended.contains(*j))
+            .cloned()
+            .collect();
+        for j in open {
+            let item = wait_job(&self.d, &j);
+            assert!(
+                item["status"] == "successful" || item["status"] == "failed",
+                "{ctx}: {item}"
+            );
+            self.ended.insert(j);
+        }
+        let all_jobs = self.d.ok(&["describe-jobs"]);
+        assert_eq!(
+            all_jobs["total_count"].as_u64(),
+            Some(self.jobs.len() as u64),
+            "{ctx}: the daemon lists jobs the test did not start"
+        );
+        // Snapshots: the available ones are still there, nothing partial is listed.
+        let listed = self.listed();
+        for (id, s) in &listed {
+            assert_eq!(s["status"], "available", "{ctx}: listed: {s}");
+            assert!(
+                self.snaps.contains_key(id) || created == Some(id.as_str()),
+                "{ctx}: a snapshot nobody created is listed: {s}"
+            );
+        }
+        for id in self.snaps.keys() {
+            assert!(
+                listed.contains_key(id) || deleting == Some(id.as_str()),
+                "{ctx}: snapshot {id} was available and is gone"
+            );
+        }
+        // Parent links point at listed snapshots.
+        for s in listed.values() {
+            let p = s["parent_id"].as_str().unwrap_or_default();
+            assert!(
+                p.is_empty() || listed.contains_key(p),
+                "{ctx}: parent of a listed snapshot is not listed: {s}"
+            );
+        }
+        // The store holds exactly the listed snapshots, with no leftovers.
+        let store = self.d.state_dir.join("store");
+        let mut dirs = BTreeSet::new();
+        for e in walk(&store) {
+            let rel = e.strip_prefix(&store).expect("under store");
+            let name = e.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            assert!(
+                !name.contains(".tmp-"),
+                "{ctx}: temporary left in the store: {}",
+                e.display()
+            );
+            let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+            if parts.first() == Some(&"snapshots") {
+                assert_eq!(parts.len(), 3, "{ctx}: unexpected {}", e.display());
+                dirs.insert(parts[1].to_string());
+                assert!(
+                    name == "manifest" || name == "hashes" || name.starts_with("delta."),
+                    "{ctx}: stray file in the store: {}",
+                    e.display()
+                );
+            }
+        }
+        for id in &dirs {
+            assert!(
+                listed.contains_key(id),
+                "{ctx}: the store keeps snapshot {id}, which is not listed"
+            );
+            let files = std::fs::read_dir(store.join("snapshots").join(id))
+                .expect("snapshot dir")
+                .count();
+            assert_eq!(files, 3, "{ctx}: snapshot {id} holds {files} files");
+        }
+        assert_eq!(
+            dirs.len(),
+            listed.len(),
+            "{ctx}: listed snapshots missing from the store"
+        );
+        // The state dir's scratch space is empty; images are exactly the live volumes.
+        let tmp: Vec<PathBuf> = walk(&self.d.state_dir.join("tmp"));
+        assert!(tmp.is_empty(), "{ctx}: leftovers in the state dir: {tmp:?}");
+        let volumes = self.d.ok(&["describe-volumes"]);
+        let vols = volumes["volume_set"].as_array().expect("volume_set");
+        let mut live = BTreeSet::new();
+        let mut attached = BTreeSet::new();
+        for v in vols {
+            let id = v["volume_id"].as_str().unwrap_or_default().to_string();
+            let status = v["status"].as_str().unwrap_or_default();
+            assert_ne!(status, "pending", "{ctx}: volume left pending: {v}");
+            if status == "deleted" {
+                continue;
+            }
+            if let Some(dev) = v["device"].as_str().filter(|d| !d.is_empty()) {
+                attached.insert(dev.to_string());
+            }
+            live.insert(format!("{id}.img"));
+        }
+        let images: BTreeSet<String> = std::fs::read_dir(self.d.state_dir.join("volumes"))
+            .expect("volumes dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        assert_eq!(images, live, "{ctx}: volume images differ from live volumes");
+        // Loop devices over the state dir: exactly the attached volumes.
+        let loops = loops_under(&self.d.state_dir);
+        assert_eq!(
+            loops,
+            attached,
+            "{ctx}: loop devices over the state dir differ from the attached volumes"
+        );
+        assert!(attached.contains(self.fs_dev.to_str().unwrap_or_default()));
+        listed
+    }
+
+    /// One round; returns (kind, hit).
+    fn round(&mut self, round: u64, tally: &mut BTreeMap<(&'static str, &'static str), Count>) {
+        let op = self.pick_op();
+        let raw_before = self.raw_sha.clone();
+        let mut raw_sha_at_op = self.raw_sha.clone();
+        if let Op::Create { volume, .. } = &op {
+            if *volume == self.raw {
+                let n = 1 + self.rng.below(48);
+                self.scribble_raw(n);
+                self.raw_sha = self.image_sha(&self.raw);
+                raw_sha_at_op = self.raw_sha.clone();
+            } else {
+                self.scribble_fs();
+            }
+        }
+        let name = op.name();
+        // Exact points only where a store site can be reached (verify writes nothing).
+        let sites: Vec<&'static str> = blocksnap::failpoint::SITES
+            .iter()
+            .copied()
+            .filter(|s| self.hit_bound.get(&(name, *s)).copied().unwrap_or(64) > 0)
+            .collect();
+        let exact = !sites.is_empty() && self.rng.chance(50);
+        let kind = if exact { "exact" } else { "timed" };
+        let mut armed = String::new();
+        if exact {
+            let site = *self.rng.pick(&sites);
+            let bound = self.hit_bound.get(&(name, site)).copied().unwrap_or(64);
+            let n = self.rng.below(bound);
+            armed = format!("{site}={n}*off->return(kill)");
+            self.ensure_daemon(&armed);
+        } else {
+            self.ensure_daemon("");
+        }
+        let ctx = format!("round {round} ({name}, {kind} {armed})");
+        // Children of a snapshot being deleted: they absorb it and are checked after.
+        let listed_before = self.listed();
+        let children: Vec<String> = match &op {
+            Op::Delete { snapshot, .. } => listed_before
+                .values()
+                .filter(|s| s["parent_id"].as_str() == Some(snapshot.as_str()))
+                .filter_map(|s| s["snapshot_id"].as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let log_at = log_len(&self.d);
+        let args = op.args();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let resp = self.d.run(&a);
+        let resp: Value = serde_json::from_slice(&resp.stdout).unwrap_or(Value::Null);
+        let job = resp["job_id"].as_str().map(String::from);
+        if let Some(j) = &job {
+            self.jobs.insert(j.clone());
+        }
+        let hit;
+        if exact {
+            let deadline = Instant::now() + JOB_BOUND;
+            loop {
+                if self.d.exited().is_some() {
+                    hit = true;
+                    break;
+                }
+                let done = match &job {
+                    Some(j) => {
+                        let out = self.d.run(&["describe-jobs", "-j", j]);
+                        let v: Value =
+                            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                        matches!(
+                            v["job_set"][0]["status"].as_str(),
+                            Some("successful") | Some("failed")
+                        )
+                    }
+                    None => {
+                        // Refused without a job: only acceptable if the daemon died.
+                        std::thread::sleep(Duration::from_millis(50));
+                        assert!(
+                            self.d.exited().is_some(),
+                            "{ctx}: {args:?} refused: {resp}"
+                        );
+                        hit = true;
+                        break;
+                    }
+                };
+                if done && self.d.exited().is_none() {
+                    hit = false;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{ctx}: job did not end");
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            if hit {
+                assert!(
+                    log_from(&self.d, log_at).contains("failpoint: SIGKILL"),
+                    "{ctx}: the daemon died, not at the failpoint:\n{}",
+                    log_tail(&self.d)
+                );
+            } else {
+                let site = armed.split('=').next().unwrap_or_default();
+                let site = blocksnap::failpoint::SITES
+                    .iter()
+                    .copied()
+                    .find(|s| *s == site)
+                    .expect("site");
+                let n: u64 = armed
+                    .split('=')
+                    .nth(1)
+                    .and_then(|r| r.split('*').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                // This op hits `site` at most n times: draw below that from now on.
+                let b = self.hit_bound.entry((name, site)).or_insert(64);
+                *b = (*b).min(n);
+            }
+            self.d.kill9();
+        } else {
+            let est = self.duration_ms.get(name).copied().unwrap_or(200.0);
+            let delay = self.rng.below((est * 1.2) as u64 + 1);
+            let at = started + Duration::from_millis(delay);
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            self.d.kill9();
+            // A job the restart finds unfinished is resumed or failed, and says so.
+            hit = false;
+        }
+        self.d.failpoints.clear();
+        self.log_seen = log_len(&self.d);
+        self.d.spawn();
+        let hit = hit
+            || job.as_ref().is_some_and(|j| {
+                log_from(&self.d, self.log_seen)
+                    .lines()
+                    .any(|l| l.contains(j.as_str()) && l.contains("interrupted by a restart"))
+            });
+        let c = tally.entry((name, kind)).or_default();
+        c.rounds += 1;
+        if hit {
+            c.hit += 1;
+        }
+
+        let deleting = match &op {
+            Op::Delete { snapshot, .. } => Some(snapshot.as_str()),
+            _ => None,
+        };
+        let created = match &op {
+            Op::Create { .. } => resp["snapshots"][0].as_str(),
+            _ => None,
+        };
+        let listed = self.check_invariants(&ctx, deleting, created);
+
+        // Settle the operation: keep what it finished, retry it, check what it touched.
+        let mut touched: Vec<String> = Vec::new();
+        match &op {
+            Op::Create { volume, .. } => {
+                if let Some(id) = created.filter(|id| listed.contains_key(*id)) {
+                    self.adopt(id, volume, &raw_sha_at_op);
+                    touched.push(id.to_string());
+                } else {
+                    let (v, ms) = self.job(&args);
+                    self.learn(name, ms);
+                    let id = v["snapshots"][0].as_str().expect("snapshot id").to_string();
+                    self.adopt(&id, volume, &raw_sha_at_op);
+                    touched.push(id);
+                }
+            }
+            Op::FromSnapshot { snapshot } => {
+                // A restore the restart resumed must have produced the right bytes.
+                if let Some(vid) = resp["volume_id"].as_str() {
+                    let v = self.d.ok(&["describe-volumes", "-v", vid]);
+                    if v["volume_set"][0]["status"] == "available" {
+                        let got = self.image_sha(vid);
+                        assert_eq!(
+                            got, self.snaps[snapshot].1,
+                            "{ctx}: interrupted restore finished with wrong bytes"
+                        );
+                        self.d.ok(&["delete-volumes", "-v", vid]);
+                    }
+                }
+                let t = Instant::now();
+                self.check_restore(snapshot, &ctx);
+                self.learn(name, t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Op::Apply { snapshot } => {
+                let (_, ms) = self.job(&args);
+                self.learn(name, ms);
+                let got = self.image_sha(&self.raw);
+                assert_eq!(
+                    got, self.snaps[snapshot].1,
+                    "{ctx}: apply-snapshots retried left the volume with wrong bytes"
+                );
+                self.raw_sha = got;
+            }
+            Op::Delete { snapshot, .. } => {
+                if listed.contains_key(snapshot) {
+                    let (_, ms) = self.job(&args);
+                    self.learn(name, ms);
+                }
+                self.snaps.remove(snapshot);
+                assert!(
+                    !self.listed().contains_key(snapshot),
+                    "{ctx}: deleted snapshot still listed"
+                );
+                touched.extend(children);
+            }
+            Op::Verify { .. } => {
+                let (_, ms) = self.job(&args);
+                self.learn(name, ms);
+            }
+        }
+        let _ = raw_before;
+        // Snapshots the op touched, and one more at random, restore byte-identically.
+        if !self.snaps.is_empty() {
+            let all: Vec<String> = self.snaps.keys().cloned().collect();
+            touched.push(self.rng.pick(&all).clone());
+        }
+        for id in touched {
+            if self.snaps.contains_key(&id) {
+                self.check_restore(&id, &ctx);
+            }
+        }
+        if hit {
+            tally.entry((name, kind)).or_default().survived += 1;
+        }
+    }
+
+    fn learn(&mut self, op: &'static str, ms: f64) {
+        let e = self.duration_ms.entry(op).or_insert(ms);
+        *e = 0.7 * *e + 0.3 * ms;
+    }
+
+    /// Every snapshot restores byte-identically and verifies.
+    fn sweep(&mut self, ctx: &str) {
+        let all: Vec<String> = self.snaps.keys().cloned().collect();
+        for id in &all {
+            self.check_restore(id, ctx);
+        }
+        if !all.is_empty() {
+            let mut args = vec!["verify-snapshots".to_string()];
+            for id in &all {
+                args.push("-s".into());
+                args.push(id.clone());
+            }
+            self.job(&args);
+        }
+        let _ = &self.fs_vol;
+    }
+}
+
+/// Regular files under `dir`, recursively (none if it does not exist).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Loop devices whose backing file lies under `dir`.
+fn loops_under(dir: &Path) -> BTreeSet<String> {
+    let out = sh("losetup -l -n -O NAME,BACK-FILE");
+    let prefix = dir.to_string_lossy().into_owned();
+    out.lines()
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            let (dev, back) = (p.next()?, p.next()?);
+            back.starts_with(&prefix).then(|| dev.to_string())
+        })
+        .collect()
+}
+
+/// The daemon's log from byte `from` on (the log only grows).
+fn log_from(d: &Daemon, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut out = String::new();
+    if let Ok(mut f) = std::fs::File::open(d.dir.path().join("daemon.log")) {
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            out = String::from_utf8_lossy(&buf).into_owned();
+        }
+    }
+    out
+}
+
+fn log_len(d: &Daemon) -> u64 {
+    std::fs::metadata(d.dir.path().join("daemon.log"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn log_tail(d: &Daemon) -> String {
+    let log = log_from(d, log_len(d).saturating_sub(16 << 10));
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+#[test]
+fn sigkill_at_random_points_keeps_every_invariant() {
+    if !root_or_skip("sigkill_at_random_points_keeps_every_invariant") {
+        return;
+    }
+    if !cfg!(feature = "failpoints") {
+        eprintln!("SKIPPED exact crash points: build with --features failpoints for them");
+    }
+    let seed = env_u64("BLOCKSNAP_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let long = std::env::var("BLOCKSNAP_LONG").as_deref() == Ok("1");
+    let target = env_u64("BLOCKSNAP_CRASH_POINTS").unwrap_or(if long { 2000 } else { 200 });
+    eprintln!("crash points: seed {seed} (BLOCKSNAP_CRASH_SEED={seed} reproduces), target {target} points");
+    let started = Instant::now();
+    let mut w = World::new(seed);
+    let mut mount = Some(Mount::new(&w.fs_dev, &w.mnt));
+    if !cfg!(feature = "failpoints") {
+        // Without failpoints every site is unreachable: timed points only.
+        let ops = [
+            "create-full",
+            "create-incremental",
+            "create-volume-from-snapshot",
+            "apply-snapshots",
+            "delete-middle (fold)",
+            "delete-snapshots",
+            "verify-snapshots",
+        ];
+        for op in ops {
+            for s in blocksnap::failpoint::SITES {
+                w.hit_bound.insert((op, s), 0);
+            }
+        }
+    }
+    // A few snapshots to start from, without crashes.
+    for full in [true, false] {
+        for vol in [w.raw.clone(), w.fs_vol.clone()] {
+            if vol == w.raw {
+                w.scribble_raw(32);
+                w.raw_sha = w.image_sha(&w.raw);
+            } else {
+                w.scribble_fs();
+            }
+            let op = Op::Create {
+                volume: vol.clone(),
+                full,
+            };
+            let (v, _) = w.job(&op.args());
+            let id = v["snapshots"][0].as_str().expect("id").to_string();
+            let sha = w.raw_sha.clone();
+            w.adopt(&id, &vol, &sha);
+        }
+    }
+    let mut tally: BTreeMap<(&'static str, &'static str), Count> = BTreeMap::new();
+    let max_rounds = target * 4 + 50;
+    let mut round = 0;
+    let hits = |t: &BTreeMap<(&'static str, &'static str), Count>| -> u64 {
+        t.values().map(|c| c.hit).sum()
+    };
+    while hits(&tally) < target && round < max_rounds {
+        w.round(round, &mut tally);
+        round += 1;
+        if round % 50 == 0 {
+            eprintln!(
+                "  {round} rounds, {} crash points, {:.0} s",
+                hits(&tally),
+                started.elapsed().as_secs_f64()
+            );
+            w.sweep(&format!("sweep after round {round}"));
+        }
+    }
+    w.ensure_daemon("");
+    w.check_invariants("final", None, None);
+    w.sweep("final sweep");
+    drop(mount.take());
+
+    eprintln!(
+        "crash points (seed {seed}): {round} rounds in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "  {:<30} {:<6} {:>7} {:>7} {:>9}",
+        "op", "kind", "rounds", "hit", "survived"
+    );
+    let mut total = Count::default();
+    for ((op, kind), c) in &tally {
+        eprintln!(
+            "  {op:<30} {kind:<6} {:>7} {:>7} {:>9}",
+            c.rounds, c.hit, c.survived
+        );
+        total.rounds += c.rounds;
+        total.hit += c.hit;
+        total.survived += c.survived;
+    }
+    eprintln!(
+        "  {:<30} {:<6} {:>7} {:>7} {:>9}",
+        "total", "", total.rounds, total.hit, total.survived
+    );
+    assert_eq!(total.hit, total.survived);
+    assert!(
+        total.hit >= target,
+        "only {} crash points were hit in {round} rounds (target {target})",
+        total.hit
+    );
+}
