@@ -85,8 +85,14 @@ fn writable(dir: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A state dir on tmpfs (fast fsyncs), removed when dropped.
-struct StateDir(tempfile::TempDir);
+/// The state dir: on an xfs with reflink (captures go through a reflink clone in the state
+/// dir's `tmp/`, as on a production host that has one) over a loop device on tmpfs (fast
+/// fsyncs); on plain tmpfs with `BLOCKSNAP_CRASH_STATE_FS=tmpfs` or without mkfs.xfs.
+/// Unmounted, detached and removed when dropped.
+struct StateDir {
+    dir: tempfile::TempDir,
+    device: Option<String>,
+}
 
 impl StateDir {
     fn new() -> StateDir {
@@ -95,12 +101,58 @@ impl StateDir {
         } else {
             std::env::temp_dir()
         };
-        StateDir(
-            tempfile::Builder::new()
-                .prefix("blocksnap-crash-")
-                .tempdir_in(base)
-                .expect("tempdir"),
-        )
+        let dir = tempfile::Builder::new()
+            .prefix("blocksnap-crash-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        let mut s = StateDir { dir, device: None };
+        let want_xfs = std::env::var("BLOCKSNAP_CRASH_STATE_FS").as_deref() != Ok("tmpfs");
+        if want_xfs && common::have_tool("mkfs.xfs") {
+            let image = s.dir.path().join("fs.img");
+            sh(&format!("truncate -s 1G {}", image.display()));
+            sh(&format!("mkfs.xfs -q -m reflink=1 {}", image.display()));
+            let dev = sh(&format!("losetup -f --show {}", image.display()))
+                .trim()
+                .to_string();
+            s.device = Some(dev.clone());
+            std::fs::create_dir_all(s.mnt()).expect("mkdir");
+            sh(&format!("mount {dev} {}", s.mnt().display()));
+        }
+        s
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn state(&self) -> PathBuf {
+        match self.device {
+            Some(_) => self.mnt().join("state"),
+            None => self.dir.path().join("state"),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.device {
+            Some(_) => "xfs (reflink) on tmpfs",
+            None => "tmpfs",
+        }
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if let Some(dev) = self.device.take() {
+            let mnt = self.mnt();
+            let ok = Command::new("umount")
+                .arg(&mnt)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+            }
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
     }
 }
 
@@ -174,11 +226,15 @@ struct World {
     /// Every job this test started, and the ones known to have ended.
     jobs: BTreeSet<String>,
     ended: HashSet<String>,
-    /// Learned upper bound of hits per (op, site): exact points draw N below it.
-    hit_bound: BTreeMap<(&'static str, &'static str), u64>,
+    /// What is known of how often each op reaches each site: (it reached it more than this
+    /// many times once, at most this many times once). Exact points draw N below the
+    /// upper bound; a pair not tried yet is probed with N = 0 first.
+    hit_bound: BTreeMap<(&'static str, &'static str), (u64, u64)>,
     /// Typical duration of each op (ms), for timed points.
     duration_ms: BTreeMap<&'static str, f64>,
     log_seen: u64,
+    /// How long the last job took from the CLI's answer to its observed end (ms).
+    last_job_ms: f64,
     rng: Rng,
 }
 
@@ -202,7 +258,8 @@ fn wait_job(d: &Daemon, job: &str) -> Value {
 impl World {
     fn new(seed: u64) -> World {
         let state = StateDir::new();
-        let d = Daemon::start_with_state_dir(&state.0.path().join("state"), "");
+        eprintln!("state dir on {}", state.kind());
+        let d = Daemon::start_with_state_dir(&state.state(), "");
         let raw = d.volume("16M", "raw");
         let fs_vol = d.volume("16M", "fs");
         let fs_dev = d.attach(&fs_vol);
@@ -225,8 +282,16 @@ impl World {
             hit_bound: BTreeMap::new(),
             duration_ms: BTreeMap::new(),
             log_seen: 0,
+            last_job_ms: 0.0,
             rng: Rng(seed),
         };
+        // The volumes' own creation jobs (ended).
+        let jobs = w.d.ok(&["describe-jobs"]);
+        for j in jobs["job_set"].as_array().expect("job_set") {
+            let id = j["job_id"].as_str().expect("job_id").to_string();
+            w.jobs.insert(id.clone());
+            w.ended.insert(id);
+        }
         w.scribble_raw(64);
         w.raw_sha = common::sha256(&w.d.image(&w.raw));
         w
@@ -296,8 +361,8 @@ impl World {
     /// Runs a job-starting verb that must succeed; returns (response, ms it took).
     fn job(&mut self, args: &[String]) -> (Value, f64) {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let t = Instant::now();
         let v = self.d.ok(&a);
+        let t = Instant::now();
         let job = v["job_id"].as_str().expect("job_id").to_string();
         self.jobs.insert(job.clone());
         let j = wait_job(&self.d, &job);
@@ -308,7 +373,8 @@ impl World {
             "{args:?}: job failed: {j}\n--- daemon log ---\n{}",
             log_tail(&self.d)
         );
-        (v, t.elapsed().as_secs_f64() * 1000.0)
+        self.last_job_ms = t.elapsed().as_secs_f64() * 1000.0;
+        (v, self.last_job_ms)
     }
 
     /// sha256 of a new volume restored from `snap` (the volume is deleted again).
@@ -402,15 +468,14 @@ impl World {
                 let listed = self.listed();
                 let parents: HashSet<String> = listed
                     .values()
-                    .filter_map(|s| s["parent_id"].as_str())
-                    .filter(|p| !p.is_empty())
+                    .filter_map(parent_of)
                     .map(String::from)
                     .collect();
                 let middle: Vec<String> = all
                     .iter()
                     .filter(|id| {
                         parents.contains(*id)
-                            && listed[*id]["parent_id"].as_str().is_some_and(|p| !p.is_empty())
+                            && parent_of(&listed[*id]).is_some()
                     })
                     .cloned()
                     .collect();
@@ -436,13 +501,10 @@ impl World {
 
     fn delete_op(&self, snapshot: String) -> Op {
         let listed = self.listed();
-        let has_parent = listed
-            .get(&snapshot)
-            .and_then(|s| s["parent_id"].as_str())
-            .is_some_and(|p| !p.is_empty());
+        let has_parent = listed.get(&snapshot).and_then(parent_of).is_some();
         let has_child = listed
             .values()
-            .any(|s| s["parent_id"].as_str() == Some(snapshot.as_str()));
+            .any(|s| parent_of(s) == Some(snapshot.as_str()));
         Op::Delete {
             snapshot,
             middle: has_parent && has_child,
@@ -512,9 +574,8 @@ impl World {
         }
         // Parent links point at listed snapshots.
         for s in listed.values() {
-            let p = s["parent_id"].as_str().unwrap_or_default();
             assert!(
-                p.is_empty() || listed.contains_key(p),
+                parent_of(s).is_none_or(|p| listed.contains_key(p)),
                 "{ctx}: parent of a listed snapshot is not listed: {s}"
             );
         }
@@ -610,15 +671,17 @@ impl World {
         let sites: Vec<&'static str> = blocksnap::failpoint::SITES
             .iter()
             .copied()
-            .filter(|s| self.hit_bound.get(&(name, *s)).copied().unwrap_or(64) > 0)
+            .filter(|s| self.hit_bound.get(&(name, *s)).is_none_or(|b| b.1 > 0))
             .collect();
         let exact = !sites.is_empty() && self.rng.chance(50);
         let kind = if exact { "exact" } else { "timed" };
         let mut armed = String::new();
         if exact {
             let site = *self.rng.pick(&sites);
-            let bound = self.hit_bound.get(&(name, site)).copied().unwrap_or(64);
-            let n = self.rng.below(bound);
+            let n = match self.hit_bound.get(&(name, site)) {
+                None => 0,
+                Some(&(lo, hi)) => self.rng.below(hi.max(lo + 1)),
+            };
             armed = format!("{site}={n}*off->return(kill)");
             self.ensure_daemon(&armed);
         } else {
@@ -630,7 +693,7 @@ impl World {
         let children: Vec<String> = match &op {
             Op::Delete { snapshot, .. } => listed_before
                 .values()
-                .filter(|s| s["parent_id"].as_str() == Some(snapshot.as_str()))
+                .filter(|s| parent_of(s) == Some(snapshot.as_str()))
                 .filter_map(|s| s["snapshot_id"].as_str().map(String::from))
                 .collect(),
             _ => Vec::new(),
@@ -638,8 +701,8 @@ impl World {
         let log_at = log_len(&self.d);
         let args = op.args();
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let started = Instant::now();
         let resp = self.d.run(&a);
+        let started = Instant::now();
         let resp: Value = serde_json::from_slice(&resp.stdout).unwrap_or(Value::Null);
         let job = resp["job_id"].as_str().map(String::from);
         if let Some(j) = &job {
@@ -682,32 +745,25 @@ impl World {
                 std::thread::sleep(Duration::from_millis(3));
             }
             if hit {
+                let (site, n) = parse_armed(&armed);
+                let b = self.hit_bound.entry((name, site)).or_insert((0, 64));
+                b.0 = b.0.max(n + 1);
+                b.1 = b.1.max(b.0 * 2);
                 assert!(
                     log_from(&self.d, log_at).contains("failpoint: SIGKILL"),
                     "{ctx}: the daemon died, not at the failpoint:\n{}",
                     log_tail(&self.d)
                 );
             } else {
-                let site = armed.split('=').next().unwrap_or_default();
-                let site = blocksnap::failpoint::SITES
-                    .iter()
-                    .copied()
-                    .find(|s| *s == site)
-                    .expect("site");
-                let n: u64 = armed
-                    .split('=')
-                    .nth(1)
-                    .and_then(|r| r.split('*').next())
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
+                let (site, n) = parse_armed(&armed);
                 // This op hits `site` at most n times: draw below that from now on.
-                let b = self.hit_bound.entry((name, site)).or_insert(64);
-                *b = (*b).min(n);
+                let b = self.hit_bound.entry((name, site)).or_insert((0, 64));
+                b.1 = b.1.min(n);
             }
             self.d.kill9();
         } else {
-            let est = self.duration_ms.get(name).copied().unwrap_or(200.0);
-            let delay = self.rng.below((est * 1.2) as u64 + 1);
+            let est = self.duration_ms.get(name).copied().unwrap_or(50.0);
+            let delay = self.rng.below((est * 0.8) as u64 + 1);
             let at = started + Duration::from_millis(delay);
             if let Some(wait) = at.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
@@ -719,6 +775,25 @@ impl World {
         self.d.failpoints.clear();
         self.log_seen = log_len(&self.d);
         self.d.spawn();
+        let mut job = job;
+        if job.is_none() {
+            // The daemon died before its answer reached the CLI: the job it had started, if
+            // any, is the one job the test does not know yet.
+            let all = self.d.ok(&["describe-jobs"]);
+            let unknown: Vec<String> = all["job_set"]
+                .as_array()
+                .expect("job_set")
+                .iter()
+                .filter_map(|j| j["job_id"].as_str())
+                .filter(|j| !self.jobs.contains(*j))
+                .map(String::from)
+                .collect();
+            assert!(unknown.len() <= 1, "{ctx}: unknown jobs {unknown:?}");
+            job = unknown.into_iter().next();
+            if let Some(j) = &job {
+                self.jobs.insert(j.clone());
+            }
+        }
         let hit = hit
             || job.as_ref().is_some_and(|j| {
                 log_from(&self.d, self.log_seen)
@@ -769,9 +844,8 @@ impl World {
                         self.d.ok(&["delete-volumes", "-v", vid]);
                     }
                 }
-                let t = Instant::now();
                 self.check_restore(snapshot, &ctx);
-                self.learn(name, t.elapsed().as_secs_f64() * 1000.0);
+                self.learn(name, self.last_job_ms);
             }
             Op::Apply { snapshot } => {
                 let (_, ms) = self.job(&args);
@@ -801,8 +875,9 @@ impl World {
             }
         }
         let _ = raw_before;
-        // Snapshots the op touched, and one more at random, restore byte-identically.
-        if !self.snaps.is_empty() {
+        // Snapshots the op touched, and now and then one more at random, restore
+        // byte-identically (all of them in the periodic sweeps).
+        if !self.snaps.is_empty() && self.rng.chance(30) {
             let all: Vec<String> = self.snaps.keys().cloned().collect();
             touched.push(self.rng.pick(&all).clone());
         }
@@ -892,6 +967,29 @@ fn log_len(d: &Daemon) -> u64 {
         .unwrap_or(0)
 }
 
+/// The site and N of an armed `site=N*off->return(kill)`.
+fn parse_armed(armed: &str) -> (&'static str, u64) {
+    let (site, rest) = armed.split_once('=').expect("site=action");
+    let site = blocksnap::failpoint::SITES
+        .iter()
+        .copied()
+        .find(|s| *s == site)
+        .expect("a known site");
+    let n = rest
+        .split('*')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("N*off");
+    (site, n)
+}
+
+/// A listed snapshot's parent (`parent_id` is "self" for a full snapshot).
+fn parent_of(s: &Value) -> Option<&str> {
+    s["parent_id"]
+        .as_str()
+        .filter(|p| !p.is_empty() && *p != "self" && Some(*p) != s["snapshot_id"].as_str())
+}
+
 fn log_tail(d: &Daemon) -> String {
     let log = log_from(d, log_len(d).saturating_sub(16 << 10));
     let lines: Vec<&str> = log.lines().collect();
@@ -931,7 +1029,7 @@ fn sigkill_at_random_points_keeps_every_invariant() {
         ];
         for op in ops {
             for s in blocksnap::failpoint::SITES {
-                w.hit_bound.insert((op, s), 0);
+                w.hit_bound.insert((op, s), (0, 0));
             }
         }
     }
@@ -963,7 +1061,7 @@ fn sigkill_at_random_points_keeps_every_invariant() {
     while hits(&tally) < target && round < max_rounds {
         w.round(round, &mut tally);
         round += 1;
-        if round % 50 == 0 {
+        if round % 100 == 0 {
             eprintln!(
                 "  {round} rounds, {} crash points, {:.0} s",
                 hits(&tally),
