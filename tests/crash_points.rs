@@ -223,6 +223,8 @@ struct World {
     mnt: PathBuf,
     /// Available snapshots: id -> (volume, sha256 of the volume image it captured).
     snaps: BTreeMap<String, (String, String)>,
+    /// The head of each volume's chain (what its next incremental builds on).
+    heads: BTreeMap<String, Option<String>>,
     /// Every job this test started, and the ones known to have ended.
     jobs: BTreeSet<String>,
     ended: HashSet<String>,
@@ -277,6 +279,7 @@ impl World {
             fs_dev,
             mnt,
             snaps: BTreeMap::new(),
+            heads: BTreeMap::new(),
             jobs: BTreeSet::new(),
             ended: HashSet::new(),
             hit_bound: BTreeMap::new(),
@@ -415,6 +418,8 @@ impl World {
         };
         self.snaps
             .insert(snap.to_string(), (volume.to_string(), sha));
+        self.heads
+            .insert(volume.to_string(), Some(snap.to_string()));
     }
 
     fn snaps_of(&self, volume: &str) -> Vec<String> {
@@ -426,13 +431,13 @@ impl World {
     }
 
     /// Picks the next operation.
-    fn pick_op(&mut self) -> Op {
+    fn pick_op(&mut self, listed: &BTreeMap<String, Value>) -> Op {
         let volumes = [self.raw.clone(), self.fs_vol.clone()];
         for v in &volumes {
             if self.snaps_of(v).len() >= MAX_PER_VOLUME {
                 let all = self.snaps_of(v);
                 let snapshot = self.rng.pick(&all).clone();
-                return self.delete_op(snapshot);
+                return delete_op(listed, snapshot);
             }
         }
         if self.snaps.is_empty() {
@@ -465,7 +470,6 @@ impl World {
             }
             63..=87 => {
                 // Prefer a snapshot in the middle of a chain: its delete folds into a child.
-                let listed = self.listed();
                 let parents: HashSet<String> = listed
                     .values()
                     .filter_map(parent_of)
@@ -473,10 +477,7 @@ impl World {
                     .collect();
                 let middle: Vec<String> = all
                     .iter()
-                    .filter(|id| {
-                        parents.contains(*id)
-                            && parent_of(&listed[*id]).is_some()
-                    })
+                    .filter(|id| parents.contains(*id) && parent_of(&listed[*id]).is_some())
                     .cloned()
                     .collect();
                 let snapshot = if !middle.is_empty() && self.rng.chance(70) {
@@ -484,7 +485,7 @@ impl World {
                 } else {
                     self.rng.pick(&all).clone()
                 };
-                self.delete_op(snapshot)
+                delete_op(listed, snapshot)
             }
             _ => {
                 let n = 1 + self.rng.below(3) as usize;
@@ -499,8 +500,10 @@ impl World {
         }
     }
 
-    fn delete_op(&self, snapshot: String) -> Op {
-        let listed = self.listed();
+}
+
+fn delete_op(listed: &BTreeMap<String, Value>, snapshot: String) -> Op {
+    {
         let has_parent = listed.get(&snapshot).and_then(parent_of).is_some();
         let has_child = listed
             .values()
@@ -510,7 +513,9 @@ impl World {
             middle: has_parent && has_child,
         }
     }
+}
 
+impl World {
     /// Restarts the daemon with `failpoints` (if it is not already running with them).
     fn ensure_daemon(&mut self, failpoints: &str) {
         if self.d.pid().is_some() && self.d.failpoints == failpoints {
@@ -639,12 +644,14 @@ impl World {
             .expect("volumes dir")
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .collect();
-        assert_eq!(images, live, "{ctx}: volume images differ from live volumes");
+        assert_eq!(
+            images, live,
+            "{ctx}: volume images differ from live volumes"
+        );
         // Loop devices over the state dir: exactly the attached volumes.
         let loops = loops_under(&self.d.state_dir);
         assert_eq!(
-            loops,
-            attached,
+            loops, attached,
             "{ctx}: loop devices over the state dir differ from the attached volumes"
         );
         assert!(attached.contains(self.fs_dev.to_str().unwrap_or_default()));
@@ -653,7 +660,8 @@ impl World {
 
     /// One round; returns (kind, hit).
     fn round(&mut self, round: u64, tally: &mut BTreeMap<(&'static str, &'static str), Count>) {
-        let op = self.pick_op();
+        let listed_before = self.listed();
+        let op = self.pick_op(&listed_before);
         let raw_before = self.raw_sha.clone();
         let mut raw_sha_at_op = self.raw_sha.clone();
         if let Op::Create { volume, .. } = &op {
@@ -689,7 +697,6 @@ impl World {
         }
         let ctx = format!("round {round} ({name}, {kind} {armed})");
         // Children of a snapshot being deleted: they absorb it and are checked after.
-        let listed_before = self.listed();
         let children: Vec<String> = match &op {
             Op::Delete { snapshot, .. } => listed_before
                 .values()
@@ -719,8 +726,7 @@ impl World {
                 let done = match &job {
                     Some(j) => {
                         let out = self.d.run(&["describe-jobs", "-j", j]);
-                        let v: Value =
-                            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
                         matches!(
                             v["job_set"][0]["status"].as_str(),
                             Some("successful") | Some("failed")
@@ -729,10 +735,7 @@ impl World {
                     None => {
                         // Refused without a job: only acceptable if the daemon died.
                         std::thread::sleep(Duration::from_millis(50));
-                        assert!(
-                            self.d.exited().is_some(),
-                            "{ctx}: {args:?} refused: {resp}"
-                        );
+                        assert!(self.d.exited().is_some(), "{ctx}: {args:?} refused: {resp}");
                         hit = true;
                         break;
                     }
@@ -800,6 +803,18 @@ impl World {
                     .lines()
                     .any(|l| l.contains(j.as_str()) && l.contains("interrupted by a restart"))
             });
+        // Sometimes a second crash, while the restart's resumed work runs.
+        let kind = if hit && !exact && self.rng.chance(25) {
+            let est = self.duration_ms.get(name).copied().unwrap_or(50.0);
+            std::thread::sleep(Duration::from_millis(
+                self.rng.below((est * 0.8) as u64 + 1),
+            ));
+            self.d.kill9();
+            self.d.spawn();
+            "twice"
+        } else {
+            kind
+        };
         let c = tally.entry((name, kind)).or_default();
         c.rounds += 1;
         if hit {
@@ -822,13 +837,17 @@ impl World {
             Op::Create { volume, .. } => {
                 if let Some(id) = created.filter(|id| listed.contains_key(*id)) {
                     self.adopt(id, volume, &raw_sha_at_op);
-                    touched.push(id.to_string());
+                    if *volume == self.raw {
+                        touched.push(id.to_string());
+                    }
                 } else {
                     let (v, ms) = self.job(&args);
                     self.learn(name, ms);
                     let id = v["snapshots"][0].as_str().expect("snapshot id").to_string();
                     self.adopt(&id, volume, &raw_sha_at_op);
-                    touched.push(id);
+                    if *volume == self.raw {
+                        touched.push(id);
+                    }
                 }
             }
             Op::FromSnapshot { snapshot } => {
@@ -856,17 +875,19 @@ impl World {
                     "{ctx}: apply-snapshots retried left the volume with wrong bytes"
                 );
                 self.raw_sha = got;
+                self.heads.insert(self.raw.clone(), Some(snapshot.clone()));
             }
             Op::Delete { snapshot, .. } => {
                 if listed.contains_key(snapshot) {
                     let (_, ms) = self.job(&args);
                     self.learn(name, ms);
                 }
-                self.snaps.remove(snapshot);
-                assert!(
-                    !self.listed().contains_key(snapshot),
-                    "{ctx}: deleted snapshot still listed"
-                );
+                if let Some((vol, _)) = self.snaps.remove(snapshot) {
+                    if self.heads.get(&vol) == Some(&Some(snapshot.clone())) {
+                        let parent = listed_before.get(snapshot).and_then(parent_of);
+                        self.heads.insert(vol, parent.map(String::from));
+                    }
+                }
                 touched.extend(children);
             }
             Op::Verify { .. } => {
@@ -886,8 +907,42 @@ impl World {
                 self.check_restore(&id, &ctx);
             }
         }
+        self.check_heads(&ctx, deleting);
         if hit {
             tally.entry((name, kind)).or_default().survived += 1;
+        }
+    }
+
+    /// Each volume's chain head is where the test expects it: the snapshots marked
+    /// `head_chain` are exactly the head and its ancestors.
+    fn check_heads(&self, ctx: &str, deleted: Option<&str>) {
+        let listed = self.listed();
+        if let Some(id) = deleted {
+            assert!(
+                !listed.contains_key(id),
+                "{ctx}: deleted snapshot {id} still listed"
+            );
+        }
+        for vol in [&self.raw, &self.fs_vol] {
+            let mut want = BTreeSet::new();
+            let mut at = self.heads.get(vol).cloned().flatten();
+            while let Some(id) = at {
+                let s = listed
+                    .get(&id)
+                    .unwrap_or_else(|| panic!("{ctx}: head {id} of {vol} is not listed"));
+                want.insert(id.clone());
+                at = parent_of(s).map(String::from);
+            }
+            let got: BTreeSet<String> = listed
+                .iter()
+                .filter(|(_, s)| s["resource"]["resource_id"] == vol.as_str())
+                .filter(|(_, s)| s["head_chain"] == 1)
+                .map(|(id, _)| id.clone())
+                .collect();
+            assert_eq!(
+                got, want,
+                "{ctx}: the chain head of volume {vol} is not where it should be (next incremental would build on the wrong snapshot)"
+            );
         }
     }
 

@@ -12,7 +12,7 @@ use crate::api::ApiError;
 use crate::catalog::{now, Catalog, JobRow, JobStatus, SnapshotRow};
 use crate::config::Backend;
 use crate::volume;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Thaws every filesystem the freeze journal says a previous run froze.
@@ -124,6 +124,28 @@ fn reconcile_snapshots(manager: &Arc<Manager>) -> Result<(), ApiError> {
             job_id: None,
         };
         manager.with_catalog(|c| c.upsert_snapshot(&row))?;
+    }
+    // A delete the store's recovery finished leaves its volume's chain head on a snapshot
+    // that is gone: move the head to the nearest ancestor still there, as delete-snapshots
+    // itself does, so that the next incremental builds on what the volume last held.
+    let parents: HashMap<&str, Option<&str>> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.parent_id.as_deref()))
+        .collect();
+    for v in manager.with_catalog(|c| c.volumes())? {
+        let Some(head) = v.active_head.as_deref() else {
+            continue;
+        };
+        if in_store.contains(head) {
+            continue;
+        }
+        let mut at = parents.get(head).copied().flatten();
+        while let Some(id) = at.filter(|id| !in_store.contains(*id)) {
+            at = parents.get(id).copied().flatten();
+        }
+        let new_head = at.map(String::from);
+        tracing::warn!(volume = %v.id, was = head, now = ?new_head, "chain head was deleted; moving it to its nearest remaining ancestor");
+        manager.update_volume(&v.id, |r| r.active_head = new_head)?;
     }
     // Parent links follow the store (a delete may have been finished by its recovery).
     for m in &manifests {
