@@ -556,12 +556,14 @@ impl World {
             );
             self.ended.insert(j);
         }
-        let all_jobs = self.d.ok(&["describe-jobs"]);
+        let all_jobs = self.d.ok(&["describe-jobs", "-L", "1"]);
         assert_eq!(
             all_jobs["total_count"].as_u64(),
             Some(self.jobs.len() as u64),
             "{ctx}: the daemon lists jobs the test did not start"
         );
+        let open = self.d.ok(&["describe-jobs", "-s", "pending", "-s", "working"]);
+        assert_eq!(open["total_count"], 0, "{ctx}: jobs left open: {open}");
         // Snapshots: the available ones are still there, nothing partial is listed.
         let listed = self.listed();
         for (id, s) in &listed {
@@ -782,7 +784,7 @@ impl World {
         if job.is_none() {
             // The daemon died before its answer reached the CLI: the job it had started, if
             // any, is the one job the test does not know yet.
-            let all = self.d.ok(&["describe-jobs"]);
+            let all = self.d.ok(&["describe-jobs", "-L", "10000"]);
             let unknown: Vec<String> = all["job_set"]
                 .as_array()
                 .expect("job_set")
