@@ -235,6 +235,9 @@ struct World {
     /// Typical duration of each op (ms), for timed points.
     duration_ms: BTreeMap<&'static str, f64>,
     log_seen: u64,
+    /// Where in the log recovery events were last counted, and their counts.
+    events_seen: u64,
+    events: BTreeMap<&'static str, u64>,
     /// How long the last job took from the CLI's answer to its observed end (ms).
     last_job_ms: f64,
     rng: Rng,
@@ -285,6 +288,8 @@ impl World {
             hit_bound: BTreeMap::new(),
             duration_ms: BTreeMap::new(),
             log_seen: 0,
+            events_seen: 0,
+            events: BTreeMap::new(),
             last_job_ms: 0.0,
             rng: Rng(seed),
         };
@@ -499,19 +504,18 @@ impl World {
             }
         }
     }
-
 }
 
+/// A delete of `snapshot`, marked `middle` when it has a parent and a child (its delete
+/// folds it into the child).
 fn delete_op(listed: &BTreeMap<String, Value>, snapshot: String) -> Op {
-    {
-        let has_parent = listed.get(&snapshot).and_then(parent_of).is_some();
-        let has_child = listed
-            .values()
-            .any(|s| parent_of(s) == Some(snapshot.as_str()));
-        Op::Delete {
-            snapshot,
-            middle: has_parent && has_child,
-        }
+    let has_parent = listed.get(&snapshot).and_then(parent_of).is_some();
+    let has_child = listed
+        .values()
+        .any(|s| parent_of(s) == Some(snapshot.as_str()));
+    Op::Delete {
+        snapshot,
+        middle: has_parent && has_child,
     }
 }
 
@@ -541,6 +545,16 @@ impl World {
             writable(&self.mnt),
             "{ctx}: filesystem left frozen after the restart"
         );
+        // What the restarts' recoveries did (for the tally).
+        let log = log_from(&self.d, self.events_seen);
+        self.events_seen += log.len() as u64;
+        for line in log.lines() {
+            for (pattern, event) in RECOVERY_EVENTS {
+                if line.contains(pattern) {
+                    *self.events.entry(event).or_default() += 1;
+                }
+            }
+        }
         // Every job ends within the bound; the daemon knows no other jobs.
         let open: Vec<String> = self
             .jobs
@@ -562,7 +576,9 @@ impl World {
             Some(self.jobs.len() as u64),
             "{ctx}: the daemon lists jobs the test did not start"
         );
-        let open = self.d.ok(&["describe-jobs", "-s", "pending", "-s", "working"]);
+        let open = self
+            .d
+            .ok(&["describe-jobs", "-s", "pending", "-s", "working"]);
         assert_eq!(open["total_count"], 0, "{ctx}: jobs left open: {open}");
         // Snapshots: the available ones are still there, nothing partial is listed.
         let listed = self.listed();
@@ -660,11 +676,10 @@ impl World {
         listed
     }
 
-    /// One round; returns (kind, hit).
+    /// One round: pick an op, arm a crash, run it, restart, check, retry; counts in `tally`.
     fn round(&mut self, round: u64, tally: &mut BTreeMap<(&'static str, &'static str), Count>) {
         let listed_before = self.listed();
         let op = self.pick_op(&listed_before);
-        let raw_before = self.raw_sha.clone();
         let mut raw_sha_at_op = self.raw_sha.clone();
         if let Op::Create { volume, .. } = &op {
             if *volume == self.raw {
@@ -897,7 +912,6 @@ impl World {
                 self.learn(name, ms);
             }
         }
-        let _ = raw_before;
         // Snapshots the op touched, and now and then one more at random, restore
         // byte-identically (all of them in the periodic sweeps).
         if !self.snaps.is_empty() && self.rng.chance(30) {
@@ -967,9 +981,28 @@ impl World {
             }
             self.job(&args);
         }
-        let _ = &self.fs_vol;
     }
 }
+
+/// Recovery's log lines worth counting: (what the line says, what the tally calls it).
+const RECOVERY_EVENTS: &[(&str, &str)] = &[
+    (
+        "thawed a filesystem left frozen",
+        "thawed a frozen filesystem",
+    ),
+    (
+        "removing a snapshot whose capture was interrupted",
+        "discarded a partial snapshot",
+    ),
+    ("removed a scratch file", "removed a capture's scratch file"),
+    ("chain head was deleted", "moved a dangling chain head"),
+    ("resuming a job interrupted", "resumed a job"),
+    ("failing a job interrupted", "failed a job"),
+    (
+        "removing a volume whose creation did not finish",
+        "removed an unfinished volume",
+    ),
+];
 
 /// Regular files under `dir`, recursively (none if it does not exist).
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -1154,6 +1187,10 @@ fn sigkill_at_random_points_keeps_every_invariant() {
         "  {:<30} {:<6} {:>7} {:>7} {:>9}",
         "total", "", total.rounds, total.hit, total.survived
     );
+    eprintln!("  recoveries:");
+    for (event, n) in &w.events {
+        eprintln!("    {event:<34} {n:>6}");
+    }
     assert_eq!(total.hit, total.survived);
     assert!(
         total.hit >= target,
