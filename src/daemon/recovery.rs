@@ -223,7 +223,11 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
                             as jobs::Work,
                     ))
                 } else {
-                    let locks = vec![vid.clone()];
+                    // The same locks as the verb takes: the new volume and the snapshot's
+                    // volume, so that a delete resumed at the same time cannot fold the
+                    // chain this restore reads.
+                    let mut locks = vec![vid.clone()];
+                    locks.extend(snapshot_volumes(manager, std::slice::from_ref(&sid)));
                     Some((
                         locks,
                         Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
