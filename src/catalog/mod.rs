@@ -151,6 +151,35 @@ impl Catalog {
         Ok(Catalog { conn })
     }
 
+    /// Runs `f` as one transaction: everything it writes is committed together, or (on an
+    /// error, or a crash before the commit) none of it. A daemon killed between two writes of
+    /// one logical change (a snapshot made `available` and its volume's chain head moved to
+    /// it) must not leave half of it.
+    pub fn atomically<T>(&self, f: impl FnOnce(&Catalog) -> Result<T>) -> Result<T> {
+        if !self.conn.is_autocommit() {
+            // A caller that panicked mid-transaction: what it wrote is not trusted.
+            self.conn
+                .execute_batch("ROLLBACK")
+                .map_err(q("roll back an abandoned transaction"))?;
+        }
+        self.conn
+            .execute_batch("BEGIN")
+            .map_err(q("begin a transaction"))?;
+        match f(self) {
+            Ok(v) => {
+                if let Err(e) = self.conn.execute_batch("COMMIT") {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return Err(q("commit a transaction")(e));
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// Every row a query returns, converted by `from_row`.
     fn all<T>(
         &self,

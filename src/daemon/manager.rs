@@ -121,13 +121,15 @@ impl Manager {
         self.config().state_dir.clone()
     }
 
-    /// Runs `f` with the catalog locked; a catalog error becomes the wire error.
+    /// Runs `f` with the catalog locked, as one transaction; a catalog error becomes the wire
+    /// error.
     pub fn with_catalog<T>(
         &self,
         f: impl FnOnce(&Catalog) -> Result<T, CatalogError>,
     ) -> Result<T, ApiError> {
         let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
-        f(&catalog).map_err(ApiError::from)
+        // One transaction per call: a crash never leaves half of a change.
+        catalog.atomically(f).map_err(ApiError::from)
     }
 
     pub(super) fn lazies(&self) -> &Mutex<HashMap<String, Arc<crate::nbd::LazyExport>>> {

@@ -12,7 +12,7 @@ use crate::api::ApiError;
 use crate::catalog::{now, Catalog, JobRow, JobStatus, SnapshotRow};
 use crate::config::Backend;
 use crate::volume;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Thaws every filesystem the freeze journal says a previous run froze.
@@ -43,12 +43,46 @@ pub fn thaw_leftovers(catalog: &Catalog) {
 }
 
 pub fn recover(manager: &Arc<Manager>) -> Result<(), ApiError> {
+    remove_scratch_leftovers(&manager.state_dir().join("tmp"));
     let report = manager.store().recover()?;
     tracing::info!(?report, "store recovered");
     reconcile_snapshots(manager)?;
     resume_jobs(manager)?;
     reattach(manager);
     Ok(())
+}
+
+/// Removes the scratch files of captures a previous run did not finish: reflink clones
+/// (`<snapshot>.clone`), NBD copy-on-write spills (`.cow`) and point-in-time images (`.pit`).
+/// No capture runs before recovery ends, so none of them is in use; left alone they would
+/// hold a volume's worth of space each for good.
+fn remove_scratch_leftovers(tmp: &std::path::Path) {
+    let entries = match std::fs::read_dir(tmp) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(dir = %tmp.display(), error = %e, "cannot list the scratch directory");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let scratch = path
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| matches!(x, "clone" | "cow" | "pit"));
+        if !scratch || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), "removed a scratch file left by an interrupted capture")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot remove a scratch file left by an interrupted capture")
+            }
+        }
+    }
 }
 
 /// Makes the catalog agree with the store: partial snapshots go, committed ones the catalog
@@ -90,6 +124,28 @@ fn reconcile_snapshots(manager: &Arc<Manager>) -> Result<(), ApiError> {
             job_id: None,
         };
         manager.with_catalog(|c| c.upsert_snapshot(&row))?;
+    }
+    // A delete the store's recovery finished leaves its volume's chain head on a snapshot
+    // that is gone: move the head to the nearest ancestor still there, as delete-snapshots
+    // itself does, so that the next incremental builds on what the volume last held.
+    let parents: HashMap<&str, Option<&str>> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.parent_id.as_deref()))
+        .collect();
+    for v in manager.with_catalog(|c| c.volumes())? {
+        let Some(head) = v.active_head.as_deref() else {
+            continue;
+        };
+        if in_store.contains(head) {
+            continue;
+        }
+        let mut at = parents.get(head).copied().flatten();
+        while let Some(id) = at.filter(|id| !in_store.contains(*id)) {
+            at = parents.get(id).copied().flatten();
+        }
+        let new_head = at.map(String::from);
+        tracing::warn!(volume = %v.id, was = head, now = ?new_head, "chain head was deleted; moving it to its nearest remaining ancestor");
+        manager.update_volume(&v.id, |r| r.active_head = new_head)?;
     }
     // Parent links follow the store (a delete may have been finished by its recovery).
     for m in &manifests {
@@ -167,7 +223,11 @@ fn resume_jobs(manager: &Arc<Manager>) -> Result<(), ApiError> {
                             as jobs::Work,
                     ))
                 } else {
-                    let locks = vec![vid.clone()];
+                    // The same locks as the verb takes: the new volume and the snapshot's
+                    // volume, so that a delete resumed at the same time cannot fold the
+                    // chain this restore reads.
+                    let mut locks = vec![vid.clone()];
+                    locks.extend(snapshot_volumes(manager, std::slice::from_ref(&sid)));
                     Some((
                         locks,
                         Box::new(move |m: &Arc<Manager>, p: &JobProgress| {
