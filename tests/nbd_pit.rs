@@ -11,7 +11,7 @@ use blocksnap::api::SnapshotId;
 use blocksnap::store::{
     capture, capture_extents, NoProgress, RestoreMode, SnapshotMeta, Store, StoreError,
 };
-use common::{have_tool, root_or_skip, sh, Daemon};
+use common::{have_tool, qemu_io, root_or_skip, sh, Daemon};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -173,19 +173,6 @@ fn tools() -> bool {
     ["qemu-io", "nbdcopy"].iter().all(|t| have_tool(t))
 }
 
-fn qemu_io(uri: &str, cmd: &str) {
-    sh(&format!("qemu-io -f raw -c '{cmd}' '{uri}' >/dev/null"));
-}
-
-/// sha256 of the export's whole content, read by nbdcopy.
-fn export_sha(d: &Daemon, uri: &str, name: &str) -> String {
-    let out = d.dir.path().join(format!("{name}.raw"));
-    sh(&format!("nbdcopy '{uri}' {}", out.display()));
-    let sha = common::sha256(&out);
-    let _ = std::fs::remove_file(out);
-    sha
-}
-
 /// Restores a snapshot to a new (loop) volume; returns its image's bytes.
 fn restore_bytes(d: &Daemon, ss: &str) -> Vec<u8> {
     let v = d.job(&["create-volume-from-snapshot", "-s", ss]);
@@ -195,34 +182,12 @@ fn restore_bytes(d: &Daemon, ss: &str) -> Vec<u8> {
     bytes
 }
 
-fn restore_sha(d: &Daemon, ss: &str) -> String {
-    let v = d.job(&["create-volume-from-snapshot", "-s", ss]);
-    let vol = v["volume_id"].as_str().unwrap().to_string();
-    let sha = common::sha256(&d.image(&vol));
-    d.ok(&["delete-volumes", "-v", &vol]);
-    sha
-}
-
-fn snap(d: &Daemon, vol: &str, full: bool) -> serde_json::Value {
-    let v = d.job(&[
-        "create-snapshots",
-        "-r",
-        vol,
-        "-F",
-        if full { "1" } else { "0" },
-    ]);
-    d.describe_snapshot(v["snapshots"][0].as_str().unwrap())
-}
-
 /// An attached NBD volume of `size`; returns (volume id, uri).
 fn nbd_volume(d: &Daemon, size: &str) -> (String, String) {
     let v = d.job(&["create-volumes", "-s", size, "--backend", "nbd"]);
     let vol = v["volumes"][0].as_str().unwrap().to_string();
     d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = d.nbd_uri(&vol);
     (vol, uri)
 }
 
@@ -244,14 +209,14 @@ fn an_incremental_after_4k_of_writes_stores_about_4k() {
     let d = Daemon::start("");
     let (vol, uri) = nbd_volume(&d, "64M");
     qemu_io(&uri, "write -P 0xaa 0 16M");
-    let full = snap(&d, &vol, true);
+    let full = d.snapshot(&vol, true);
     let full_id = full["snapshot_id"].as_str().unwrap().to_string();
     let full_delta = delta_len(&d, &full_id);
 
     // The second 4 KiB of a 16 KiB store block.
     qemu_io(&uri, "write -P 0xbb 4100k 4k");
-    let sha_inc = export_sha(&d, &uri, "inc");
-    let inc = snap(&d, &vol, false);
+    let sha_inc = d.export_sha(&uri, "inc");
+    let inc = d.snapshot(&vol, false);
     let inc_id = inc["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(inc["parent_id"], full_id.as_str());
     let stored = inc["size_bytes"].as_u64().unwrap();
@@ -259,22 +224,22 @@ fn an_incremental_after_4k_of_writes_stores_about_4k() {
     eprintln!("4 KiB write: incremental stores {stored} bytes of data, delta file {file} bytes (full: {full_delta})");
     assert!(stored < 8 * KIB, "{inc}");
     assert!(file < 8 * KIB, "delta file of {file} bytes");
-    assert_eq!(restore_sha(&d, &inc_id), sha_inc);
+    assert_eq!(d.restore_sha(&inc_id), sha_inc);
 
     // 8 KiB at 8M-2K, across a store-block boundary: the 4 KiB pieces it touches are
     // 8M-4K..8M and 8M..8M+8K, 12 KiB in two blocks.
     qemu_io(&uri, "write -P 0xcc 8190k 8k");
-    let sha_inc2 = export_sha(&d, &uri, "inc2");
-    let inc2 = snap(&d, &vol, false);
+    let sha_inc2 = d.export_sha(&uri, "inc2");
+    let inc2 = d.snapshot(&vol, false);
     let inc2_id = inc2["snapshot_id"].as_str().unwrap().to_string();
     assert!(inc2["size_bytes"].as_u64().unwrap() <= 12 * KIB, "{inc2}");
-    assert_eq!(restore_sha(&d, &inc2_id), sha_inc2);
+    assert_eq!(d.restore_sha(&inc2_id), sha_inc2);
 
     // Delete the middle snapshot: its pieces fold into the child, which still restores
     // exactly and verifies against its whole-block hashes.
     d.job(&["delete-snapshots", "-s", &inc_id]);
     assert_eq!(d.describe_snapshot(&inc2_id)["parent_id"], full_id.as_str());
-    assert_eq!(restore_sha(&d, &inc2_id), sha_inc2);
+    assert_eq!(d.restore_sha(&inc2_id), sha_inc2);
     d.job(&["verify-snapshots", "-s", &inc2_id]);
     d.ok(&["detach-volumes", "-v", &vol]);
 }
@@ -607,7 +572,7 @@ fn sigkill_under_a_write_load_then_the_next_incremental_holds_every_write() {
     let seq = Arc::new(AtomicU64::new(0));
     let load = StampLoad::start(&uri, blocks, 3, seq.clone());
     std::thread::sleep(Duration::from_millis(300));
-    let base = snap(&d, &vol, true);
+    let base = d.snapshot(&vol, true);
     std::thread::sleep(Duration::from_millis(700));
     let before_kill = seq.load(Ordering::Acquire);
     d.kill9();
@@ -617,15 +582,12 @@ fn sigkill_under_a_write_load_then_the_next_incremental_holds_every_write() {
     let total: usize = logs.iter().map(Vec::len).sum();
     eprintln!("{total} writes, {before_kill} issued before the kill");
     d.spawn();
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = d.nbd_uri(&vol);
     let copy = d.dir.path().join("now.raw");
     sh(&format!("nbdcopy '{uri}' {}", copy.display()));
     let now = std::fs::read(&copy).unwrap();
     let _ = std::fs::remove_file(&copy);
-    let inc = snap(&d, &vol, false);
+    let inc = d.snapshot(&vol, false);
     let inc_id = inc["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(inc["parent_id"], base["snapshot_id"], "{inc}");
     let restored = restore_bytes(&d, &inc_id);

@@ -4,39 +4,7 @@
 
 mod common;
 
-use common::{have_tool, root_or_skip, sh, Daemon};
-
-fn qemu_io(uri: &str, cmd: &str) {
-    sh(&format!("qemu-io -f raw -c '{cmd}' '{uri}' >/dev/null"));
-}
-
-/// sha256 of the export's whole content, read by nbdcopy.
-fn export_sha(d: &Daemon, uri: &str, name: &str) -> String {
-    let out = d.dir.path().join(format!("{name}.raw"));
-    sh(&format!("nbdcopy '{uri}' {}", out.display()));
-    let sha = common::sha256(&out);
-    let _ = std::fs::remove_file(out);
-    sha
-}
-
-fn restore_sha(d: &Daemon, ss: &str) -> String {
-    let v = d.job(&["create-volume-from-snapshot", "-s", ss]);
-    let vol = v["volume_id"].as_str().unwrap().to_string();
-    let sha = common::sha256(&d.image(&vol));
-    d.ok(&["delete-volumes", "-v", &vol]);
-    sha
-}
-
-fn snap(d: &Daemon, vol: &str, full: bool) -> serde_json::Value {
-    let v = d.job(&[
-        "create-snapshots",
-        "-r",
-        vol,
-        "-F",
-        if full { "1" } else { "0" },
-    ]);
-    d.describe_snapshot(v["snapshots"][0].as_str().unwrap())
-}
+use common::{have_tool, qemu_io, root_or_skip, sh, Daemon};
 
 fn tools() -> bool {
     ["qemu-io", "nbdcopy", "nbdinfo"]
@@ -76,16 +44,16 @@ fn nbd_volume_snapshots_store_only_what_changed_and_restore_exactly() {
 
     qemu_io(&uri, "write -P 0xaa 0 8M");
     qemu_io(&uri, "write -P 0x55 32M 1M");
-    let sha_full = export_sha(&d, &uri, "full");
-    let full = snap(&d, &vol, true);
+    let sha_full = d.export_sha(&uri, "full");
+    let full = d.snapshot(&vol, true);
     assert_eq!(full["consistency"], "crash");
     assert!(full["freeze_ms"].as_u64().unwrap() <= 10, "{full}");
     assert_eq!(full["size_bytes"], 9 << 20, "{full}");
 
     // 4 KiB written: the incremental stores one store block (16 KiB), nothing else.
     qemu_io(&uri, "write -P 0xbb 4M 4k");
-    let sha_inc = export_sha(&d, &uri, "inc");
-    let inc = snap(&d, &vol, false);
+    let sha_inc = d.export_sha(&uri, "inc");
+    let inc = d.snapshot(&vol, false);
     assert_eq!(inc["snapshot_type"], 0);
     assert_eq!(inc["parent_id"], full["snapshot_id"]);
     assert!(inc["size_bytes"].as_u64().unwrap() <= 16 << 10, "{inc}");
@@ -94,19 +62,16 @@ fn nbd_volume_snapshots_store_only_what_changed_and_restore_exactly() {
     // Discards and zeroes are changes too.
     qemu_io(&uri, "discard 32M 1M");
     qemu_io(&uri, "write -z 0 64k");
-    let sha_inc2 = export_sha(&d, &uri, "inc2");
-    let inc2 = snap(&d, &vol, false);
+    let sha_inc2 = d.export_sha(&uri, "inc2");
+    let inc2 = d.snapshot(&vol, false);
 
     assert_eq!(
-        restore_sha(&d, full["snapshot_id"].as_str().unwrap()),
+        d.restore_sha(full["snapshot_id"].as_str().unwrap()),
         sha_full
     );
+    assert_eq!(d.restore_sha(inc["snapshot_id"].as_str().unwrap()), sha_inc);
     assert_eq!(
-        restore_sha(&d, inc["snapshot_id"].as_str().unwrap()),
-        sha_inc
-    );
-    assert_eq!(
-        restore_sha(&d, inc2["snapshot_id"].as_str().unwrap()),
+        d.restore_sha(inc2["snapshot_id"].as_str().unwrap()),
         sha_inc2
     );
 
@@ -120,10 +85,7 @@ fn nbd_volume_snapshots_store_only_what_changed_and_restore_exactly() {
     ]);
     let rv = r["volume_id"].as_str().unwrap().to_string();
     d.ok(&["attach-volumes", "-v", &rv]);
-    let ruri = d.describe_volume(&rv)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ruri = d.nbd_uri(&rv);
     qemu_io(&ruri, "read -P 0xbb 4M 4k");
     qemu_io(&ruri, "read -P 0xaa 0 4M");
     d.ok(&["detach-volumes", "-v", &rv]);
@@ -142,32 +104,20 @@ fn after_sigkill_the_next_incremental_holds_every_write() {
         return;
     }
     let mut d = Daemon::start("");
-    let vol = d.job(&["create-volumes", "-s", "32M", "--backend", "nbd"]);
-    let vol = vol["volumes"][0].as_str().unwrap().to_string();
-    d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (vol, uri) = d.nbd_volume("32M");
     qemu_io(&uri, "write -P 0x11 0 2M");
-    let base = snap(&d, &vol, true);
+    let base = d.snapshot(&vol, true);
     for (i, off) in ["1M", "9M", "17M", "30M"].iter().enumerate() {
         qemu_io(&uri, &format!("write -P 0x{:x} {off} 4k", 0x20 + i));
     }
     d.kill9();
     d.spawn();
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let uri = d.nbd_uri(&vol);
     qemu_io(&uri, "write -P 0x77 20M 4k");
-    let sha_now = export_sha(&d, &uri, "now");
-    let inc = snap(&d, &vol, false);
+    let sha_now = d.export_sha(&uri, "now");
+    let inc = d.snapshot(&vol, false);
     assert_eq!(inc["parent_id"], base["snapshot_id"], "{inc}");
-    assert_eq!(
-        restore_sha(&d, inc["snapshot_id"].as_str().unwrap()),
-        sha_now
-    );
+    assert_eq!(d.restore_sha(inc["snapshot_id"].as_str().unwrap()), sha_now);
     d.ok(&["detach-volumes", "-v", &vol]);
 }
 
@@ -177,33 +127,24 @@ fn rollback_of_an_nbd_volume_needs_a_detach_and_restarts_tracking() {
         return;
     }
     let d = Daemon::start("");
-    let vol = d.job(&["create-volumes", "-s", "16M", "--backend", "nbd"]);
-    let vol = vol["volumes"][0].as_str().unwrap().to_string();
-    d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (vol, uri) = d.nbd_volume("16M");
     qemu_io(&uri, "write -P 0x42 0 1M");
-    let s1 = snap(&d, &vol, true);
-    let sha1 = export_sha(&d, &uri, "s1");
+    let s1 = d.snapshot(&vol, true);
+    let sha1 = d.export_sha(&uri, "s1");
     qemu_io(&uri, "write -P 0x43 2M 1M");
     let id1 = s1["snapshot_id"].as_str().unwrap();
     d.fails(&["apply-snapshots", "-s", id1], 2500);
     d.ok(&["detach-volumes", "-v", &vol]);
     d.job(&["apply-snapshots", "-s", id1]);
     d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(export_sha(&d, &uri, "rolled"), sha1);
+    let uri = d.nbd_uri(&vol);
+    assert_eq!(d.export_sha(&uri, "rolled"), sha1);
     // After the rollback the next incremental is against s1 and restores exactly.
     qemu_io(&uri, "write -P 0x44 8M 4k");
-    let sha2 = export_sha(&d, &uri, "s2");
-    let s2 = snap(&d, &vol, false);
+    let sha2 = d.export_sha(&uri, "s2");
+    let s2 = d.snapshot(&vol, false);
     assert_eq!(s2["parent_id"], s1["snapshot_id"]);
-    assert_eq!(restore_sha(&d, s2["snapshot_id"].as_str().unwrap()), sha2);
+    assert_eq!(d.restore_sha(s2["snapshot_id"].as_str().unwrap()), sha2);
     d.ok(&["detach-volumes", "-v", &vol]);
     d.ok(&["delete-volumes", "-v", &vol]);
     assert!(!d
@@ -219,16 +160,10 @@ fn lazy_restore_is_usable_at_once_and_keeps_client_writes() {
         return;
     }
     let mut d = Daemon::start("");
-    let vol = d.job(&["create-volumes", "-s", "128M", "--backend", "nbd"]);
-    let vol = vol["volumes"][0].as_str().unwrap().to_string();
-    d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (vol, uri) = d.nbd_volume("128M");
     qemu_io(&uri, "write -P 0x61 0 48M");
     qemu_io(&uri, "write -P 0x62 100M 8M");
-    let ss = snap(&d, &vol, true);
+    let ss = d.snapshot(&vol, true);
     let ss = ss["snapshot_id"].as_str().unwrap().to_string();
     d.ok(&["detach-volumes", "-v", &vol]);
 
@@ -247,10 +182,7 @@ fn lazy_restore_is_usable_at_once_and_keeps_client_writes() {
     assert_eq!(v["status"], "available", "{v}");
     // Usable at once: attach, read the snapshot's bytes, write over some of them.
     d.ok(&["attach-volumes", "-v", &lv]);
-    let luri = d.describe_volume(&lv)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let luri = d.nbd_uri(&lv);
     qemu_io(&luri, "read -P 0x62 100M 8M");
     qemu_io(&luri, "write -P 0x63 1M 12k");
     qemu_io(&luri, "flush");
@@ -265,13 +197,10 @@ fn lazy_restore_is_usable_at_once_and_keeps_client_writes() {
     // Still served lazily until detached once; then an ordinary tracked volume.
     d.ok(&["detach-volumes", "-v", &lv]);
     d.ok(&["attach-volumes", "-v", &lv]);
-    let luri = d.describe_volume(&lv)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let sha = export_sha(&d, &luri, "lazy");
-    let s2 = snap(&d, &lv, true);
-    assert_eq!(restore_sha(&d, s2["snapshot_id"].as_str().unwrap()), sha);
+    let luri = d.nbd_uri(&lv);
+    let sha = d.export_sha(&luri, "lazy");
+    let s2 = d.snapshot(&lv, true);
+    assert_eq!(d.restore_sha(s2["snapshot_id"].as_str().unwrap()), sha);
     d.ok(&["detach-volumes", "-v", &lv]);
 
     // A restart in the middle of hydration resumes it.
@@ -311,16 +240,10 @@ fn nbd_tcp_listener_on_loopback_serves_the_same_export() {
         .expect("free port")
         .port();
     let d = Daemon::start(&format!("[nbd]\ntcp = \"127.0.0.1:{port}\"\n"));
-    let vol = d.job(&["create-volumes", "-s", "8M", "--backend", "nbd"]);
-    let vol = vol["volumes"][0].as_str().unwrap().to_string();
-    d.ok(&["attach-volumes", "-v", &vol]);
-    let uri = d.describe_volume(&vol)["device"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (vol, uri) = d.nbd_volume("8M");
     qemu_io(&uri, "write -P 0x5a 1M 64k");
     let tcp = format!("nbd://127.0.0.1:{port}/{vol}");
     assert_eq!(sh(&format!("nbdinfo --size '{tcp}'")).trim(), "8388608");
-    assert_eq!(export_sha(&d, &tcp, "tcp"), export_sha(&d, &uri, "unix"));
+    assert_eq!(d.export_sha(&tcp, "tcp"), d.export_sha(&uri, "unix"));
     d.ok(&["detach-volumes", "-v", &vol]);
 }

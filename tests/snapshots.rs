@@ -37,16 +37,6 @@ fn snap(d: &Daemon, vol: &str, full: bool, name: &str) -> String {
     v["snapshots"][0].as_str().expect("snapshot id").to_string()
 }
 
-/// Restores `ss` into a new volume and returns the new image's sha256.
-fn restore_sha(d: &Daemon, ss: &str) -> String {
-    let v = d.job(&["create-volume-from-snapshot", "-s", ss, "-N", "restored"]);
-    let vol = v["volume_id"].as_str().expect("volume_id").to_string();
-    assert_eq!(d.describe_volume(&vol)["status"], "available");
-    let sha = common::sha256(&d.image(&vol));
-    d.ok(&["delete-volumes", "-v", &vol]);
-    sha
-}
-
 #[test]
 fn seed_session_replayed() {
     if !root_or_skip("seed_session_replayed") {
@@ -170,20 +160,20 @@ fn full_and_incrementals_restore_byte_for_byte_and_survive_deletes() {
         s_full["size_bytes"].as_u64().unwrap() + inc1_bytes + s2["size_bytes"].as_u64().unwrap()
     );
 
-    assert_eq!(restore_sha(&d, &full), sha_full);
-    assert_eq!(restore_sha(&d, &inc1), sha_inc1);
-    assert_eq!(restore_sha(&d, &inc2), sha_inc2);
+    assert_eq!(d.restore_sha(&full), sha_full);
+    assert_eq!(d.restore_sha(&inc1), sha_inc1);
+    assert_eq!(d.restore_sha(&inc2), sha_inc2);
 
     // Delete the middle, then the root: the others stay byte-identical.
     d.job(&["delete-snapshots", "-s", &inc1]);
     assert_eq!(d.describe_snapshot(&inc2)["parent_id"], full.as_str());
-    assert_eq!(restore_sha(&d, &full), sha_full);
-    assert_eq!(restore_sha(&d, &inc2), sha_inc2);
+    assert_eq!(d.restore_sha(&full), sha_full);
+    assert_eq!(d.restore_sha(&inc2), sha_inc2);
     d.job(&["delete-snapshots", "-s", &full]);
     let s2 = d.describe_snapshot(&inc2);
     assert_eq!(s2["parent_id"], "self");
     assert_eq!(s2["snapshot_type"], 1);
-    assert_eq!(restore_sha(&d, &inc2), sha_inc2);
+    assert_eq!(d.restore_sha(&inc2), sha_inc2);
 
     // Roll the volume back to inc2 after more writes (it is not mounted).
     scribble(&dev, 65536, 10, blocks, 4);
@@ -198,7 +188,7 @@ fn full_and_incrementals_restore_byte_for_byte_and_survive_deletes() {
 
     // Snapshots outlive their volume.
     d.ok(&["delete-volumes", "-v", &vol]);
-    assert_eq!(restore_sha(&d, &inc2), sha_inc2);
+    assert_eq!(d.restore_sha(&inc2), sha_inc2);
     d.fails(&["apply-snapshots", "-s", &inc2], 2100);
 }
 

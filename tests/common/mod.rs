@@ -333,6 +333,55 @@ impl Daemon {
         PathBuf::from(self.describe_volume(id)["device"].as_str().expect("device"))
     }
 
+    /// Takes a full (`-F 1`) or incremental snapshot of `vol`, waits, and describes it.
+    pub fn snapshot(&self, vol: &str, full: bool) -> Value {
+        let v = self.job(&[
+            "create-snapshots",
+            "-r",
+            vol,
+            "-F",
+            if full { "1" } else { "0" },
+        ]);
+        self.describe_snapshot(v["snapshots"][0].as_str().expect("snapshot id"))
+    }
+
+    /// Restores `ss` into a new volume, checks it is `available`, and returns the new
+    /// image's sha256 (the volume is deleted again).
+    pub fn restore_sha(&self, ss: &str) -> String {
+        let v = self.job(&["create-volume-from-snapshot", "-s", ss, "-N", "restored"]);
+        let vol = v["volume_id"].as_str().expect("volume_id").to_string();
+        assert_eq!(self.describe_volume(&vol)["status"], "available");
+        let sha = sha256(&self.image(&vol));
+        self.ok(&["delete-volumes", "-v", &vol]);
+        sha
+    }
+
+    /// Creates an nbd volume of `size`, attaches it and returns (volume id, NBD URI).
+    pub fn nbd_volume(&self, size: &str) -> (String, String) {
+        let v = self.job(&["create-volumes", "-s", size, "--backend", "nbd"]);
+        let vol = v["volumes"][0].as_str().expect("volume id").to_string();
+        self.ok(&["attach-volumes", "-v", &vol]);
+        let uri = self.nbd_uri(&vol);
+        (vol, uri)
+    }
+
+    /// The NBD URI of an attached nbd volume.
+    pub fn nbd_uri(&self, vol: &str) -> String {
+        self.describe_volume(vol)["device"]
+            .as_str()
+            .expect("device")
+            .to_string()
+    }
+
+    /// sha256 of an NBD export's whole content, read by nbdcopy.
+    pub fn export_sha(&self, uri: &str, name: &str) -> String {
+        let out = self.dir.path().join(format!("{name}.raw"));
+        sh(&format!("nbdcopy '{uri}' {}", out.display()));
+        let sha = sha256(&out);
+        let _ = std::fs::remove_file(out);
+        sha
+    }
+
     pub fn image(&self, id: &str) -> PathBuf {
         self.state_dir.join("volumes").join(format!("{id}.img"))
     }
@@ -456,6 +505,11 @@ impl Drop for ScratchFs {
 }
 
 /// sha256 of a file or device.
+/// Runs one qemu-io command against an NBD URI (raw format); panics if it fails.
+pub fn qemu_io(uri: &str, cmd: &str) {
+    sh(&format!("qemu-io -f raw -c '{cmd}' '{uri}' >/dev/null"));
+}
+
 pub fn sha256(path: &Path) -> String {
     sh(&format!("sha256sum {}", path.display()))
         .split_whitespace()
