@@ -63,7 +63,9 @@ pub fn check(name: &str) -> io::Result<()> {
 }
 
 /// Installs the failpoints named in `FAILPOINTS`. Without the `failpoints` feature, a
-/// non-empty `FAILPOINTS` is refused loudly rather than ignored.
+/// non-empty `FAILPOINTS` is refused loudly rather than ignored. With
+/// `FAILPOINTS_ARM=ready` they are only checked here and installed by [`arm_deferred`],
+/// once the daemon has recovered (so a crash point is never spent on the start itself).
 pub fn setup_from_env() -> Result<(), String> {
     let spec = std::env::var("FAILPOINTS").unwrap_or_default();
     if spec.trim().is_empty() {
@@ -71,21 +73,51 @@ pub fn setup_from_env() -> Result<(), String> {
     }
     #[cfg(feature = "failpoints")]
     {
-        for part in spec.split(';').filter(|p| !p.trim().is_empty()) {
-            let (name, action) = part
-                .split_once('=')
-                .ok_or_else(|| format!("FAILPOINTS: {part:?} is not name=action"))?;
-            fail::cfg(name.trim(), action.trim())
-                .map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
+        let parsed = parse(&spec)?;
+        if std::env::var("FAILPOINTS_ARM").as_deref() == Ok("ready") {
+            let _ = DEFERRED.set(parsed);
+            return Ok(());
         }
-        tracing::warn!(%spec, "failpoints installed (test build)");
-        Ok(())
+        install(&parsed)
     }
     #[cfg(not(feature = "failpoints"))]
     Err(
         "FAILPOINTS is set but this build has no failpoints (build with --features failpoints)"
             .into(),
     )
+}
+
+/// Installs failpoints deferred by `FAILPOINTS_ARM=ready` (a no-op otherwise).
+pub fn arm_deferred() -> Result<(), String> {
+    #[cfg(feature = "failpoints")]
+    if let Some(parsed) = DEFERRED.get() {
+        return install(parsed);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+static DEFERRED: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+#[cfg(feature = "failpoints")]
+fn parse(spec: &str) -> Result<Vec<(String, String)>, String> {
+    spec.split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|part| {
+            part.split_once('=')
+                .map(|(n, a)| (n.trim().to_string(), a.trim().to_string()))
+                .ok_or_else(|| format!("FAILPOINTS: {part:?} is not name=action"))
+        })
+        .collect()
+}
+
+#[cfg(feature = "failpoints")]
+fn install(parsed: &[(String, String)]) -> Result<(), String> {
+    for (name, action) in parsed {
+        fail::cfg(name.as_str(), action).map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
+    }
+    tracing::warn!(?parsed, "failpoints installed (test build)");
+    Ok(())
 }
 
 #[cfg(feature = "failpoints")]

@@ -529,6 +529,8 @@ impl World {
             assert!(self.d.stop(), "daemon did not stop: {}", log_tail(&self.d));
         }
         self.d.failpoints = failpoints.to_string();
+        // Armed after recovery: a crash point belongs to the operation, not to the start.
+        self.d.failpoints_after_ready = true;
         self.d.spawn();
     }
 

@@ -173,6 +173,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), DaemonError
     let nbd_listener = bind_socket(&config.nbd_socket_path(), mode & 0o770, Some(nbd_group))?;
     let nbd_tcp = bind_nbd_tcp(&config.nbd.tcp).await?;
     recovery::recover(&manager).map_err(|e| DaemonError::Recovery(e.message))?;
+    crate::failpoint::arm_deferred().map_err(DaemonError::Recovery)?;
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut signals = signal_hook::iterator::Signals::new([

@@ -211,6 +211,7 @@ impl Manager {
         // dependent random read per block. Only a hint; large ranges are read sequentially
         // and get the kernel's own readahead.
         let inner = tracker.inner();
+        let mut buf = Vec::new();
         let mut prefetched = 0;
         let mut window = 0u64;
         for (i, r) in ranges.iter().enumerate() {
@@ -225,23 +226,48 @@ impl Manager {
             if i < prefetched && r.len <= PREFETCH_MAX_RANGE {
                 window = window.saturating_sub(r.len);
             }
+            // Big reads for big ranges (a full snapshot is one range); zero blocks stay holes.
             let mut off = r.offset;
             while off < r.offset + r.len {
                 if progress.cancelled() {
                     return Err(super::jobs::cancelled_error());
                 }
-                let block = tracker
-                    .read_snapshot_block(off)
+                let len = (r.offset + r.len - off).min(PIT_CHUNK);
+                buf.resize(len as usize, 0);
+                tracker
+                    .read_snapshot_blocks(off, &mut buf)
                     .map_err(|e| nbd_err("cannot read the point-in-time image", e))?;
-                if block.iter().any(|b| *b != 0) {
-                    scratch.file.write_all_at(&block, off).map_err(io)?;
-                }
-                off += block.len().max(1) as u64;
+                write_nonzero(&scratch.file, &buf, off).map_err(io)?;
+                off += len;
             }
         }
         Ok(scratch)
     }
 }
+
+/// Writes the runs of non-zero 4 KiB blocks of `buf` (image bytes at `offset`) to `file`.
+fn write_nonzero(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    let bs = 4096;
+    let mut i = 0;
+    while i < buf.len() {
+        let nonzero = |j: usize| buf[j..(j + bs).min(buf.len())].iter().any(|b| *b != 0);
+        if !nonzero(i) {
+            i += bs;
+            continue;
+        }
+        let mut j = i + bs;
+        while j < buf.len() && nonzero(j) {
+            j += bs;
+        }
+        let j = j.min(buf.len());
+        file.write_all_at(&buf[i..j], offset + i as u64)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// The most bytes of the point-in-time image read (and written to scratch) at once.
+const PIT_CHUNK: u64 = 1 << 20;
 
 /// Bytes of scattered dirty ranges read ahead of the copy into the scratch image.
 const PREFETCH_WINDOW: u64 = 32 << 20;

@@ -731,28 +731,64 @@ impl<E: Export> TrackedExport<E> {
         if offset % BLOCK != 0 || offset >= self.size {
             return Err(NbdError::BadBlock { offset });
         }
-        let b = offset / BLOCK;
+        let mut buf = vec![0u8; self.block_len(offset / BLOCK) as usize];
+        self.read_snapshot_blocks(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The point-in-time content of the consecutive blocks `offset .. offset + buf.len()`
+    /// (4 KiB aligned; `buf` a whole number of blocks, or reaching the export's end), with
+    /// one read per run of blocks that share a source. Same rules as
+    /// [`read_snapshot_block`](Self::read_snapshot_block) for every block; on error no
+    /// block is consumed.
+    pub fn read_snapshot_blocks(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+        let end = offset + buf.len() as u64;
+        if offset % BLOCK != 0 || end > self.size || (end % BLOCK != 0 && end != self.size) {
+            return Err(NbdError::BadBlock { offset });
+        }
         let epoch = self
             .read_state()
             .epoch
             .as_ref()
             .map(Arc::clone)
             .ok_or(NbdError::NoEpoch)?;
+        // Writers wait for `copy_lock` before overwriting a pending block.
         let _guard = epoch.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut buf = vec![0u8; self.block_len(b) as usize];
-        let io = |source| NbdError::Epoch { offset, source };
-        if epoch.saved.get(b) {
-            epoch.spill.read_exact_at(&mut buf, offset).map_err(io)?;
-            epoch.saved.clear(b);
-            return Ok(buf);
+        let (first, last) = (offset / BLOCK, end.div_ceil(BLOCK));
+        // Which source each block comes from: saved aside (spill) or not overwritten yet.
+        let saved = |b: u64| epoch.saved.get(b);
+        if let Some(b) = (first..last).find(|&b| !saved(b) && !epoch.pending.get(b)) {
+            return Err(NbdError::BadBlock { offset: b * BLOCK });
         }
-        if !epoch.pending.get(b) {
-            return Err(NbdError::BadBlock { offset });
+        let mut b = first;
+        while b < last {
+            let from_spill = saved(b);
+            let mut run_end = b + 1;
+            while run_end < last && saved(run_end) == from_spill {
+                run_end += 1;
+            }
+            let lo = ((b - first) * BLOCK) as usize;
+            let hi = (((run_end - first) * BLOCK) as usize).min(buf.len());
+            let at = b * BLOCK;
+            let io = |source| NbdError::Epoch { offset: at, source };
+            if from_spill {
+                epoch
+                    .spill
+                    .read_exact_at(&mut buf[lo..hi], at)
+                    .map_err(io)?;
+            } else {
+                self.inner.read_at(&mut buf[lo..hi], at).map_err(io)?;
+            }
+            b = run_end;
         }
-        // Not overwritten yet, and writers wait for `copy_lock` before overwriting it.
-        self.inner.read_at(&mut buf, offset).map_err(io)?;
-        epoch.pending.clear(b);
-        Ok(buf)
+        for b in first..last {
+            if saved(b) {
+                epoch.saved.clear(b);
+            } else {
+                epoch.pending.clear(b);
+            }
+        }
+        Ok(())
     }
 
     /// Closes the epoch. `committed`: the snapshot is durable, so the persisted intent
@@ -1051,6 +1087,38 @@ mod tests {
         assert_eq!(t.recovery(), Recovery::Crashed);
         assert_eq!(t.dirty_ranges(), vec![r(0, REGION)]);
         assert_eq!(t.generation(), 1);
+    }
+
+    #[test]
+    fn multi_block_snapshot_reads_mix_saved_and_untouched_blocks() {
+        let (dir, t) = setup(2 * REGION);
+        t.write_at(&[0xaa; 32768], 0, false).unwrap();
+        let ranges = t
+            .start_epoch(EpochScope::Dirty, &dir.path().join("spill"))
+            .unwrap();
+        assert_eq!(ranges, vec![r(0, 32768)]);
+        // Blocks 2 and 5 are overwritten (saved aside); the others are read in place.
+        t.write_at(&[0xbb; 4096], 8192, false).unwrap();
+        t.write_at(&[0xcc; 4096], 20480, false).unwrap();
+        let mut buf = vec![0u8; 24576];
+        t.read_snapshot_blocks(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0xaa));
+        // Consumed: neither the blocks read nor a range overlapping them reads again, and
+        // a failed read consumes nothing.
+        assert!(matches!(
+            t.read_snapshot_blocks(20480, &mut [0u8; 8192]),
+            Err(NbdError::BadBlock { offset: 20480 })
+        ));
+        assert!(t
+            .read_snapshot_block(24576)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0xaa));
+        assert!(matches!(
+            t.read_snapshot_blocks(4096, &mut [0u8; 100]),
+            Err(NbdError::BadBlock { .. })
+        ));
+        t.finish_epoch(true).unwrap();
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Daemon {
     /// `FAILPOINTS` for the next `spawn` (a `--features failpoints` build): see
     /// `src/failpoint.rs`. Empty means none.
     pub failpoints: String,
+    /// Install `failpoints` only once the daemon has recovered (`FAILPOINTS_ARM=ready`).
+    pub failpoints_after_ready: bool,
     child: Option<Child>,
 }
 
@@ -94,6 +96,7 @@ impl Daemon {
             config: dir.path().join("blocksnap.toml"),
             dir,
             failpoints: String::new(),
+            failpoints_after_ready: false,
             child: None,
         };
         std::fs::write(&d.config, extra_config).expect("write config");
@@ -108,6 +111,7 @@ impl Daemon {
             config: dir.path().join("blocksnap.toml"),
             dir,
             failpoints: String::new(),
+            failpoints_after_ready: false,
             child: None,
         };
         std::fs::write(&d.config, extra_config).expect("write config");
@@ -131,6 +135,14 @@ impl Daemon {
             .arg(&self.socket)
             .env("BLOCKSNAP_LOG", "blocksnap=debug,blocksnapd=debug")
             .env("FAILPOINTS", &self.failpoints)
+            .env(
+                "FAILPOINTS_ARM",
+                if self.failpoints_after_ready {
+                    "ready"
+                } else {
+                    ""
+                },
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
