@@ -23,7 +23,7 @@
 
 mod common;
 
-use common::{root_or_skip, sh, Daemon, Mount};
+use common::{root_or_skip, sh, writable, Daemon, Mount};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
@@ -66,23 +66,6 @@ impl Rng {
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
-
-/// True when writing to the filesystem at `dir` completes within a few seconds (not frozen).
-fn writable(dir: &Path) -> bool {
-    Command::new("timeout")
-        .args([
-            "5",
-            "sh",
-            "-c",
-            &format!(
-                "echo x > {}/.probe && sync -f {}/.probe",
-                dir.display(),
-                dir.display()
-            ),
-        ])
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The state dir: on an xfs with reflink (captures go through a reflink clone in the state

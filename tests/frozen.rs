@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{have_tool, root_or_skip, sh, Daemon, Mount, ScratchFs};
+use common::{have_tool, root_or_skip, sh, writable, Daemon, Mount, ScratchFs};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,23 +30,6 @@ fn write_files(dir: &Path, prefix: &str, count: usize, kib: usize) {
             dir.display()
         ));
     }
-}
-
-/// True when writing to the filesystem at `dir` completes within a few seconds (not frozen).
-fn writable(dir: &Path) -> bool {
-    Command::new("timeout")
-        .args([
-            "5",
-            "sh",
-            "-c",
-            &format!(
-                "echo x > {}/.probe && sync -f {}/.probe",
-                dir.display(),
-                dir.display()
-            ),
-        ])
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Restores `ss` into a new volume, checks the filesystem read-only and returns its file sums.

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blocksnap::api::SnapshotId;
 use blocksnap::nbd::{FileExport, LazyExport};
 use blocksnap::store::{capture, ChainReader, NoProgress, SnapshotMeta, Store};
 use nbd_support::*;
@@ -18,25 +17,8 @@ use nbd_support::*;
 const MIB: u64 = 1 << 20;
 const G: u64 = 65536;
 
-fn sid(n: u32) -> SnapshotId {
-    format!("ss-{n:08}").parse().unwrap()
-}
-
 fn meta(n: u32, parent: Option<u32>, size: u64) -> SnapshotMeta {
-    SnapshotMeta {
-        id: sid(n),
-        volume_id: "vol-00000001".parse().unwrap(),
-        volume_name: "data".into(),
-        name: format!("snap {n}"),
-        description: String::new(),
-        owner: "root".into(),
-        parent: parent.map(sid),
-        volume_size: size,
-        block_size: G as u32,
-        snapshot_time: 1_700_000_000,
-        freeze_ms: 0,
-        consistency: "crash".into(),
-    }
+    snapshot_meta(n, parent, size, G as u32)
 }
 
 /// Writes `model` bytes too, so the model stays the image a client should see.

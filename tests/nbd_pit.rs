@@ -12,6 +12,7 @@ use blocksnap::store::{
     capture, capture_extents, NoProgress, RestoreMode, SnapshotMeta, Store, StoreError,
 };
 use common::{have_tool, qemu_io, root_or_skip, sh, Daemon};
+use nbd_support::{sid, snapshot_meta};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -27,25 +28,8 @@ const BLOCK: u64 = 4096;
 // ---------------------------------------------------------------------------------------
 // Store level: sub-block records through capture, restore, verify, delete-with-fold.
 
-fn sid(n: u32) -> SnapshotId {
-    format!("ss-{n:08}").parse().unwrap()
-}
-
 fn meta(n: u32, parent: Option<u32>, size: u64) -> SnapshotMeta {
-    SnapshotMeta {
-        id: sid(n),
-        volume_id: "vol-00000001".parse().unwrap(),
-        volume_name: "data".into(),
-        name: format!("snap {n}"),
-        description: String::new(),
-        owner: "root".into(),
-        parent: parent.map(sid),
-        volume_size: size,
-        block_size: 16 * KIB as u32,
-        snapshot_time: 1_700_000_000,
-        freeze_ms: 0,
-        consistency: "crash".into(),
-    }
+    snapshot_meta(n, parent, size, 16 * KIB as u32)
 }
 
 fn scribble(f: &File, off: u64, len: u64, seed: u64) {

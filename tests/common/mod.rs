@@ -522,6 +522,23 @@ pub fn qemu_io(uri: &str, cmd: &str) {
     sh(&format!("qemu-io -f raw -c '{cmd}' '{uri}' >/dev/null"));
 }
 
+/// True when writing to the filesystem at `dir` completes within a few seconds (not frozen).
+pub fn writable(dir: &Path) -> bool {
+    Command::new("timeout")
+        .args([
+            "5",
+            "sh",
+            "-c",
+            &format!(
+                "echo x > {}/.probe && sync -f {}/.probe",
+                dir.display(),
+                dir.display()
+            ),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 pub fn sha256(path: &Path) -> String {
     sh(&format!("sha256sum {}", path.display()))
         .split_whitespace()

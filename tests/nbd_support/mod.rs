@@ -464,3 +464,31 @@ impl PeekExact for UnixStream {
         }
     }
 }
+
+/// The id of test snapshot `n` (`ss-0000000n`).
+pub fn sid(n: u32) -> blocksnap::api::SnapshotId {
+    format!("ss-{n:08}").parse().expect("snapshot id")
+}
+
+/// Metadata of test snapshot `n` of one volume, with `parent` and `block_size`.
+pub fn snapshot_meta(
+    n: u32,
+    parent: Option<u32>,
+    size: u64,
+    block_size: u32,
+) -> blocksnap::store::SnapshotMeta {
+    blocksnap::store::SnapshotMeta {
+        id: sid(n),
+        volume_id: "vol-00000001".parse().expect("volume id"),
+        volume_name: "data".into(),
+        name: format!("snap {n}"),
+        description: String::new(),
+        owner: "root".into(),
+        parent: parent.map(sid),
+        volume_size: size,
+        block_size,
+        snapshot_time: 1_700_000_000,
+        freeze_ms: 0,
+        consistency: "crash".into(),
+    }
+}
