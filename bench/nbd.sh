@@ -6,7 +6,8 @@
 # Knobs (env): VOL_SIZE (4G), RUNTIME (10 s per workload), RAMP (2 s), TMPBASE (/var/tmp),
 # BIN (target/release), NBD_SERVE (1 = also measure examples/nbd_serve, the bare server),
 # ORDER ("blocksnapd nbd_serve qemu-nbd nbdkit": the order the servers are measured in),
-# ONLY (workload names to run, e.g. "randread-4k randwrite-4k"; default all).
+# ONLY (workload names to run, e.g. "randread-4k randwrite-4k"; default all),
+# REPS (3: each workload runs REPS times per server; the table shows the median run).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -16,6 +17,7 @@ RAMP=${RAMP:-2}
 TMPBASE=${TMPBASE:-/var/tmp}
 NBD_SERVE=${NBD_SERVE:-1}
 ORDER=${ORDER:-"blocksnapd nbd_serve qemu-nbd nbdkit"}
+REPS=${REPS:-3}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in jq fio qemu-nbd nbdkit nbdinfo; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
@@ -72,35 +74,39 @@ if [ -n "${ONLY:-}" ]; then
     SEL=(); for w in "${WORKLOADS[@]}"; do [[ " $ONLY " == *" ${w%% *} "* ]] && SEL+=("$w"); done
     WORKLOADS=("${SEL[@]}")
 fi
-declare -A RES
+declare -A RES      # server,workload -> "iops bw clat" of the median repetition
+declare -A RUNS     # server,workload -> one "iops bw clat" line per repetition
 
-run_fio() {  # server uri
-    local srv=$1 uri=$2 w name rw bsz qd out
-    for w in "${WORKLOADS[@]}"; do
-        read -r name rw bsz qd <<<"$w"
-        cat "$IMG" > /dev/null   # warm page cache
-        out=$(fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bsz" --iodepth="$qd" \
-                  --numjobs=1 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap \
-                  --randrepeat=0 --output-format=json --output="$WORK/fio.json" > "$WORK/fio.out" 2>&1) ||
-            { echo "fio failed ($srv $name):"; cat "$WORK/fio.out" "$WORK/fio.json"; exit 1; }
-        out=$(sed -n '/^{/,$p' "$WORK/fio.json")
-        local dir=read; [[ $rw == *write* ]] && dir=write
-        RES[$srv,$name]=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes) \(.clat_ns.mean)"' <<<"$out")
-        echo "  $srv $name: $(awk '{printf "%.0f IOPS %.1f MiB/s clat %.0f us", $1, $2/1048576, $3/1000}' <<<"${RES[$srv,$name]}")"
-    done
+fio_once() {  # server uri workload
+    local srv=$1 uri=$2 w=$3 name rw bsz qd out
+    read -r name rw bsz qd <<<"$w"
+    # The previous run's dirty pages must not be written back during this one, and every
+    # server starts from the same warm page cache: this measures the servers, not the disk.
+    sync
+    cat "$IMG" > /dev/null
+    fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bsz" --iodepth="$qd" \
+        --numjobs=1 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap \
+        --randrepeat=0 --output-format=json --output="$WORK/fio.json" > "$WORK/fio.out" 2>&1 ||
+        { echo "fio failed ($srv $name):"; cat "$WORK/fio.out" "$WORK/fio.json"; exit 1; }
+    out=$(sed -n '/^{/,$p' "$WORK/fio.json")
+    local dir=read; [[ $rw == *write* ]] && dir=write
+    local r; r=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes) \(.clat_ns.mean)"' <<<"$out")
+    RUNS[$srv,$name]+="$r"$'\n'
+    echo "  $srv $name: $(awk '{printf "%.0f IOPS %.1f MiB/s clat %.0f us", $1, $2/1048576, $3/1000}' <<<"$r")"
 }
 
 SERVERS=()
+have() { [[ " ${SERVERS[*]} " == *" $1 "* ]] || SERVERS+=("$1"); }
 
+# Each bench_<server> serves the image, runs one workload against it and stops serving.
 bench_blocksnapd() {
     if bs --wait attach-volumes -v "$VOL" > "$RD/attach.json" 2>&1; then
         URI=$(bs describe-volumes -v "$VOL" | jq -r '.volume_set[0].device')
-        echo "blocksnap attach-volumes: device $URI"
         nbdinfo --size "$URI" >/dev/null
-        SERVERS+=(blocksnapd); run_fio blocksnapd "$URI"
+        have blocksnapd; fio_once blocksnapd "$URI" "$1"
         bs --wait detach-volumes -v "$VOL" >/dev/null
     else
-        echo "attach-volumes of an nbd volume failed: $(cat "$RD/attach.json")"
+        echo "attach-volumes of an nbd volume failed: $(cat "$RD/attach.json")"; exit 1
     fi
 }
 # the project's bare example server on the same file
@@ -109,29 +115,45 @@ bench_nbd_serve() {
     local S="$WORK/nbd_serve.sock"
     "$BIN/examples/nbd_serve" "$IMG" "$S" bench > "$WORK/nbd_serve.log" 2>&1 & SERVER_PID=$!
     wait_sock "$S"
-    SERVERS+=(nbd_serve); run_fio nbd_serve "nbd+unix:///bench?socket=$S"
-    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+    have nbd_serve; fio_once nbd_serve "nbd+unix:///bench?socket=$S" "$1"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; rm -f "$S"
 }
 bench_qemu-nbd() {
     local S="$WORK/qemu.sock"
     qemu-nbd -f raw --socket="$S" --persistent -x bench "$IMG" > "$WORK/qemu.log" 2>&1 & SERVER_PID=$!
     wait_sock "$S"
-    SERVERS+=(qemu-nbd); run_fio qemu-nbd "nbd+unix:///bench?socket=$S"
-    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+    have qemu-nbd; fio_once qemu-nbd "nbd+unix:///bench?socket=$S" "$1"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; rm -f "$S"
 }
 bench_nbdkit() {
     local S="$WORK/nbdkit.sock"
     nbdkit -f -U "$S" -e bench file file="$IMG" > "$WORK/nbdkit.log" 2>&1 & SERVER_PID=$!
     wait_sock "$S"
-    SERVERS+=(nbdkit); run_fio nbdkit "nbd+unix:///bench?socket=$S"
-    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+    have nbdkit; fio_once nbdkit "nbd+unix:///bench?socket=$S" "$1"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; rm -f "$S"
 }
-# ORDER (env) rotates the servers to expose order effects (cache, writeback of the pre-fill)
-echo "order:  $ORDER"
-for srv in $ORDER; do "bench_$srv"; done
+
+# Servers are interleaved per workload and the order rotates every repetition, so no server
+# always runs first (warmest cache, least writeback behind it) or last.
+echo "order:  $ORDER (rotated each repetition), $REPS repetition(s)"
+read -r -a ORDER_A <<<"$ORDER"
+for w in "${WORKLOADS[@]}"; do
+    for ((rep = 0; rep < REPS; rep++)); do
+        n=${#ORDER_A[@]}
+        for ((i = 0; i < n; i++)); do "bench_${ORDER_A[(i + rep) % n]}" "$w"; done
+    done
+done
+# the median repetition by the workload's metric (IOPS for 4k, bandwidth otherwise)
+for s in "${SERVERS[@]}"; do
+    for w in "${WORKLOADS[@]}"; do
+        read -r name _ bsz _ <<<"$w"
+        col=1; [[ $bsz == 4k ]] || col=2
+        RES[$s,$name]=$(printf '%s' "${RUNS[$s,$name]}" | sed '/^$/d' | sort -g -k$col | awk '{a[NR]=$0} END{print a[int((NR+1)/2)]}')
+    done
+done
 
 echo
-echo "### NBD: fio ioengine=nbd, ${RUNTIME}s per workload, iodepth 16, 1 connection, ${VOL_SIZE} pre-filled image (page cache warm)"
+echo "### NBD: fio ioengine=nbd, median of ${REPS} interleaved runs of ${RUNTIME}s per workload, iodepth 16, 1 connection, ${VOL_SIZE} pre-filled image (page cache warm)"
 echo
 hdr="| workload | metric |"; sep="|---|---|"
 for s in "${SERVERS[@]}"; do hdr+=" $s |"; sep+="---|"; done
