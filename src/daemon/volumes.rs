@@ -2,7 +2,7 @@
 
 use super::auth::Caller;
 use super::jobs::{self, JobProgress};
-use super::manager::Manager;
+use super::manager::{message_chain, Manager};
 use crate::api::{self, ApiError};
 use crate::catalog::{now, JobRow, VolumeRow};
 use crate::config::Backend;
@@ -248,6 +248,7 @@ impl Manager {
                     self.nbd
                         .add_export(&v.id, lazy)
                         .map_err(|e| ApiError::new(e.kind(), format!("volume {}: {e}", v.id)))?;
+                    self.connect_kernel_device(&v.id);
                     return Ok(crate::nbd::nbd_uri(&v.id, &self.config().nbd_socket_path()));
                 }
                 let tracker =
@@ -256,9 +257,25 @@ impl Manager {
                     .add_export(&v.id, tracker.clone())
                     .map_err(|e| ApiError::new(e.kind(), format!("volume {}: {e}", v.id)))?;
                 self.set_tracker(&v.id, Some(tracker));
+                self.connect_kernel_device(&v.id);
                 Ok(crate::nbd::nbd_uri(&v.id, &self.config().nbd_socket_path()))
             }
             _ => volume::attach_loop(&image).map_err(|e| ApiError::from_volume(e, &v.id)),
+        }
+    }
+
+    /// Where the kernel has the nbd driver, also connects the volume's export to a
+    /// /dev/nbdN (kept with the export, disconnected when it is removed). `device` stays
+    /// the URI; a failure leaves the volume reachable by it.
+    fn connect_kernel_device(&self, id: &str) {
+        match self.nbd.connect_kernel_device(id) {
+            Ok(Some(dev)) => {
+                tracing::info!(volume = id, device = %dev.display(), "volume also attached as a kernel block device");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(volume = id, error = %message_chain(&e), "cannot connect the volume to the kernel's nbd driver; it stays reachable by URI");
+            }
         }
     }
 

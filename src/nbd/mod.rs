@@ -6,16 +6,19 @@
 //!   sockets: handshake in a tokio task, then a thread per connection that serves cached
 //!   I/O inline and hands reads that miss the cache and writes that wait for a
 //!   write-intent sync to helper threads;
+//! - [`kernel`]: where the kernel has the nbd driver, an export connected to a /dev/nbdN
+//!   over a socket pair (netlink, `crate::sys::nbd_netlink`);
 //! - [`tracked`]: [`TrackedExport`], changed-block tracking (persistent write-intent
 //!   bitmap) and copy-before-write for point-in-time capture;
 //! - [`lazy`]: [`LazyExport`], lazy restore: a snapshot served at once while a background
 //!   job hydrates a new image (persistent hydrated map).
 //!
 //! This module knows nothing of volumes, the catalog or HTTP; it may call `nix`, tokio,
-//! `crate::sys` (page-cache-only reads), `crate::api` (for error kinds) and, for lazy
+//! `crate::sys` (page-cache-only reads, the nbd netlink family, PR_SET_IO_FLUSHER), `crate::api` (for error kinds) and, for lazy
 //! restore, the store's `ChainReader`.
 
 pub mod export;
+pub mod kernel;
 pub mod lazy;
 pub mod proto;
 pub mod server;
@@ -60,6 +63,12 @@ pub enum NbdError {
     },
     #[error("NBD handshake did not finish in time")]
     HandshakeTimeout,
+    #[error("Cannot connect export {name:?} to the kernel's nbd driver")]
+    Kernel {
+        name: String,
+        #[source]
+        source: crate::sys::nbd_netlink::NbdNetlinkError,
+    },
     #[error("Cannot {op} dirty bitmap {path}")]
     Bitmap {
         op: &'static str,
@@ -131,6 +140,7 @@ impl NbdError {
             NbdError::ExportExists { .. } | NbdError::EpochOpen => ErrorKind::Busy,
             NbdError::ExportNotFound { .. } | NbdError::NoEpoch => ErrorKind::NotFound,
             NbdError::Connection { .. } | NbdError::HandshakeTimeout => ErrorKind::Unavailable,
+            NbdError::Kernel { source, .. } => source.kind(),
             NbdError::Bitmap { .. } | NbdError::Epoch { .. } => ErrorKind::Io,
             NbdError::BitmapCorrupt { .. }
             | NbdError::BitmapSizeMismatch { .. }

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::export::Export;
+use super::kernel::{self, KernelDevice};
 use super::proto::{self, Command, ProtoError, SessionCaps};
 use super::NbdError;
 
@@ -59,6 +61,8 @@ struct Slot {
     export: Arc<dyn Export>,
     /// Set to true when the export is removed; its connections watch it and close.
     removed: watch::Sender<bool>,
+    /// The /dev/nbdN this export is connected to, if any: disconnected when dropped.
+    kernel: Option<KernelDevice>,
 }
 
 impl NbdServer {
@@ -89,12 +93,19 @@ impl NbdServer {
             });
         }
         let (removed, _) = watch::channel(false);
-        map.insert(name.to_string(), Slot { export, removed });
+        map.insert(
+            name.to_string(),
+            Slot {
+                export,
+                removed,
+                kernel: None,
+            },
+        );
         Ok(())
     }
 
     /// Removes an export; its connected clients are disconnected once their in-flight
-    /// requests are answered.
+    /// requests are answered, its /dev/nbdN (if any) with NBD_CMD_DISCONNECT.
     pub fn remove_export(&self, name: &str) -> Result<(), NbdError> {
         let slot = self
             .exports()
@@ -104,6 +115,95 @@ impl NbdServer {
             })?;
         slot.removed.send_replace(true);
         Ok(())
+    }
+
+    /// Where the kernel has the nbd driver, also connects export `name` to a /dev/nbdN
+    /// (see [`super::kernel`]) and returns its path; `None` where it has not (checked once).
+    /// The device is disconnected when the export is removed or the server shuts down.
+    pub fn connect_kernel_device(&self, name: &str) -> Result<Option<PathBuf>, NbdError> {
+        if !kernel::available() {
+            return Ok(None);
+        }
+        let device = kernel::connect(self, name)?;
+        let path = device.path();
+        let mut map = self.exports();
+        match map.get_mut(name) {
+            Some(slot) if slot.kernel.is_none() => slot.kernel = Some(device),
+            // Connected meanwhile: keep that one; this one is disconnected (unlocked).
+            Some(slot) => {
+                let existing = slot.kernel.as_ref().map(KernelDevice::path);
+                drop(map);
+                drop(device);
+                return Ok(existing);
+            }
+            // Removed meanwhile: so is this device.
+            None => {
+                drop(map);
+                drop(device);
+                return Err(NbdError::ExportNotFound {
+                    name: name.to_string(),
+                });
+            }
+        }
+        Ok(Some(path))
+    }
+
+    /// The /dev/nbdN export `name` is connected to, if any.
+    pub fn kernel_device(&self, name: &str) -> Option<PathBuf> {
+        self.exports()
+            .get(name)
+            .and_then(|s| s.kernel.as_ref().map(KernelDevice::path))
+    }
+
+    /// Disconnects every /dev/nbdN of this server's exports.
+    fn disconnect_kernel_devices(&self) {
+        let devices: Vec<KernelDevice> = self
+            .exports()
+            .values_mut()
+            .filter_map(|s| s.kernel.take())
+            .collect();
+        drop(devices);
+    }
+
+    /// Serves export `name` on `socket`, a connection without a handshake: the kernel's
+    /// nbd driver speaks only the transmission phase, with simple replies, and is told
+    /// the size and flags returned here through netlink instead. The connection runs on
+    /// threads of its own marked PR_SET_IO_FLUSHER (they serve a block device: memory
+    /// reclaim must not wait for them) until the peer sends NBD_CMD_DISC or the socket's
+    /// read side is shut. The export's removal does not end it: its owner does.
+    pub fn serve_negotiated(
+        &self,
+        name: &str,
+        socket: std::os::unix::net::UnixStream,
+    ) -> Result<Negotiated, NbdError> {
+        let (export, _) = self.lookup(name).ok_or_else(|| NbdError::ExportNotFound {
+            name: name.to_string(),
+        })?;
+        let caps = SessionCaps {
+            size: export.size(),
+            structured: false,
+            block_status: false,
+            read_only: export.read_only(),
+        };
+        let negotiated = Negotiated {
+            size: caps.size,
+            flags: transmission_flags(false, caps.read_only),
+        };
+        let export_name = name.to_string();
+        std::thread::Builder::new()
+            .name("nbd-kernel".into())
+            .spawn(move || {
+                mark_io_flusher();
+                let r = Connection::new(export, caps, BlockingConn::Unix(socket), Vec::new())
+                    .map(Connection::io_flusher)
+                    .map_err(|e| conn_err("clone socket", e))
+                    .and_then(Connection::run);
+                if let Err(e) = r {
+                    tracing::info!(export = %export_name, error = %error_chain(&e), "kernel NBD connection closed");
+                }
+            })
+            .map_err(|s| conn_err("start connection thread", s))?;
+        Ok(negotiated)
     }
 
     /// Names of the current exports, sorted.
@@ -162,6 +262,7 @@ impl NbdServer {
             }
         }
         stop_tx.send_replace(true);
+        self.disconnect_kernel_devices();
         while conns.join_next().await.is_some() {}
     }
 
@@ -348,6 +449,22 @@ impl NbdServer {
     }
 }
 
+/// What a connection served by [`NbdServer::serve_negotiated`] was agreed to be.
+#[derive(Debug, Clone, Copy)]
+pub struct Negotiated {
+    pub size: u64,
+    /// Transmission flags (NBD_FLAG_*), as the handshake would have sent them.
+    pub flags: u16,
+}
+
+/// Marks the calling thread as serving a block device (PR_SET_IO_FLUSHER). Without the
+/// privilege (CAP_SYS_RESOURCE) the connection is still served, with a warning.
+fn mark_io_flusher() {
+    if let Err(e) = crate::sys::process::set_io_flusher(true) {
+        tracing::warn!(error = %e, "cannot mark an NBD thread PR_SET_IO_FLUSHER; under memory pressure the kernel device may deadlock");
+    }
+}
+
 /// The transmission flags this server advertises.
 fn transmission_flags(structured: bool, read_only: bool) -> u16 {
     // Every connection shares one Export and `flush` reaches the backing store, so a
@@ -458,6 +575,8 @@ struct Connection {
     replies: usize,
     lane: Option<SlowLane>,
     reads: Option<ReadPool>,
+    /// Helper threads mark themselves PR_SET_IO_FLUSHER (a kernel client's connection).
+    io_flusher: bool,
 }
 
 /// Writes that wait for their write intents, grouped: see [`Connection`].
@@ -482,11 +601,15 @@ impl SlowLane {
         export: Arc<dyn Export>,
         structured: bool,
         writer: Arc<Mutex<BlockingConn>>,
+        io_flusher: bool,
     ) -> io::Result<SlowLane> {
         let (tx, rx) = mpsc::sync_channel::<SlowWrite>(LANE_JOBS);
         let thread = std::thread::Builder::new()
             .name("nbd-intent".into())
             .spawn(move || {
+                if io_flusher {
+                    mark_io_flusher();
+                }
                 let mut jobs = Vec::new();
                 let mut ranges = Vec::new();
                 let mut out = Vec::new();
@@ -591,6 +714,7 @@ impl ReadPool {
         export: &Arc<dyn Export>,
         structured: bool,
         writer: &Arc<Mutex<BlockingConn>>,
+        io_flusher: bool,
     ) -> io::Result<ReadPool> {
         let (tx, rx) = mpsc::sync_channel::<(u64, Command)>(READ_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
@@ -603,6 +727,9 @@ impl ReadPool {
             let thread = std::thread::Builder::new()
                 .name("nbd-read".into())
                 .spawn(move || {
+                    if io_flusher {
+                        mark_io_flusher();
+                    }
                     let mut out = Vec::new();
                     let mut broken = false;
                     loop {
@@ -717,7 +844,13 @@ impl Connection {
             replies: 0,
             lane: None,
             reads: None,
+            io_flusher: false,
         })
+    }
+
+    fn io_flusher(mut self) -> Connection {
+        self.io_flusher = true;
+        self
     }
 
     fn run(mut self) -> Result<(), NbdError> {
@@ -826,6 +959,7 @@ impl Connection {
                 Arc::clone(&self.export),
                 self.caps.structured,
                 Arc::clone(&self.writer),
+                self.io_flusher,
             )
             .map_err(|e| conn_err("start the write-intent thread", e))?;
             self.lane = Some(lane);
@@ -850,8 +984,13 @@ impl Connection {
 
     fn queue_read(&mut self, handle: u64, command: Command) -> Result<(), NbdError> {
         if self.reads.is_none() {
-            let pool = ReadPool::start(&self.export, self.caps.structured, &self.writer)
-                .map_err(|e| conn_err("start the read threads", e))?;
+            let pool = ReadPool::start(
+                &self.export,
+                self.caps.structured,
+                &self.writer,
+                self.io_flusher,
+            )
+            .map_err(|e| conn_err("start the read threads", e))?;
             self.reads = Some(pool);
         }
         let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
@@ -1308,6 +1447,56 @@ impl IntoBlocking for tokio::net::TcpStream {
 mod tests {
     use super::*;
     use crate::nbd::Extent;
+
+    fn request(kind: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut r = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    /// What the kernel's nbd driver does: no handshake, simple replies only.
+    #[test]
+    fn negotiated_connections_serve_the_transmission_phase_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = crate::nbd::FileExport::create(&dir.path().join("img"), 1 << 20).unwrap();
+        let server = NbdServer::new();
+        server.add_export("v", Arc::new(export)).unwrap();
+        let (mut client, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(server
+            .serve_negotiated("nope", ours.try_clone().unwrap())
+            .is_err());
+        let n = server.serve_negotiated("v", ours).unwrap();
+        assert_eq!(n.size, 1 << 20);
+        assert_eq!(n.flags, transmission_flags(false, false));
+        assert_eq!(n.flags & proto::FLAG_SEND_DF, 0);
+        let mut w = request(proto::CMD_WRITE, 7, 8192, 4096);
+        w.extend_from_slice(&[0xab; 4096]);
+        client.write_all(&w).unwrap();
+        client
+            .write_all(&request(proto::CMD_READ, 8, 8190, 8))
+            .unwrap();
+        let mut reply = [0u8; 16 + 16 + 8];
+        client.read_exact(&mut reply).unwrap();
+        let simple = |r: &[u8], handle: u64| {
+            assert_eq!(r[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+            assert_eq!(r[4..8], [0; 4], "error");
+            assert_eq!(r[8..16], handle.to_be_bytes());
+        };
+        simple(&reply[..16], 7);
+        simple(&reply[16..32], 8);
+        assert_eq!(reply[32..], [0, 0, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab]);
+        // NBD_CMD_DISC ends the connection: the socket is closed without a reply.
+        client
+            .write_all(&request(proto::CMD_DISC, 9, 0, 0))
+            .unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
 
     #[test]
     fn descriptors_are_clamped_merged_and_nonempty() {

@@ -302,9 +302,29 @@ pub struct TrackedExport<E: Export> {
     /// In-memory mirror of the persisted intent bits: set only once durable.
     intent: Bits,
     bitmap: Mutex<BitmapFile>,
+    /// The bitmap file's path, for logs (`<volume id>.cbt` in the daemon).
+    bitmap_path: PathBuf,
     /// The file still says CLEAN; the first mutation must clear that first.
     clean_on_disk: AtomicBool,
     recovery: Recovery,
+    /// Serialises epoch switches, finishes and `close` (never taken by writers), so the
+    /// bitmap file can be written between them without the state lock.
+    switch: Mutex<()>,
+    #[cfg(test)]
+    step_hook: Mutex<Option<StepHook>>,
+}
+
+#[cfg(test)]
+type StepHook = Box<dyn Fn(FinishStep) + Send + Sync>;
+
+/// Points between the steps of [`TrackedExport::finish_epoch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinishStep {
+    /// On commit, the new generation is durable; nothing else has changed.
+    GenerationDurable,
+    /// The epoch is closed and writers run again; on commit the in-memory intent has
+    /// shrunk but the file's has not.
+    WritersResumed,
 }
 
 impl<E: Export> TrackedExport<E> {
@@ -449,9 +469,13 @@ impl<E: Export> TrackedExport<E> {
                 epoch: None,
             }),
             intent,
+            bitmap_path: bitmap.path.clone(),
             bitmap: Mutex::new(bitmap),
             clean_on_disk: AtomicBool::new(clean_on_disk),
             recovery,
+            switch: Mutex::new(()),
+            #[cfg(test)]
+            step_hook: Mutex::new(None),
         }
     }
 
@@ -640,6 +664,7 @@ impl<E: Export> TrackedExport<E> {
         align: u64,
     ) -> Result<(Vec<DirtyRange>, std::time::Duration), NbdError> {
         let group = (align / BLOCK).max(1);
+        let _switch = self.lock_switch();
         self.inner
             .flush()
             .map_err(|source| NbdError::Epoch { offset: 0, source })?;
@@ -793,51 +818,142 @@ impl<E: Export> TrackedExport<E> {
 
     /// Closes the epoch. `committed`: the snapshot is durable, so the persisted intent
     /// shrinks to the regions dirty now and the generation advances. Otherwise the dirty
-    /// set taken by the epoch is merged back, as if the epoch never happened.
+    /// set taken by the epoch is merged back, as if the epoch never happened. Returns the
+    /// generation.
     pub fn finish_epoch(&self, committed: bool) -> Result<u64, NbdError> {
+        self.finish_epoch_timed(committed)
+            .map(|(generation, _)| generation)
+    }
+
+    /// [`finish_epoch`](Self::finish_epoch), also returning how long writers were held
+    /// (from the request for the state lock until they may resume).
+    ///
+    /// Writers are held only for in-memory work; the bitmap file is written around it:
+    /// 1. (commit) the new generation is made durable, writers running;
+    /// 2. writers held: the epoch is closed and, on commit, the in-memory intent shrinks to
+    ///    the regions dirty since the switch (exact: no write is in flight);
+    /// 3. (commit) the region section is rewritten from the in-memory intent, writers
+    ///    running.
+    ///
+    /// Why this is crash-safe. The persisted intent always covers the in-memory intent
+    /// (bits are set in memory only once durable, and the file is written only from
+    /// memory, under the bitmap lock), and a writer skips its intent sync only for a
+    /// region set in memory. So a write acknowledged after step 2 is covered on disk
+    /// whatever step 3 does, and one acknowledged before it is in the dirty set that step 2
+    /// kept in the intent. Step 3 only clears bits, so a torn or lost write of it leaves a
+    /// superset. The intent never shrinks on disk before step 1 is durable: a bitmap whose
+    /// regions no longer cover the epoch's blocks never carries the generation that a
+    /// tracking base (`<generation> <parent>`) written before this epoch names. If step 1
+    /// fails the intent is left as it was; if step 1 or 3 fails the generation has still
+    /// moved on in memory (the next snapshot rescans) and the epoch's dirty set is merged
+    /// back.
+    pub fn finish_epoch_timed(
+        &self,
+        committed: bool,
+    ) -> Result<(u64, std::time::Duration), NbdError> {
+        let _switch = self.lock_switch();
+        if self.read_state().epoch.is_none() {
+            return Err(NbdError::NoEpoch);
+        }
+        let generation = if committed {
+            self.advance_generation()
+        } else {
+            Ok(self.generation())
+        };
+        self.step(FinishStep::GenerationDurable);
+        let held = std::time::Instant::now();
         let mut state = self.write_state();
         let epoch = state.epoch.take().ok_or(NbdError::NoEpoch)?;
+        if committed && generation.is_ok() {
+            self.shrink_intent_to(&state.dirty);
+        }
+        let dirty = Arc::clone(&state.dirty);
+        drop(state);
+        let held = held.elapsed();
+        self.step(FinishStep::WritersResumed);
         let _ = std::fs::remove_file(&epoch.spill_path);
-        if !committed {
-            state.dirty.or_from(&epoch.taken);
-            return Ok(self.lock_bitmap().generation);
+        let result = generation.and_then(|generation| {
+            if committed {
+                self.write_intent()?;
+            }
+            Ok(generation)
+        });
+        // Not on commit (the dirty set then is what changed since the switch). Outside the
+        // state lock: writers only ever set bits of the set, and `switch` keeps another
+        // epoch from taking it away meanwhile.
+        if !committed || result.is_err() {
+            dirty.or_from(&epoch.taken);
         }
-        // Writers are excluded (write lock), so the dirty set is exact here.
-        let nregions = regions_of(self.size);
-        let regions = Bits::new(nregions);
-        for (first, count) in state.dirty.runs() {
-            let end = (first + count).div_ceil(BLOCKS_PER_REGION);
-            regions.set_range(first / BLOCKS_PER_REGION, end.min(nregions));
-        }
+        let generation = result?;
+        tracing::debug!(
+            bitmap = %self.bitmap_path.display(),
+            committed,
+            held_us = held.as_micros() as u64,
+            "snapshot epoch finished"
+        );
+        Ok((generation, held))
+    }
+
+    /// Step 1 of a commit: the next generation, durable (the file stays marked not clean:
+    /// the block section is only written at close). On failure it has moved on in memory
+    /// all the same, so no tracking base can match it.
+    fn advance_generation(&self) -> Result<u64, NbdError> {
         let mut bf = self.lock_bitmap();
-        // The new generation is durable before the intent shrinks: a bitmap whose regions
-        // no longer cover the epoch's blocks must never carry the generation that a tracking
-        // base (`<generation> <parent>`) written before this epoch names. On any failure the
-        // generation has moved on in memory too, so the next snapshot rescans; the intent
-        // stays as it was (a superset).
         bf.generation += 1;
-        let shrunk = (|| {
-            // The file stays marked not clean: the block section is only written at close.
-            bf.write_header(false, 0)?;
-            bf.sync()?;
-            bf.write_regions(&regions)?;
-            bf.sync()
-        })();
-        if let Err(e) = shrunk {
-            state.dirty.or_from(&epoch.taken);
-            return Err(e);
-        }
-        for (i, w) in self.intent.words.iter().enumerate() {
-            w.store(regions.words[i].load(Ordering::Acquire), Ordering::Release);
-        }
+        bf.write_header(false, 0)?;
+        bf.sync()?;
         self.clean_on_disk.store(false, Ordering::Release);
         Ok(bf.generation)
     }
+
+    /// Step 2 of a commit, writers held: the in-memory intent becomes the regions of
+    /// `dirty`. One pass over the words, no allocation.
+    fn shrink_intent_to(&self, dirty: &Bits) {
+        let per = (BLOCKS_PER_REGION / 64) as usize;
+        let mut regions = dirty.words.chunks(per);
+        for w in &self.intent.words {
+            let mut word = 0u64;
+            for bit in 0..64 {
+                match regions.next() {
+                    Some(r) if r.iter().any(|b| b.load(Ordering::Acquire) != 0) => word |= 1 << bit,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            w.store(word, Ordering::Release);
+        }
+    }
+
+    /// Step 3 of a commit: the region section becomes the in-memory intent. Under the
+    /// bitmap lock, so no writer's intent sync interleaves (theirs set memory bits only
+    /// once durable, so memory never holds a bit the file lacks).
+    fn write_intent(&self) -> Result<(), NbdError> {
+        let bf = self.lock_bitmap();
+        bf.write_regions(&self.intent)?;
+        bf.sync()
+    }
+
+    fn lock_switch(&self) -> MutexGuard<'_, ()> {
+        self.switch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A test's pause between the steps of `finish_epoch` (to crash or write there).
+    #[cfg(test)]
+    fn step(&self, step: FinishStep) {
+        let hook = self.step_hook.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hook) = hook.as_ref() {
+            hook(step);
+        }
+    }
+
+    #[cfg(not(test))]
+    fn step(&self, _step: FinishStep) {}
 
     /// Persists the exact dirty set and marks the bitmap clean. Call after the last writer
     /// is gone (the server has stopped serving this export); a later write makes it
     /// unclean again.
     pub fn close(&self) -> Result<(), NbdError> {
+        let _switch = self.lock_switch();
         let state = self.write_state();
         let dirty = Bits::new(blocks_of(self.size));
         dirty.or_from(&state.dirty);
@@ -955,8 +1071,30 @@ mod tests {
     }
 
     fn reopen(dir: &tempfile::TempDir) -> TrackedExport<FileExport> {
-        let inner = FileExport::open(&dir.path().join("img")).unwrap();
-        TrackedExport::open(inner, &dir.path().join("cbt")).unwrap()
+        reopen_in(dir.path())
+    }
+
+    /// Opens the files as a daemon restarted after SIGKILL would (what was written is there).
+    fn reopen_in(dir: &Path) -> TrackedExport<FileExport> {
+        let inner = FileExport::open(&dir.join("img")).unwrap();
+        TrackedExport::open(inner, &dir.join("cbt")).unwrap()
+    }
+
+    /// Indices of the regions with a dirty block.
+    fn dirty_regions(t: &TrackedExport<FileExport>) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for d in t.dirty_ranges() {
+            for reg in d.offset / REGION..(d.offset + d.len).div_ceil(REGION) {
+                if out.last() != Some(&reg) {
+                    out.push(reg);
+                }
+            }
+        }
+        out
+    }
+
+    fn on_step(t: &TrackedExport<FileExport>, hook: impl Fn(FinishStep) + Send + Sync + 'static) {
+        *t.step_hook.lock().unwrap() = Some(Box::new(hook));
     }
 
     fn r(offset: u64, len: u64) -> DirtyRange {
@@ -1135,6 +1273,138 @@ mod tests {
         assert_eq!(t.finish_epoch(false).unwrap(), 0);
         assert_eq!(t.dirty_ranges(), vec![r(0, 4096), r(8192, 4096)]);
         assert!(matches!(t.finish_epoch(true), Err(NbdError::NoEpoch)));
+    }
+
+    #[test]
+    fn commit_keeps_a_superset_on_disk_between_its_steps() {
+        let (dir, t) = setup(8 * REGION);
+        for reg in 0..3 {
+            t.write_at(&[1; 4096], reg * REGION, false).unwrap();
+        }
+        t.start_epoch(EpochScope::Dirty, &dir.path().join("spill"))
+            .unwrap();
+        // Since the switch: region 3.
+        t.write_at(&[2; 4096], 3 * REGION + 8192, false).unwrap();
+        let t = Arc::new(t);
+        let weak = Arc::downgrade(&t);
+        let path = dir.path().to_path_buf();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        on_step(&t, move |step| {
+            seen2.lock().unwrap().push(step);
+            // A crash here: the new generation may be durable, but nothing has shrunk.
+            let crashed = reopen_in(&path);
+            assert_eq!(crashed.recovery(), Recovery::Crashed);
+            assert_eq!(crashed.generation(), 1, "{step:?}");
+            assert_eq!(dirty_regions(&crashed), vec![0, 1, 2, 3], "{step:?}");
+            if step == FinishStep::WritersResumed {
+                // Writers run again while the file still holds the old intent. Region 1 was
+                // set in the old intent but is not dirty since the switch, region 5 never
+                // was: both writes must make their own intent durable.
+                let t = weak.upgrade().unwrap();
+                assert!(t.write_needs_sync(REGION, 4096));
+                t.write_at(&[3; 4096], REGION + 4096, false).unwrap();
+                t.write_at(&[3; 4096], 5 * REGION, false).unwrap();
+                assert!(!t.write_needs_sync(3 * REGION, 4096));
+                let crashed = reopen_in(&path);
+                let got = dirty_regions(&crashed);
+                for reg in [1, 3, 5] {
+                    assert!(got.contains(&reg), "region {reg} lost: {got:?}");
+                }
+            }
+        });
+        assert_eq!(t.finish_epoch(true).unwrap(), 1);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![FinishStep::GenerationDurable, FinishStep::WritersResumed]
+        );
+        // Done: exactly the regions written since the switch, during the finish included.
+        let crashed = reopen(&dir);
+        assert_eq!(crashed.generation(), 1);
+        assert_eq!(dirty_regions(&crashed), vec![1, 3, 5]);
+        drop(crashed);
+        *t.step_hook.lock().unwrap() = None;
+        // The in-memory intent still matches the file: the next write to region 0 syncs.
+        assert!(t.write_needs_sync(0, 4096));
+        assert!(!t.write_needs_sync(5 * REGION, 4096));
+    }
+
+    #[test]
+    fn abandon_keeps_the_intent_and_the_generation() {
+        let (dir, t) = setup(4 * REGION);
+        t.write_at(&[1; 4096], 0, false).unwrap();
+        t.start_epoch(EpochScope::Dirty, &dir.path().join("spill"))
+            .unwrap();
+        t.write_at(&[2; 4096], 2 * REGION, false).unwrap();
+        let path = dir.path().to_path_buf();
+        on_step(&t, move |step| {
+            let crashed = reopen_in(&path);
+            assert_eq!(crashed.generation(), 0, "{step:?}");
+            assert_eq!(dirty_regions(&crashed), vec![0, 2], "{step:?}");
+        });
+        assert_eq!(t.finish_epoch(false).unwrap(), 0);
+        assert_eq!(t.dirty_ranges(), vec![r(0, 4096), r(2 * REGION, 4096)]);
+        assert!(!dir.path().join("spill").exists());
+        assert!(!t.write_needs_sync(0, 4096));
+        let crashed = reopen(&dir);
+        assert_eq!(crashed.generation(), 0);
+        assert_eq!(dirty_regions(&crashed), vec![0, 2]);
+    }
+
+    #[test]
+    fn writes_racing_commits_stay_covered_after_a_crash() {
+        let size = 64 * REGION;
+        let (dir, t) = setup(size);
+        let t = Arc::new(t);
+        let stop = Arc::new(AtomicBool::new(false));
+        // (when it started, offset) of every write.
+        let writers: Vec<_> = (0..3u64)
+            .map(|w| {
+                let (t, stop) = (Arc::clone(&t), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let mut log = Vec::new();
+                    let mut x = 0x2545_f491_4f6c_dd1du64 ^ (w + 1);
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = (x % (size / BLOCK)) * BLOCK;
+                        let at = std::time::Instant::now();
+                        t.write_at(&[w as u8; 4096], off, false).unwrap();
+                        log.push((at, off));
+                    }
+                    log
+                })
+            })
+            .collect();
+        let mut switched = std::time::Instant::now();
+        for i in 0..20 {
+            t.start_epoch(EpochScope::Dirty, &dir.path().join(format!("spill{i}")))
+                .unwrap();
+            switched = std::time::Instant::now();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            t.finish_epoch(true).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        stop.store(true, Ordering::Relaxed);
+        let log: Vec<(std::time::Instant, u64)> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        // "Crash": every write begun after the last switch (the committed snapshot has
+        // the rest) must lie in a region the reopened bitmap calls dirty.
+        let crashed = reopen(&dir);
+        assert_eq!(crashed.generation(), 20);
+        let got = dirty_regions(&crashed);
+        let after: Vec<u64> = log
+            .iter()
+            .filter(|(at, _)| *at > switched)
+            .map(|(_, off)| off / REGION)
+            .collect();
+        assert!(!after.is_empty(), "no write after the last switch");
+        for reg in after {
+            assert!(got.contains(&reg), "region {reg} lost");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! One file per kernel interface: `loopdev` (loop devices through /dev/loop-control),
 //! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
 //! owning guard), `reflink` (FICLONE), `fiemap` (extent maps, shared extents), `process`
-//! (PR_SET_IO_FLUSHER), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback`
+//! (PR_SET_IO_FLUSHER), `nbd_netlink` (the nbd driver's generic netlink family), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback`
 //! (sync_file_range behind streamed writes). Ioctl numbers come from nix's macros, argument
 //! structs are `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
 //!
@@ -14,6 +14,7 @@ pub mod blkdev;
 pub mod fiemap;
 pub mod freeze;
 pub mod loopdev;
+pub mod nbd_netlink;
 pub mod process;
 pub mod reflink;
 pub mod uio;
