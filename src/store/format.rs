@@ -328,7 +328,13 @@ pub fn decode_index(
     footer: &Footer,
     volume_size: u64,
 ) -> Result<Vec<IndexEntry>, FormatError> {
-    decode_index_versioned(DELTA_VERSION, index_bytes, footer_bytes, footer, volume_size)
+    decode_index_versioned(
+        DELTA_VERSION,
+        index_bytes,
+        footer_bytes,
+        footer,
+        volume_size,
+    )
 }
 
 /// `decode_index` for a delta of `version` (from `decode_delta_header`).
@@ -558,6 +564,82 @@ mod tests {
         assert!(decode_delta_header(&h, &sid()).is_ok());
         h[13] = 1;
         assert!(decode_delta_header(&h, &sid()).is_err());
+    }
+
+    #[test]
+    fn long_data_records_are_placed_so_their_payload_matches_the_image_offset_mod_4k() {
+        let long = ALIGN_MIN_RECORD;
+        // Short data records and zero records never get a gap; nor does anything in version 1.
+        assert_eq!(record_pos(2, 100, RecordKind::Data, 0, long - 1), 100);
+        assert_eq!(record_pos(2, 100, RecordKind::Zero, 0, long * 4), 100);
+        assert_eq!(record_pos(1, 100, RecordKind::Data, 0, long), 100);
+        // Aligned image offset: payload on a 4 KiB boundary of the file.
+        assert_eq!(record_pos(2, 32, RecordKind::Data, 8192, long), 4064);
+        assert_eq!(record_pos(2, 4064, RecordKind::Data, 0, long), 4064);
+        // Unaligned image offset: payload position congruent to it.
+        let at = record_pos(2, 5000, RecordKind::Data, 4096 * 7 + 123, long);
+        assert_eq!((at + 32) % ALIGN, 123);
+        assert!(at >= 5000 && at < 5000 + ALIGN);
+        // No overflow on absurd positions.
+        let _ = record_pos(2, u64::MAX - 3, RecordKind::Data, u64::MAX, u64::MAX);
+    }
+
+    /// A version-2 index is accepted only with the gaps `record_pos` demands: a record moved
+    /// by a single byte, or laid out back to back as in version 1, is refused; a version-1
+    /// index with gaps is refused too.
+    #[test]
+    fn index_positions_must_follow_the_gap_rule_of_the_version() {
+        let entries = |v: u32| {
+            let mut pos = DELTA_HEADER_LEN;
+            let mut out = Vec::new();
+            for (offset, length) in [(0u64, 4096u64), (65536, ALIGN_MIN_RECORD), (200_000, 10)] {
+                let file_pos = record_pos(v, pos, RecordKind::Data, offset, length);
+                out.push(IndexEntry {
+                    offset,
+                    length,
+                    kind: RecordKind::Data,
+                    file_pos,
+                    crc: 7,
+                });
+                pos = file_pos + RECORD_HEADER_LEN + length;
+            }
+            (out, pos)
+        };
+        let decode = |v: u32, es: &[IndexEntry], end: u64| {
+            let mut ib = Vec::new();
+            for e in es {
+                ib.extend_from_slice(&encode_index_entry(e));
+            }
+            let f = Footer {
+                record_count: es.len() as u64,
+                index_pos: end,
+                payload_bytes: es.iter().map(|e| e.length).sum(),
+            };
+            let fb = encode_footer(&f, &ib);
+            decode_index_versioned(v, &ib, &fb, &f, 1 << 30)
+        };
+        let (v2, end2) = entries(2);
+        assert_eq!((v2[1].file_pos + 32) % ALIGN, 0);
+        assert_eq!(decode(2, &v2, end2).unwrap(), v2);
+        let (v1, end1) = entries(1);
+        assert_eq!(decode(1, &v1, end1).unwrap(), v1);
+        assert!(
+            decode(2, &v1, end1).is_err(),
+            "back to back is not version 2"
+        );
+        assert!(decode(1, &v2, end2).is_err(), "gaps are not version 1");
+        let mut moved = v2.clone();
+        moved[1].file_pos += 1;
+        moved[2].file_pos += 1;
+        assert!(decode(2, &moved, end2 + 1).is_err());
+        assert!(decode(2, &v2, end2 + ALIGN).is_err());
+        // Unknown delta versions are refused by the header.
+        let mut h = encode_delta_header(&sid());
+        assert_eq!(decode_delta_header(&h, &sid()).unwrap(), DELTA_VERSION);
+        h[8] = 3;
+        assert!(decode_delta_header(&h, &sid()).is_err());
+        h[8] = 1;
+        assert_eq!(decode_delta_header(&h, &sid()).unwrap(), 1);
     }
 
     #[test]

@@ -200,7 +200,9 @@ fn check_span(m: &Manifest, index: &[IndexEntry], span: &Span) -> Result<(), Sto
             .get(prev_end.min(at)..at)
             .ok_or_else(|| corrupt("record lies outside its span".into()))?;
         if !super::writer::is_zero(gap) {
-            return Err(corrupt("alignment gap before the record is not zero".into()));
+            return Err(corrupt(
+                "alignment gap before the record is not zero".into(),
+            ));
         }
         let end = at + (RECORD_HEADER_LEN + e.payload_len()) as usize;
         let rec = span
@@ -694,7 +696,8 @@ impl Store {
                         match p.src {
                             Src::Data { layer, rec } => {
                                 let e = &layers[layer][rec];
-                                let file_off = e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
+                                let file_off =
+                                    e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
                                 out.write_record(p.offset, bytes, &keys[layer], file_off)?;
                             }
                             Src::Zero => out.write(p.offset, bytes)?,

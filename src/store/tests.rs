@@ -521,6 +521,44 @@ fn bit_flips_anywhere_in_a_delta_are_caught_by_verify() {
 /// Size of the golden fixture's volume: 24 blocks of 4 KiB and a short one of 100 bytes.
 const GOLDEN_SIZE: u64 = 24 * 4096 + 100;
 
+/// Damage to an alignment gap (bytes no record covers) is found by verify, and restore
+/// either refuses the chain or gives exactly the true bytes.
+#[test]
+fn damaged_alignment_gaps_are_reported() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(4 * MIB);
+    scribble(&c.img, 0, 100, 1);
+    scribble(&c.img, 2 * BS as u64, 3 * MIB as usize, 2);
+    c.snap(&store, 1).unwrap();
+    let key = "snapshots/ss-00000001/delta.0";
+    let good = mem.get(key).unwrap();
+    let entries = delta_entries(&good);
+    let gaps: Vec<std::ops::Range<usize>> = entries
+        .windows(2)
+        .map(|w| (w[0].file_pos + 32 + w[0].payload_len()) as usize..w[1].file_pos as usize)
+        .filter(|g| !g.is_empty())
+        .collect();
+    assert!(!gaps.is_empty(), "no gap in {entries:?}");
+    for g in &gaps {
+        for at in [g.start, g.end - 1] {
+            let mut b = good.clone();
+            b[at] ^= 0x08;
+            mem.set(key, b);
+            let report = store.verify(&sid(1), &NoProgress).unwrap();
+            assert!(
+                report.problems.iter().any(|p| p.reason.contains("gap")),
+                "gap byte {at}: {report:?}"
+            );
+            match restored(&store, c.dir.path(), &sid(1)) {
+                Ok(d) => assert_eq!(d, c.digests[&sid(1)]),
+                Err(e) => assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt, "{e}"),
+            }
+        }
+    }
+    mem.set(key, good);
+    assert!(store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+}
+
 /// Deterministic inputs of the golden fixture (block size 4 KiB), full then incremental. The
 /// full snapshot holds a 72 KiB record at image offset 12288, long enough to be aligned: the
 /// fixture locks its alignment gap (delta version 2), as well as short unaligned records.
@@ -1249,5 +1287,103 @@ fn every_supported_block_size_round_trips() {
     for bad in [0u32, 2048, 3 * 4096, 8 << 20] {
         let err = capture(&store, meta(&sid(1), None, MIB, bad), &img, &NoProgress).unwrap_err();
         assert_eq!(err.kind(), crate::api::ErrorKind::InvalidArgument, "{bad}");
+    }
+}
+
+/// Bytes of `f` in extents FIEMAP reports as shared.
+fn shared_bytes(f: &File) -> u64 {
+    crate::sys::fiemap::fiemap(f, 0, u64::MAX, true)
+        .unwrap()
+        .iter()
+        .filter(|e| e.is_shared())
+        .map(|e| e.length)
+        .sum()
+}
+
+/// On a real xfs (reflink) loop image: capture shares the source image's extents in the delta
+/// and restore shares the delta's extents in the target, while both still check every byte
+/// (a damaged shared payload is refused by restore and verify); folding a deleted middle
+/// snapshot keeps the chain restorable.
+#[test]
+fn capture_and_restore_share_extents_on_xfs() {
+    if !crate::sys::test_util::root_or_skip("capture_and_restore_share_extents_on_xfs") {
+        return;
+    }
+    let fs = crate::sys::test_util::ScratchFs::new("xfs", 512 * MIB);
+    let root = fs.mountpoint();
+    let store = Store::open(&root.join("store")).unwrap();
+    let size = 16 * MIB;
+    let mut c = Chain::new(size);
+    // The image must live on the store's filesystem to share extents with it.
+    c.img = sparse(root, "image", size);
+    scribble(&c.img, 0, 100, 1);
+    scribble(&c.img, MIB, 6 * MIB as usize + 5000, 2);
+    c.img.sync_all().unwrap();
+    c.snap(&store, 1).unwrap();
+    let delta_path = |id: &SnapshotId| {
+        let m = store.manifest(id).unwrap();
+        root.join("store/snapshots")
+            .join(id.as_str())
+            .join(m.delta_file)
+    };
+    let delta = File::open(delta_path(&sid(1))).unwrap();
+    let shared = shared_bytes(&delta);
+    assert!(
+        shared >= 6 * MIB,
+        "capture shared only {shared} bytes of the image"
+    );
+    assert!(store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+    // Restore on the same filesystem: right bytes, shared with the delta.
+    let target = sparse(root, "restored-1", 0);
+    store
+        .restore(&sid(1), &target, RestoreMode::Fresh, &NoProgress)
+        .unwrap();
+    assert_eq!(digest(&target), c.digests[&sid(1)]);
+    assert!(
+        shared_bytes(&target) >= 6 * MIB,
+        "restore shared only {} bytes",
+        shared_bytes(&target)
+    );
+    // Overwrite mode over old data, and an incremental on top.
+    scribble(&c.img, 3 * MIB, 2 * MIB as usize, 3);
+    c.img.write_all_at_zeros(MIB, 64 * 1024);
+    c.snap(&store, 2).unwrap();
+    scribble(&c.img, 10 * MIB, 3 * MIB as usize, 4);
+    c.snap(&store, 3).unwrap();
+    store
+        .restore(&sid(3), &target, RestoreMode::Overwrite, &NoProgress)
+        .unwrap();
+    assert_eq!(digest(&target), c.digests[&sid(3)]);
+    // A middle snapshot folded into its child: the chain still restores exactly.
+    store.delete(&sid(2), &NoProgress).unwrap();
+    c.digests.remove(&sid(2));
+    c.check_own(&store);
+    // Damage a payload byte the delta shares with the image (the write unshares only that
+    // block): restore and verify refuse it.
+    let path = delta_path(&sid(1));
+    let index = store
+        .delta_index(&store.manifest(&sid(1)).unwrap())
+        .unwrap();
+    let victim = index.iter().find(|e| e.length >= MIB).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0x5a], victim.file_pos + 32 + 4097)
+        .unwrap();
+    f.sync_all().unwrap();
+    assert!(!store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+    let err = restored(&store, root, &sid(1)).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{err}");
+    // The image itself is untouched by that write (copy-on-write).
+    assert_eq!(digest(&c.img), c.digests[&sid(3)]);
+}
+
+trait ZeroAt {
+    fn write_all_at_zeros(&self, off: u64, len: usize);
+}
+
+impl ZeroAt for File {
+    fn write_all_at_zeros(&self, off: u64, len: usize) {
+        use std::os::unix::fs::FileExt;
+        self.write_all_at(&vec![0u8; len], off).unwrap();
     }
 }

@@ -479,8 +479,14 @@ pub(crate) fn write_hashes(
 enum Pending {
     None,
     /// A data record being gathered; `clone`: it may share extents with the clone source.
-    Data { offset: u64, clone: bool },
-    Zero { offset: u64, len: u64 },
+    Data {
+        offset: u64,
+        clone: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Builds one new snapshot. Dropping it without `commit` discards everything it wrote.
@@ -563,7 +569,11 @@ impl SnapshotWriter {
     /// source a capture reads) and must not change until the commit. The bytes given to
     /// `add_data` still make the record CRC32s (and the caller's block hashes), so a source
     /// that changed anyway is caught by restore and verify, never trusted.
-    pub(crate) fn set_clone_source(&mut self, src: Arc<File>, src_len: u64) -> Result<(), StoreError> {
+    pub(crate) fn set_clone_source(
+        &mut self,
+        src: Arc<File>,
+        src_len: u64,
+    ) -> Result<(), StoreError> {
         self.delta()?.set_clone_source(src);
         self.clone_limit = src_len / format::ALIGN * format::ALIGN;
         Ok(())
