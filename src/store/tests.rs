@@ -805,7 +805,11 @@ fn bench_throughput() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(512);
     let size = mib * MIB;
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    // BLOCKSNAP_BENCH_DIR: where image and store live (an xfs mount to measure sharing);
+    // BLOCKSNAP_BENCH_COLD=1: sync and drop the page cache before every timed step (root).
+    let base = std::env::var("BLOCKSNAP_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let cold = std::env::var("BLOCKSNAP_BENCH_COLD").is_ok_and(|v| v == "1");
+    let dir = tempfile::tempdir_in(base).unwrap();
     let img = sparse(dir.path(), "img", size);
     // Three quarters data, one quarter holes, in 16 MiB stretches.
     let mut off = 0;
@@ -817,6 +821,11 @@ fn bench_throughput() {
     }
     img.sync_all().unwrap();
     let time = |what: &str, f: &mut dyn FnMut()| {
+        if cold {
+            let st = Command::new("sync").status().unwrap();
+            assert!(st.success());
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
         let t = Instant::now();
         f();
         let s = t.elapsed().as_secs_f64();
@@ -827,6 +836,7 @@ fn bench_throughput() {
     let cp = time("cp --sparse=always", &mut || {
         let st = Command::new("cp")
             .arg("--sparse=always")
+            .arg("--reflink=never")
             .arg(&img_path)
             .arg(dir.path().join("cp-copy"))
             .status()
@@ -837,12 +847,21 @@ fn bench_throughput() {
         let copy = dir.path().join("cp-copy2");
         let st = Command::new("cp")
             .arg("--sparse=always")
+            .arg("--reflink=never")
             .arg(&img_path)
             .arg(&copy)
             .status()
             .unwrap();
         assert!(st.success());
         File::open(&copy).unwrap().sync_all().unwrap();
+    });
+    time("cat (read only)", &mut || {
+        let st = Command::new("cat")
+            .arg(&img_path)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
     });
     let store = Store::open(&dir.path().join("store")).unwrap();
     time("capture full, memory backend", &mut || {
