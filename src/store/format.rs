@@ -579,7 +579,7 @@ mod tests {
         // Unaligned image offset: payload position congruent to it.
         let at = record_pos(2, 5000, RecordKind::Data, 4096 * 7 + 123, long);
         assert_eq!((at + 32) % ALIGN, 123);
-        assert!(at >= 5000 && at < 5000 + ALIGN);
+        assert!((5000..5000 + ALIGN).contains(&at));
         // No overflow on absurd positions.
         let _ = record_pos(2, u64::MAX - 3, RecordKind::Data, u64::MAX, u64::MAX);
     }
