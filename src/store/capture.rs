@@ -64,12 +64,10 @@ pub fn capture(
         let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
         let ranges_ref = &ranges;
         s.spawn(move || {
-            let mut ahead = ReadAhead::new(source, ranges_ref);
             for r in ranges_ref {
                 let mut off = r.start;
                 while off < r.end {
                     let len = chunk.min(r.end - off);
-                    ahead.advance(off);
                     let mut buf = back_rx.try_recv().unwrap_or_default();
                     buf.resize(len as usize, 0);
                     let res = read_image(source, off, &mut buf, src_len).map(|()| (off, buf));
@@ -111,55 +109,6 @@ pub fn capture(
     // The parent's list is trusted only once its checksum is confirmed, before the commit.
     base.finish()?;
     writer.commit_streamed(new)
-}
-
-/// Bytes of the source the capture reader asks the kernel to read ahead of it, and the step
-/// in which it asks. The reader's own preads are sequential, and the default read-ahead window
-/// (128–256 KiB) keeps a single request in flight on a loop device or virtual disk: asking for
-/// the next 32 MiB (`POSIX_FADV_WILLNEED`, asynchronous) keeps many in flight, so a cold
-/// source is read at the device's speed rather than one window at a time.
-const READ_AHEAD: u64 = 32 << 20;
-const READ_AHEAD_STEP: u64 = 8 << 20;
-
-/// Keeps `POSIX_FADV_WILLNEED` read-ahead `READ_AHEAD` bytes in front of the reader, over the
-/// data ranges only (holes are never read).
-struct ReadAhead<'a> {
-    fd: std::os::unix::io::RawFd,
-    ranges: &'a [Range<u64>],
-    /// Everything of `ranges` below this was advised.
-    until: u64,
-}
-
-impl<'a> ReadAhead<'a> {
-    fn new(source: &File, ranges: &'a [Range<u64>]) -> ReadAhead<'a> {
-        ReadAhead {
-            fd: source.as_raw_fd(),
-            ranges,
-            until: 0,
-        }
-    }
-
-    /// The reader is at `pos`: advise what lies between the last advice and `pos + READ_AHEAD`.
-    fn advance(&mut self, pos: u64) {
-        if self.until >= pos + READ_AHEAD - READ_AHEAD_STEP {
-            return;
-        }
-        let to = pos + READ_AHEAD;
-        let from = self.until.max(pos);
-        for r in self.ranges {
-            let (s, e) = (r.start.max(from), r.end.min(to));
-            if s < e {
-                // A hint: failure only costs speed.
-                let _ = posix_fadvise(
-                    self.fd,
-                    s as i64,
-                    (e - s) as i64,
-                    PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-                );
-            }
-        }
-        self.until = to;
-    }
 }
 
 /// Captures a snapshot when the caller knows which byte ranges changed since the parent
