@@ -256,7 +256,11 @@ run_suite() {
     echo
     echo "[$fs] throughput: full $(awk -v b=$data_b -v t=$t_full 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s of data, cp $(awk -v b=$data_b -v t=$t_cp 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, restore $(awk -v b=$data_b -v t=$t_rest 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, b3sum $(awk -v t=$t_b3 -v s="$(stat -c %s "$img")" 'BEGIN{printf "%.0f", s/t/1048576}') MiB/s of image"
     echo "[$fs] daemon RSS: max sampled VmRSS ${rss_all} MiB ($nsamp samples @0.2 s), VmHWM at end ${hwm} MiB (target <= 64)"
-    echo "[$fs] filesystem space allocated (df used, after sync): full snapshot $(mib "$used_full") MiB, restore $(mib "$used_rest") MiB (for $DATA_MIB MiB of data; extents shared by reflink count once)"
+    if [ "$fs" = xfs ]; then
+        echo "[$fs] filesystem space allocated (df used, after sync): full snapshot $(mib "$used_full") MiB, restore $(mib "$used_rest") MiB (for $DATA_MIB MiB of data; extents shared by reflink count once)"
+    else
+        echo "[$fs] filesystem space allocated: not measured (the root filesystem has other writers; df deltas would be theirs too)"
+    fi
     echo "[$fs] freeze_ms of mounted ext4 on a ${FREEZE_VOL} volume (${FREEZE_MIB} MiB + 16 MiB/rep written; types $fr_t; consistency $fr_c): $freezes  (max VmRSS during these ${rss_frz} MiB)"
     echo
     if [ "$fs" = xfs ]; then
