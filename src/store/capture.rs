@@ -4,7 +4,10 @@
 //! CRC32. Holes (SEEK_DATA/SEEK_HOLE) are not read; all-zero blocks become zero records when
 //! the base (the parent's image, or all zeros for a full snapshot) was not zero there.
 //! Pipeline: a reader thread issues large sequential preads, the calling thread hashes each
-//! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`.
+//! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`. When the
+//! source is a regular file, data records of at least 64 KiB share its extents (FICLONERANGE)
+//! where the store's filesystem allows it, instead of being written; they are read and hashed
+//! all the same (see `capture`).
 
 use super::format::HASH_LEN;
 use super::hashes::{HashReader, HashWriter};

@@ -3,8 +3,10 @@
 //! Restore resolves a chain once into an extent map (newest record wins; memory is one entry
 //! per visible piece), then walks it in image order reading each record once, checking its
 //! CRC32, and writing through a bounded buffer. A failed check is an error naming the snapshot
-//! and byte range; wrong data is never written silently. Verify re-reads every byte of a
-//! chain and reports every problem it finds instead of stopping at the first.
+//! and byte range; wrong data is never written silently. Checked runs of whole 4 KiB pieces of
+//! data records are cloned from the delta (FICLONERANGE) instead of written when the target is
+//! a regular file on the store's filesystem (`Out::write_record`). Verify re-reads every byte
+//! of a chain and reports every problem it finds instead of stopping at the first.
 
 use super::format::{self, IndexEntry, RecordKind, RECORD_HEADER_LEN};
 use super::{file_key, Manifest, Progress, Store, StoreError};
