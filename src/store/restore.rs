@@ -1033,6 +1033,7 @@ impl<'a> RecordScan<'a> {
                     if !super::writer::is_zero(&bytes[p + skip..p + n]) {
                         self.gap_dirty = true;
                     }
+                    progress.advance(n as u64);
                     p += n;
                     continue;
                 }
