@@ -59,6 +59,9 @@ dropcaches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 bs() { "$BIN/blocksnap" --socket "$SOCK" "$@"; }
 fmt() { printf '%.2f' "$1"; }
 mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}'; }
+# bytes in use on the filesystem holding $1 (after a sync): what a step really allocated,
+# shared (reflinked) extents counted once
+fs_used() { sync -f "$1"; df -B1 --output=used "$1" | tail -1 | tr -d ' '; }
 
 echo "== environment"
 echo "date:   $(date -u +%FT%TZ)"
@@ -145,8 +148,10 @@ run_suite() {
     dd if="$DATA" of="$dev" bs=4M conv=fsync status=none
 
     # -- full snapshot vs cp / b3sum / restic
+    local used0; used0=$(fs_used "$sd")
     timed bs --wait create-snapshots -r "$vol" -F 1 -N full >/dev/null
     local t_full=$T rss_full; rss_full=$(max_rss_between "$rss" "$T0" "$T1")
+    local used_full; used_full=$(( $(fs_used "$sd") - used0 ))
     local ss_full; ss_full=$(bs describe-snapshots -r "$vol" | jq -r '.snapshot_set[] | select(.snapshot_name=="full") | .snapshot_id')
     timed cp --sparse=always --reflink=never "$img" "$base/cp-copy.img"
     local t_cp=$T; rm -f "$base/cp-copy.img"
@@ -182,8 +187,10 @@ run_suite() {
 
     # -- restore
     local vol2
+    used0=$(fs_used "$sd")
     timed bs --wait create-volume-from-snapshot -s "$ss_inc" -N restored >/dev/null
     local t_rest=$T rss_rest; rss_rest=$(max_rss_between "$rss" "$T0" "$T1")
+    local used_rest; used_rest=$(( $(fs_used "$sd") - used0 ))
     vol2=$(bs describe-volumes -W restored | jq -r '.volume_set[0].volume_id')
     # correctness spot check: restored image == volume image (the volume has had no writes since)
     local img2="$sd/volumes/$vol2.img"
@@ -249,6 +256,11 @@ run_suite() {
     echo
     echo "[$fs] throughput: full $(awk -v b=$data_b -v t=$t_full 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s of data, cp $(awk -v b=$data_b -v t=$t_cp 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, restore $(awk -v b=$data_b -v t=$t_rest 'BEGIN{printf "%.0f", b/t/1048576}') MiB/s, b3sum $(awk -v t=$t_b3 -v s="$(stat -c %s "$img")" 'BEGIN{printf "%.0f", s/t/1048576}') MiB/s of image"
     echo "[$fs] daemon RSS: max sampled VmRSS ${rss_all} MiB ($nsamp samples @0.2 s), VmHWM at end ${hwm} MiB (target <= 64)"
+    if [ "$fs" = xfs ]; then
+        echo "[$fs] filesystem space allocated (df used, after sync): full snapshot $(mib "$used_full") MiB, restore $(mib "$used_rest") MiB (for $DATA_MIB MiB of data; extents shared by reflink count once)"
+    else
+        echo "[$fs] filesystem space allocated: not measured (the root filesystem has other writers; df deltas would be theirs too)"
+    fi
     echo "[$fs] freeze_ms of mounted ext4 on a ${FREEZE_VOL} volume (${FREEZE_MIB} MiB + 16 MiB/rep written; types $fr_t; consistency $fr_c): $freezes  (max VmRSS during these ${rss_frz} MiB)"
     echo
     if [ "$fs" = xfs ]; then

@@ -93,6 +93,8 @@ fn build() -> Fixture {
         write_random(&img, &mut rng, off, len);
     }
     write_random(&img, &mut rng, 12_345, 10_000);
+    // A run long enough for an aligned record (delta version 2: a zero gap before its header).
+    write_random(&img, &mut rng, 2 << 20, 40 * 4096);
     let ids: Vec<SnapshotId> = ["ss-0000full", "ss-00000in1", "ss-00000in2"]
         .iter()
         .map(|s| s.parse().unwrap())
@@ -224,6 +226,21 @@ fn cases(fx: &Fixture) -> Vec<Case> {
                         positions.push(p + 32 + (e.length as usize) / 2);
                     }
                 }
+                // First and last byte of every alignment gap (zero bytes no record covers).
+                let mut gaps = 0;
+                for w in idx.windows(2) {
+                    let end = (w[0].file_pos + 32 + w[0].payload_len()) as usize;
+                    if (w[1].file_pos as usize) > end {
+                        positions.extend([end, w[1].file_pos as usize - 1]);
+                        gaps += 1;
+                    }
+                }
+                if *id == fx.ids[0] {
+                    assert!(
+                        gaps > 0,
+                        "the full snapshot's delta should hold an alignment gap"
+                    );
+                }
                 if let Some(z) = idx.iter().find(|e| e.kind == format::RecordKind::Zero) {
                     let p = z.file_pos as usize;
                     positions.extend([p, p + 4, p + 8, p + 16, p + 24]);
@@ -348,34 +365,40 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         // (b) Any two adjacent records swapped in file order with a rebuilt, self-consistent
         // index (valid footer CRC): a forged layout.
         if idx.len() >= 2 {
-            let ip = footer.index_pos;
             let entries = idx.clone();
             out.push(Case {
                 kind: "swap-records",
                 label: format!("{id} records 0<->1 reindexed"),
                 harmless: false,
                 apply: edit(drel.clone(), move |buf| {
-                    let e0 = entries[0];
-                    let e1 = entries[1];
-                    let r0 = buf[e0.file_pos as usize..(e1.file_pos) as usize].to_vec();
-                    let end1 = (e1.file_pos + 32 + e1.payload_len()) as usize;
-                    let r1 = buf[e1.file_pos as usize..end1].to_vec();
-                    let mut nb = buf[..e0.file_pos as usize].to_vec();
-                    nb.extend(&r1);
-                    nb.extend(&r0);
-                    nb.extend(&buf[end1..ip as usize]);
+                    // Every record (header + payload) re-laid in the new order with the gaps
+                    // the format demands, so the layout is valid and only the records' own
+                    // checks (offset bound into the CRC) can tell.
+                    let rec = |e: &format::IndexEntry| {
+                        buf[e.file_pos as usize..(e.file_pos + 32 + e.payload_len()) as usize]
+                            .to_vec()
+                    };
                     let mut ne = entries.clone();
                     ne.swap(0, 1);
-                    let mut pos = 32;
+                    let bodies: Vec<Vec<u8>> = ne.iter().map(rec).collect();
+                    let mut nb = buf[..32].to_vec();
                     let mut index = Vec::new();
-                    for e in ne.iter_mut() {
+                    for (e, body) in ne.iter_mut().zip(&bodies) {
+                        let pos = format::record_pos(
+                            format::DELTA_VERSION,
+                            nb.len() as u64,
+                            e.kind,
+                            e.offset,
+                            e.length,
+                        );
+                        nb.resize(pos as usize, 0);
                         e.file_pos = pos;
-                        pos += 32 + e.payload_len();
+                        nb.extend(body);
                         index.extend(format::encode_index_entry(e));
                     }
                     let f = format::Footer {
                         record_count: ne.len() as u64,
-                        index_pos: ip,
+                        index_pos: nb.len() as u64,
                         payload_bytes: footer.payload_bytes,
                     };
                     nb.extend(&index);

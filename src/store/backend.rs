@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,16 @@ pub trait BlobWriter: Write + Send {
     /// Makes the blob durable and visible under its key atomically. A failure means the blob
     /// is lost (a failed fsync is never retried).
     fn commit(self: Box<Self>) -> io::Result<()>;
+
+    /// Appends `len` bytes of `src` at `src_offset` by sharing their extents (a reflink,
+    /// copy-on-write) instead of copying them, so the blob holds those bytes as if written.
+    /// The blob's length so far and `src_offset` must be multiples of 4 KiB, and so must `len`
+    /// unless the range ends at the end of `src`. An error of kind `Unsupported` means nothing
+    /// was appended and the caller must write the bytes instead (the default: a backend or
+    /// filesystem that cannot share extents, another filesystem, a misaligned range).
+    fn append_clone(&mut self, _src: &File, _src_offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The storage a `Store` sits on.
@@ -36,6 +46,32 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Removes a blob durably; an absent key is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
+
+    /// Makes `len` bytes of `dst` at `dst_offset` share the extents of blob `key` at `offset`
+    /// (a reflink) instead of writing them; `dst`'s `fsync` makes them durable like a write.
+    /// Offsets must be multiples of 4 KiB, and `len` too unless the range ends the blob. Kind
+    /// `Unsupported` means nothing changed and the caller must write the bytes (the default).
+    fn clone_to(
+        &self,
+        _key: &str,
+        _offset: u64,
+        _len: u64,
+        _dst: &File,
+        _dst_offset: u64,
+    ) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// A reflink error as an `io::Error`: "not supported here" becomes kind `Unsupported`.
+fn reflink_io(e: crate::sys::reflink::ReflinkError) -> io::Error {
+    use crate::sys::reflink::ReflinkError;
+    match e {
+        ReflinkError::NotSupported { source } => {
+            io::Error::new(io::ErrorKind::Unsupported, source.desc())
+        }
+        ReflinkError::Clone { source } => io::Error::from(source),
+    }
 }
 
 /// Reads a whole blob (for small blobs: manifests, block-hash files).
@@ -185,6 +221,20 @@ impl Write for FsWriter {
 }
 
 impl BlobWriter for FsWriter {
+    fn append_clone(&mut self, src: &File, src_offset: u64, len: u64) -> io::Result<()> {
+        // A cloned write is still a write of this blob: the same failpoint covers it.
+        failpoint::check("store.blob.write")?;
+        let at = self.written;
+        let f = self.file()?;
+        f.flush()?;
+        let file = f.get_mut();
+        crate::sys::reflink::ficlone_range(src, src_offset, len, &*file, at).map_err(reflink_io)?;
+        // FICLONERANGE leaves the file offset alone: later writes go after the clone.
+        file.seek(SeekFrom::Start(at + len))?;
+        self.written += len;
+        Ok(())
+    }
+
     fn commit(mut self: Box<Self>) -> io::Result<()> {
         // On any error `Drop` removes the temporary: the data is lost either way.
         let file = self
@@ -193,6 +243,11 @@ impl BlobWriter for FsWriter {
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
         failpoint::check("store.blob.fsync")?;
+        // This fsync also makes extents shared by `append_clone` durable: FICLONERANGE first
+        // writes back the source range (xfs and btrfs flush both ranges before remapping), the
+        // remap is a metadata change of this inode (xfs logs it in a transaction that this
+        // fsync forces to the log; btrfs marks the inode for a full sync after a clone, so its
+        // next fsync logs the cloned extents), exactly like allocated extents after a write.
         file.sync_all()?;
         drop(file);
         failpoint::check("store.blob.rename")?;
@@ -264,6 +319,18 @@ impl Backend for FsBackend {
         out.retain(|k| k.starts_with(prefix));
         out.sort();
         Ok(out)
+    }
+
+    fn clone_to(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        dst: &File,
+        dst_offset: u64,
+    ) -> io::Result<()> {
+        let src = File::open(self.path(key)?)?;
+        crate::sys::reflink::ficlone_range(&src, offset, len, dst, dst_offset).map_err(reflink_io)
     }
 
     fn delete(&self, key: &str) -> io::Result<()> {

@@ -4,7 +4,10 @@
 //! CRC32. Holes (SEEK_DATA/SEEK_HOLE) are not read; all-zero blocks become zero records when
 //! the base (the parent's image, or all zeros for a full snapshot) was not zero there.
 //! Pipeline: a reader thread issues large sequential preads, the calling thread hashes each
-//! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`.
+//! chunk's blocks on two threads and feeds changed blocks to the `SnapshotWriter`. When the
+//! source is a regular file, data records of at least 64 KiB share its extents (FICLONERANGE)
+//! where the store's filesystem allows it, instead of being written; they are read and hashed
+//! all the same (see `capture`).
 
 use super::format::HASH_LEN;
 use super::hashes::{HashReader, HashWriter};
@@ -36,6 +39,17 @@ pub fn capture(
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
+    // A regular file (the point-in-time clone of a loop volume's image) can share its extents
+    // with the delta where the store's filesystem allows it (FICLONERANGE): long data runs are
+    // then cloned instead of written. They are still read, for the block hashes and the record
+    // CRC32s, which are computed from the bytes read; only the write is saved. A duplicate
+    // descriptor, so the delta writer's thread can hold it; without one, bytes are written.
+    let is_file = source.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if is_file {
+        if let Ok(dup) = source.try_clone() {
+            writer.set_clone_source(std::sync::Arc::new(dup), src_len)?;
+        }
+    }
     let ranges = data_ranges(source, src_len, bs, size);
     // One sequential pass: ask for the larger read-ahead window (a hint; failure is harmless).
     let _ = posix_fadvise(

@@ -5,14 +5,16 @@
 //! changing a byte means a new version number.
 //!
 //! # `format` (store root)
-//! The ASCII text `blocksnap-store\nversion 2\n`. A store still marked `version 1` is opened and
-//! its marker rewritten to version 2 (every version-1 file stays readable); a directory holding
-//! anything else is refused, and so a binary that only knows version 1 refuses a version-2 store
-//! instead of misreading its manifests.
+//! The ASCII text `blocksnap-store\nversion 3\n`. A store still marked `version 1` or
+//! `version 2` is opened and its marker rewritten to version 3 (every older file stays
+//! readable); a directory holding anything else is refused. So a binary that knows only
+//! version 1 or 2 refuses a version-3 store ("unknown format file") instead of misreading its
+//! version-2 deltas (store version 2 brought manifest version 2, store version 3 delta version 2).
 //!
 //! # Delta file `snapshots/<id>/delta.<generation>`
 //! ```text
-//! header  32 B : magic "BSNPDLT1" | version u32 = 1 | reserved u32 = 0 | snapshot id, 16 B ASCII, 0-padded
+//! header  32 B : magic "BSNPDLT1" | version u32 (1 or 2) | reserved u32 = 0 | snapshot id, 16 B ASCII, 0-padded
+//! gap          : version 2 only, see below: 0..4095 zero bytes
 //! record* 32 B : magic "BREC" | kind u8 (1 data, 2 zero) | reserved 3 B = 0 | offset u64 | length u64
 //!                | crc32 u32 | reserved u32 = 0
 //!                followed by `length` payload bytes for a data record, nothing for a zero record
@@ -24,10 +26,23 @@
 //! A record's CRC32 (IEEE polynomial, `crc32fast`) covers the 16-byte snapshot id, offset,
 //! length, kind and payload, so a valid record copied to another offset or another snapshot fails.
 //! Records are strictly ascending and non-overlapping; the index must describe exactly the records
-//! laid out back to back from byte 32 to the index position, and the footer ends the file, so
-//! truncation and appended bytes are caught without scanning. Every byte of a delta is covered by
-//! a check of its own: header and record-header fields (magic, version, reserved zeros, values
-//! against the index), payloads by their record's CRC32, index and footer by the footer CRC32.
+//! laid out from byte 32 to the index position, and the footer ends the file, so truncation and
+//! appended bytes are caught without scanning.
+//!
+//! **Alignment gaps (delta version 2).** Version 1 lays records back to back. Version 2 puts a
+//! *data* record of at least [`ALIGN_MIN_RECORD`] (64 KiB) payload bytes after a gap of zero
+//! bytes chosen so that its payload's file position is congruent to its image offset modulo
+//! [`ALIGN`] (4 KiB): for a record at a 4 KiB-aligned image offset the payload starts on a 4 KiB
+//! boundary of the file. That lets a reflink filesystem share extents between the image and
+//! the delta (FICLONERANGE needs both offsets aligned) in capture and restore. The gap is a
+//! function of the previous record's end and the record's kind, offset and length
+//! ([`record_pos`]): there is no freedom in the layout, so the index check still pins every
+//! record's position, and every gap byte must be zero (verify checks them, restore checks the
+//! gaps inside the runs of records it reads). Zero records and short data records get no gap.
+//!
+//! Every byte of a delta is covered by a check of its own: header and record-header fields
+//! (magic, version, reserved zeros, values against the index), gap bytes (zero), payloads by
+//! their record's CRC32, index and footer by the footer CRC32.
 //!
 //! # Block-hash file `snapshots/<id>/hashes`
 //! ```text
@@ -50,17 +65,24 @@
 
 use crate::api::SnapshotId;
 
-pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 2\n";
-/// The marker of a version-1 store: opened, and upgraded to `FORMAT_FILE_CONTENT`.
+pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 3\n";
+/// The markers of version-1 and version-2 stores: opened, and upgraded to `FORMAT_FILE_CONTENT`.
 pub const FORMAT_FILE_V1: &[u8] = b"blocksnap-store\nversion 1\n";
+pub const FORMAT_FILE_V2: &[u8] = b"blocksnap-store\nversion 2\n";
 
 pub const DELTA_MAGIC: &[u8; 8] = b"BSNPDLT1";
 pub const RECORD_MAGIC: &[u8; 4] = b"BREC";
 pub const FOOTER_MAGIC: &[u8; 8] = b"BSNPEND1";
 pub const HASHES_MAGIC: &[u8; 8] = b"BSNPHSH1";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNPMAN1";
-/// Version of delta and block-hash files (unchanged since version 1 of the store).
+/// Version of block-hash files (unchanged since version 1 of the store).
 pub const VERSION: u32 = 1;
+/// Version of delta files written now (alignment gaps); version 1 (back to back) is still read.
+pub const DELTA_VERSION: u32 = 2;
+/// Payload positions of long data records are congruent to their image offsets modulo this.
+pub const ALIGN: u64 = 4096;
+/// Data records with at least this many payload bytes are aligned (delta version 2).
+pub const ALIGN_MIN_RECORD: u64 = 64 << 10;
 /// Version of manifests written now; `decode_manifest_versioned` also reads version 1.
 pub const MANIFEST_VERSION: u32 = 2;
 
@@ -179,17 +201,19 @@ pub fn record_crc(
 pub fn encode_delta_header(id: &SnapshotId) -> [u8; 32] {
     let mut h = [0u8; 32];
     h[0..8].copy_from_slice(DELTA_MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&DELTA_VERSION.to_le_bytes());
     h[16..32].copy_from_slice(&id_bytes(id));
     h
 }
 
-pub fn decode_delta_header(b: &[u8], id: &SnapshotId) -> Result<(), FormatError> {
+/// Checks a delta header; returns the delta's version (1 or 2).
+pub fn decode_delta_header(b: &[u8], id: &SnapshotId) -> Result<u32, FormatError> {
     if b.len() != 32 || &b[0..8] != DELTA_MAGIC {
         return bad("delta header has no delta magic");
     }
-    if u32_at(b, 8) != VERSION {
-        return bad(format!("delta version {} is unknown", u32_at(b, 8)));
+    let version = u32_at(b, 8);
+    if version != 1 && version != DELTA_VERSION {
+        return bad(format!("delta version {version} is unknown"));
     }
     if b[12..16] != [0, 0, 0, 0] {
         return bad("delta header reserved bytes are not zero");
@@ -197,7 +221,21 @@ pub fn decode_delta_header(b: &[u8], id: &SnapshotId) -> Result<(), FormatError>
     if b[16..32] != id_bytes(id) {
         return bad("delta header belongs to another snapshot");
     }
-    Ok(())
+    Ok(version)
+}
+
+/// Where the header of the next record lies in a delta of `version` whose previous record (or
+/// the delta header) ends at `pos`: `pos` itself, except in version 2 for a data record of at
+/// least `ALIGN_MIN_RECORD` bytes, which follows a gap of zeros that makes its payload position
+/// congruent to `offset` modulo `ALIGN`. Saturates instead of overflowing (absurd positions
+/// then fail the index check).
+pub fn record_pos(version: u32, pos: u64, kind: RecordKind, offset: u64, length: u64) -> u64 {
+    if version < 2 || kind != RecordKind::Data || length < ALIGN_MIN_RECORD {
+        return pos;
+    }
+    let payload = pos.saturating_add(RECORD_HEADER_LEN);
+    let gap = (offset % ALIGN + ALIGN - payload % ALIGN) % ALIGN;
+    pos.saturating_add(gap)
 }
 
 pub fn encode_record_header(e: &IndexEntry) -> [u8; 32] {
@@ -282,8 +320,26 @@ pub fn decode_footer(b: &[u8], file_len: u64) -> Result<Footer, FormatError> {
     Ok(f)
 }
 
-/// Checks the footer CRC and decodes the index; validates the record layout it describes.
+/// Checks the footer CRC and decodes the index of a current-version delta; validates the
+/// record layout it describes.
 pub fn decode_index(
+    index_bytes: &[u8],
+    footer_bytes: &[u8],
+    footer: &Footer,
+    volume_size: u64,
+) -> Result<Vec<IndexEntry>, FormatError> {
+    decode_index_versioned(
+        DELTA_VERSION,
+        index_bytes,
+        footer_bytes,
+        footer,
+        volume_size,
+    )
+}
+
+/// `decode_index` for a delta of `version` (from `decode_delta_header`).
+pub fn decode_index_versioned(
+    version: u32,
     index_bytes: &[u8],
     footer_bytes: &[u8],
     footer: &Footer,
@@ -329,6 +385,7 @@ pub fn decode_index(
         if e.kind == RecordKind::Data && e.length > MAX_DATA_RECORD {
             return bad(format!("data record at offset {} is too long", e.offset));
         }
+        pos = record_pos(version, pos, e.kind, e.offset, e.length);
         if e.file_pos != pos {
             return bad(format!(
                 "index entry at offset {} has a wrong file position",
@@ -507,6 +564,82 @@ mod tests {
         assert!(decode_delta_header(&h, &sid()).is_ok());
         h[13] = 1;
         assert!(decode_delta_header(&h, &sid()).is_err());
+    }
+
+    #[test]
+    fn long_data_records_are_placed_so_their_payload_matches_the_image_offset_mod_4k() {
+        let long = ALIGN_MIN_RECORD;
+        // Short data records and zero records never get a gap; nor does anything in version 1.
+        assert_eq!(record_pos(2, 100, RecordKind::Data, 0, long - 1), 100);
+        assert_eq!(record_pos(2, 100, RecordKind::Zero, 0, long * 4), 100);
+        assert_eq!(record_pos(1, 100, RecordKind::Data, 0, long), 100);
+        // Aligned image offset: payload on a 4 KiB boundary of the file.
+        assert_eq!(record_pos(2, 32, RecordKind::Data, 8192, long), 4064);
+        assert_eq!(record_pos(2, 4064, RecordKind::Data, 0, long), 4064);
+        // Unaligned image offset: payload position congruent to it.
+        let at = record_pos(2, 5000, RecordKind::Data, 4096 * 7 + 123, long);
+        assert_eq!((at + 32) % ALIGN, 123);
+        assert!((5000..5000 + ALIGN).contains(&at));
+        // No overflow on absurd positions.
+        let _ = record_pos(2, u64::MAX - 3, RecordKind::Data, u64::MAX, u64::MAX);
+    }
+
+    /// A version-2 index is accepted only with the gaps `record_pos` demands: a record moved
+    /// by a single byte, or laid out back to back as in version 1, is refused; a version-1
+    /// index with gaps is refused too.
+    #[test]
+    fn index_positions_must_follow_the_gap_rule_of_the_version() {
+        let entries = |v: u32| {
+            let mut pos = DELTA_HEADER_LEN;
+            let mut out = Vec::new();
+            for (offset, length) in [(0u64, 4096u64), (65536, ALIGN_MIN_RECORD), (200_000, 10)] {
+                let file_pos = record_pos(v, pos, RecordKind::Data, offset, length);
+                out.push(IndexEntry {
+                    offset,
+                    length,
+                    kind: RecordKind::Data,
+                    file_pos,
+                    crc: 7,
+                });
+                pos = file_pos + RECORD_HEADER_LEN + length;
+            }
+            (out, pos)
+        };
+        let decode = |v: u32, es: &[IndexEntry], end: u64| {
+            let mut ib = Vec::new();
+            for e in es {
+                ib.extend_from_slice(&encode_index_entry(e));
+            }
+            let f = Footer {
+                record_count: es.len() as u64,
+                index_pos: end,
+                payload_bytes: es.iter().map(|e| e.length).sum(),
+            };
+            let fb = encode_footer(&f, &ib);
+            decode_index_versioned(v, &ib, &fb, &f, 1 << 30)
+        };
+        let (v2, end2) = entries(2);
+        assert_eq!((v2[1].file_pos + 32) % ALIGN, 0);
+        assert_eq!(decode(2, &v2, end2).unwrap(), v2);
+        let (v1, end1) = entries(1);
+        assert_eq!(decode(1, &v1, end1).unwrap(), v1);
+        assert!(
+            decode(2, &v1, end1).is_err(),
+            "back to back is not version 2"
+        );
+        assert!(decode(1, &v2, end2).is_err(), "gaps are not version 1");
+        let mut moved = v2.clone();
+        moved[1].file_pos += 1;
+        moved[2].file_pos += 1;
+        assert!(decode(2, &moved, end2 + 1).is_err());
+        assert!(decode(2, &v2, end2 + ALIGN).is_err());
+        // Unknown delta versions are refused by the header.
+        let mut h = encode_delta_header(&sid());
+        assert_eq!(decode_delta_header(&h, &sid()).unwrap(), DELTA_VERSION);
+        h[8] = 3;
+        assert!(decode_delta_header(&h, &sid()).is_err());
+        h[8] = 1;
+        assert_eq!(decode_delta_header(&h, &sid()).unwrap(), 1);
     }
 
     #[test]

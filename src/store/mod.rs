@@ -269,9 +269,10 @@ impl Store {
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
         match backend::read_all(backend.as_ref(), FORMAT_KEY, 4096) {
             Ok(bytes) if bytes == format::FORMAT_FILE_CONTENT => {}
-            Ok(bytes) if bytes == format::FORMAT_FILE_V1 => {
-                // Version-1 files stay readable; mark the store so that a binary knowing only
-                // version 1 refuses it rather than misreading the manifests written from now on.
+            Ok(bytes) if bytes == format::FORMAT_FILE_V1 || bytes == format::FORMAT_FILE_V2 => {
+                // Older files stay readable; mark the store so that a binary knowing only an
+                // older version refuses it rather than misreading the manifests (version 2) and
+                // deltas (delta version 2, alignment gaps) written from now on.
                 let mut w = backend
                     .put(FORMAT_KEY)
                     .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
@@ -512,7 +513,7 @@ impl Store {
         };
         let mut header = [0u8; 32];
         read(0, &mut header)?;
-        format::decode_delta_header(&header, &m.id)
+        let version = format::decode_delta_header(&header, &m.id)
             .map_err(|FormatError(r)| corrupt((0, 32), r))?;
         let mut footer_bytes = [0u8; 40];
         let fpos = len - format::FOOTER_LEN;
@@ -527,7 +528,7 @@ impl Store {
         }
         let mut index = vec![0u8; (fpos - footer.index_pos) as usize];
         read(footer.index_pos, &mut index)?;
-        format::decode_index(&index, &footer_bytes, &footer, m.volume_size)
+        format::decode_index_versioned(version, &index, &footer_bytes, &footer, m.volume_size)
             .map_err(|FormatError(r)| corrupt((footer.index_pos, len), r))
     }
 

@@ -3,8 +3,10 @@
 //! Restore resolves a chain once into an extent map (newest record wins; memory is one entry
 //! per visible piece), then walks it in image order reading each record once, checking its
 //! CRC32, and writing through a bounded buffer. A failed check is an error naming the snapshot
-//! and byte range; wrong data is never written silently. Verify re-reads every byte of a
-//! chain and reports every problem it finds instead of stopping at the first.
+//! and byte range; wrong data is never written silently. Checked runs of whole 4 KiB pieces of
+//! data records are cloned from the delta (FICLONERANGE) instead of written when the target is
+//! a regular file on the store's filesystem (`Out::write_record`). Verify re-reads every byte
+//! of a chain and reports every problem it finds instead of stopping at the first.
 
 use super::format::{self, IndexEntry, RecordKind, RECORD_HEADER_LEN};
 use super::{file_key, Manifest, Progress, Store, StoreError};
@@ -156,8 +158,9 @@ pub(crate) fn extent_map(layers: &[Vec<IndexEntry>], size: u64) -> Vec<Piece> {
     pieces
 }
 
-/// Records read with one pread: `first..end` of a layer's index, back to back in its delta
-/// file from `pos`.
+/// Records read with one pread: `first..end` of a layer's index, in file order in its delta
+/// file, read from `pos` (the end of the record before `first`, so that the alignment gaps
+/// before each of them are read too).
 struct Span {
     layer: usize,
     first: usize,
@@ -189,9 +192,20 @@ const WRITEBACK_LAG: u64 = 64 << 20;
 /// Checks every record of a span: header against the index, CRC32 over id, range and payload.
 fn check_span(m: &Manifest, index: &[IndexEntry], span: &Span) -> Result<(), StoreError> {
     let id = format::id_bytes(&m.id);
+    let mut prev_end = 0usize;
     for e in &index[span.first..span.end] {
         let corrupt = |r: String| StoreError::corrupt(&m.id, &m.delta_file, (e.offset, e.end()), r);
         let at = (e.file_pos - span.pos) as usize;
+        // The alignment gap between this record and the previous one of the span.
+        let gap = span
+            .buf
+            .get(prev_end.min(at)..at)
+            .ok_or_else(|| corrupt("record lies outside its span".into()))?;
+        if !super::writer::is_zero(gap) {
+            return Err(corrupt(
+                "alignment gap before the record is not zero".into(),
+            ));
+        }
         let end = at + (RECORD_HEADER_LEN + e.payload_len()) as usize;
         let rec = span
             .buf
@@ -201,6 +215,7 @@ fn check_span(m: &Manifest, index: &[IndexEntry], span: &Span) -> Result<(), Sto
         if format::record_crc(&id, e.offset, e.length, e.kind, &rec[32..]) != e.crc {
             return Err(corrupt("record CRC32 mismatch".into()));
         }
+        prev_end = end;
     }
     Ok(())
 }
@@ -254,19 +269,83 @@ fn check_steps(
     check.finish()
 }
 
-/// Coalesces contiguous writes into large pwrites.
+/// Coalesces contiguous writes into large pwrites; shares extents with the delta where it can.
 struct Out<'a> {
     /// `None`: nothing is written (a check-only pass).
     target: Option<&'a File>,
     start: u64,
     buf: Vec<u8>,
     writeback: Streamer,
+    /// The store's blobs, for `clone_to`; `share`: the target is a regular file and sharing
+    /// has not been refused yet.
+    backend: &'a dyn super::Backend,
+    share: bool,
 }
 
 const OUT_BUF: usize = 4 << 20;
 const DIRECT_WRITE: usize = 512 << 10;
+/// Least run of whole 4 KiB pieces of a record that restore clones instead of writing.
+const SHARE_MIN: u64 = 64 << 10;
 
 impl Out<'_> {
+    /// Writes `data`, checked bytes of a data record lying at `file_off` of delta blob `key`,
+    /// at `off` of the target. Where the target is a regular file on the store's filesystem
+    /// and offsets agree modulo 4 KiB (aligned records, delta version 2), the whole 4 KiB
+    /// pieces are cloned from the delta (FICLONERANGE) instead of written: committed blobs are
+    /// never modified, so the shared extents hold exactly the bytes that were read and checked.
+    /// The final `sync_all` of the target makes the clones durable like writes (FICLONERANGE
+    /// on xfs and btrfs is a logged metadata change of the target inode that its fsync forces
+    /// out; the shared blocks themselves are already durable in the committed delta).
+    fn write_record(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        key: &str,
+        file_off: u64,
+    ) -> Result<(), StoreError> {
+        let align = format::ALIGN;
+        let end = off + data.len() as u64;
+        let (a, b) = (off.next_multiple_of(align), end / align * align);
+        if !self.share || off % align != file_off % align || b <= a || b - a < SHARE_MIN {
+            return self.write(off, data);
+        }
+        let head = (a - off) as usize;
+        self.write(off, &data[..head])?;
+        self.flush()?;
+        if self.share_range(key, file_off + (a - off), b - a, a)? {
+            self.write(b, &data[(b - off) as usize..])
+        } else {
+            self.write(a, &data[head..])
+        }
+    }
+
+    /// Clones `len` bytes of blob `key` at `src_off` to the target at `off`; false when the
+    /// bytes must be written instead.
+    fn share_range(
+        &mut self,
+        key: &str,
+        src_off: u64,
+        len: u64,
+        off: u64,
+    ) -> Result<bool, StoreError> {
+        let Some(t) = self.target else {
+            return Ok(false);
+        };
+        failpoint::check("restore.target.write").map_err(target_err(off, off + len))?;
+        match self.backend.clone_to(key, src_off, len, t, off) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::debug!("restore cannot share extents here ({e}); writing instead");
+                self.share = false;
+                Ok(false)
+            }
+            // The checked bytes are in hand: a delta replaced meanwhile (a fold) is no reason
+            // to fail, they are written instead.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(target_err(off, off + len)(e)),
+        }
+    }
+
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
         if self.start + self.buf.len() as u64 != off || self.buf.len() + data.len() > OUT_BUF {
             self.flush()?;
@@ -573,7 +652,13 @@ impl Store {
             start: 0,
             buf: Vec::with_capacity(OUT_BUF),
             writeback: Streamer::new(WRITEBACK_STEP, WRITEBACK_LAG),
+            backend: self.backend(),
+            share: target.is_some() && !block_dev,
         };
+        let keys: Vec<String> = chain
+            .iter()
+            .map(|m| file_key(&m.id, &m.delta_file))
+            .collect();
         let mut pos = 0u64;
         // Three stages, so reading, checking and writing overlap: a reader thread issues large
         // preads of runs of needed records, a checker thread checks each record's header and
@@ -609,7 +694,16 @@ impl Store {
                         }
                     }
                     Some((buf, from)) => {
-                        out.write(p.offset, &buf[from..from + p.len as usize])?;
+                        let bytes = &buf[from..from + p.len as usize];
+                        match p.src {
+                            Src::Data { layer, rec } => {
+                                let e = &layers[layer][rec];
+                                let file_off =
+                                    e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
+                                out.write_record(p.offset, bytes, &keys[layer], file_off)?;
+                            }
+                            Src::Zero => out.write(p.offset, bytes)?,
+                        }
                     }
                 }
                 progress.advance(p.offset + p.len - pos);
@@ -652,20 +746,29 @@ impl Store {
                     let index = &layers[layer];
                     let first = &index[rec];
                     let mut end = rec + 1;
-                    let mut len = RECORD_HEADER_LEN + first.payload_len();
+                    // Records lie in file order, with alignment gaps between some (delta
+                    // version 2): a span runs from the first header to the last payload's end.
+                    // The read starts where the previous record ends, so that the alignment
+                    // gap before the first record is read and checked too.
+                    let rec_end = |e: &IndexEntry| e.file_pos + RECORD_HEADER_LEN + e.payload_len();
+                    let start = match rec.checked_sub(1) {
+                        Some(prev) => rec_end(&index[prev]),
+                        None => format::DELTA_HEADER_LEN,
+                    };
+                    let mut len = rec_end(first) - start;
                     while let Some(e) = index.get(end) {
-                        let more = RECORD_HEADER_LEN + e.payload_len();
-                        if !needed[layer][end] || len + more > limit {
+                        let grown = rec_end(e) - start;
+                        if !needed[layer][end] || grown > limit {
                             break;
                         }
-                        len += more;
+                        len = grown;
                         end += 1;
                     }
                     let m = &chain[layer];
                     let key = file_key(&m.id, &m.delta_file);
                     let mut buf = vec![0u8; len as usize];
                     self.backend()
-                        .read_at(&key, first.file_pos, &mut buf)
+                        .read_at(&key, start, &mut buf)
                         .map_err(|err| match err.kind() {
                             std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
                                 &m.id,
@@ -680,7 +783,7 @@ impl Store {
                         layer,
                         first: rec,
                         end,
-                        pos: first.file_pos,
+                        pos: start,
                         buf: Arc::new(buf),
                     };
                     if tx.send(Ok(Step::Span(span))).is_err() {
@@ -887,6 +990,8 @@ pub(crate) struct RecordScan<'a> {
     crc: crc32fast::Hasher,
     left: u64,
     in_payload: bool,
+    /// A non-zero byte was seen in the alignment gap before the current record.
+    gap_dirty: bool,
 }
 
 impl<'a> RecordScan<'a> {
@@ -901,6 +1006,7 @@ impl<'a> RecordScan<'a> {
             crc: crc32fast::Hasher::new(),
             left: 0,
             in_payload: false,
+            gap_dirty: false,
         }
     }
 
@@ -920,8 +1026,15 @@ impl<'a> RecordScan<'a> {
                 }
                 let at = pos + p as u64;
                 if at < e.file_pos {
-                    // The delta header (records lie back to back after it).
-                    p += (e.file_pos - at).min((bytes.len() - p) as u64) as usize;
+                    // The delta header (checked by `delta_index`), or an alignment gap before
+                    // the record (delta version 2), whose bytes must all be zero.
+                    let n = (e.file_pos - at).min((bytes.len() - p) as u64) as usize;
+                    let skip = format::DELTA_HEADER_LEN.saturating_sub(at).min(n as u64) as usize;
+                    if !super::writer::is_zero(&bytes[p + skip..p + n]) {
+                        self.gap_dirty = true;
+                    }
+                    progress.advance(n as u64);
+                    p += n;
                     continue;
                 }
                 let take = (32 - self.header.len()).min(bytes.len() - p);
@@ -948,7 +1061,9 @@ impl<'a> RecordScan<'a> {
                 return;
             }
             let crc = std::mem::replace(&mut self.crc, crc32fast::Hasher::new()).finalize();
-            let reason = if !self.header_ok {
+            let reason = if std::mem::take(&mut self.gap_dirty) {
+                Some("alignment gap before the record is not zero")
+            } else if !self.header_ok {
                 Some("record header disagrees with the index")
             } else if crc != e.crc {
                 Some("record CRC32 mismatch")

@@ -326,6 +326,25 @@ fn attributes_change_atomically() {
 /// Each way of damaging snapshot 2's files, applied to a fresh chain of three.
 type Damage = Box<dyn Fn(&MemBackend)>;
 
+/// The index of a (current-version) delta file's bytes, decoded by the store's own decoders:
+/// where damage lands is computed from the layout, never assumed.
+fn delta_entries(b: &[u8]) -> Vec<format::IndexEntry> {
+    let n = b.len();
+    let footer = format::decode_footer(&b[n - 40..], n as u64).unwrap();
+    format::decode_index(
+        &b[footer.index_pos as usize..n - 40],
+        &b[n - 40..],
+        &footer,
+        u64::MAX,
+    )
+    .unwrap()
+}
+
+/// File position of the first record's header.
+fn first_record(b: &[u8]) -> usize {
+    delta_entries(b)[0].file_pos as usize
+}
+
 fn corruptions() -> Vec<(&'static str, Damage)> {
     let delta = "snapshots/ss-00000002/delta.0";
     let edit = |key: &'static str, f: fn(&mut Vec<u8>)| -> Damage {
@@ -336,8 +355,20 @@ fn corruptions() -> Vec<(&'static str, Damage)> {
         })
     };
     vec![
-        ("payload bit", edit(delta, |b| b[32 + 32 + 10] ^= 1)),
-        ("record header", edit(delta, |b| b[32 + 9] ^= 1)),
+        (
+            "payload bit",
+            edit(delta, |b| {
+                let at = first_record(b) + 32 + 10;
+                b[at] ^= 1
+            }),
+        ),
+        (
+            "record header",
+            edit(delta, |b| {
+                let at = first_record(b) + 9;
+                b[at] ^= 1
+            }),
+        ),
         (
             "index",
             edit(delta, |b| {
@@ -377,12 +408,9 @@ fn corruptions() -> Vec<(&'static str, Damage)> {
 /// stays valid, but it no longer covers the offset it sits at.
 fn swap_first_records(mem: &MemBackend, key: &str) {
     let mut b = mem.get(key).unwrap();
-    let rec = |b: &[u8], at: usize| -> (u64, u64) {
-        let len = u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap());
-        (at as u64, 32 + len)
-    };
-    let (p0, l0) = rec(&b, 32);
-    let (p1, l1) = rec(&b, (p0 + l0) as usize);
+    let entries = delta_entries(&b);
+    let (p0, l0) = (entries[0].file_pos, 32 + entries[0].length);
+    let (p1, l1) = (entries[1].file_pos, 32 + entries[1].length);
     assert_eq!(l0, l1, "fixture needs two equal records");
     let (p0, p1, l) = (p0 as usize, p1 as usize, l0 as usize);
     let first = b[p0..p0 + l].to_vec();
@@ -490,14 +518,59 @@ fn bit_flips_anywhere_in_a_delta_are_caught_by_verify() {
     }
 }
 
-/// Deterministic inputs of the golden fixture: 3 blocks of 4 KiB, full then incremental.
+/// Size of the golden fixture's volume: 24 blocks of 4 KiB and a short one of 100 bytes.
+const GOLDEN_SIZE: u64 = 24 * 4096 + 100;
+
+/// Damage to an alignment gap (bytes no record covers) is found by verify, and restore
+/// either refuses the chain or gives exactly the true bytes.
+#[test]
+fn damaged_alignment_gaps_are_reported() {
+    let (store, mem) = mem_store();
+    let mut c = Chain::new(4 * MIB);
+    scribble(&c.img, 0, 100, 1);
+    scribble(&c.img, 2 * BS as u64, 3 * MIB as usize, 2);
+    c.snap(&store, 1).unwrap();
+    let key = "snapshots/ss-00000001/delta.0";
+    let good = mem.get(key).unwrap();
+    let entries = delta_entries(&good);
+    let gaps: Vec<std::ops::Range<usize>> = entries
+        .windows(2)
+        .map(|w| (w[0].file_pos + 32 + w[0].payload_len()) as usize..w[1].file_pos as usize)
+        .filter(|g| !g.is_empty())
+        .collect();
+    assert!(!gaps.is_empty(), "no gap in {entries:?}");
+    for g in &gaps {
+        for at in [g.start, g.end - 1] {
+            let mut b = good.clone();
+            b[at] ^= 0x08;
+            mem.set(key, b);
+            let report = store.verify(&sid(1), &NoProgress).unwrap();
+            assert!(
+                report.problems.iter().any(|p| p.reason.contains("gap")),
+                "gap byte {at}: {report:?}"
+            );
+            match restored(&store, c.dir.path(), &sid(1)) {
+                Ok(d) => assert_eq!(d, c.digests[&sid(1)]),
+                Err(e) => assert_eq!(e.kind(), crate::api::ErrorKind::Corrupt, "{e}"),
+            }
+        }
+    }
+    mem.set(key, good);
+    assert!(store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+}
+
+/// Deterministic inputs of the golden fixture (block size 4 KiB), full then incremental. The
+/// full snapshot holds a 72 KiB record at image offset 12288, long enough to be aligned: the
+/// fixture locks its alignment gap (delta version 2), as well as short unaligned records.
 fn golden_store() -> (Store, Arc<MemBackend>) {
     let (store, mem) = mem_store();
     let dir = tempfile::tempdir().unwrap();
-    let img = sparse(dir.path(), "img", 3 * 4096 + 100);
+    let img = sparse(dir.path(), "img", GOLDEN_SIZE);
     scribble(&img, 0, 5000, 1);
     scribble(&img, 3 * 4096, 100, 2);
-    let mut m = meta(&sid(1), None, 3 * 4096 + 100, 4096);
+    scribble(&img, 4 * 4096, 17 * 4096, 4);
+    scribble(&img, 24 * 4096, 100, 5);
+    let mut m = meta(&sid(1), None, GOLDEN_SIZE, 4096);
     m.snapshot_time = 1_700_000_000;
     let mut man = capture(&store, m, &img, &NoProgress).unwrap();
     man.create_time = 1_700_000_001;
@@ -505,7 +578,7 @@ fn golden_store() -> (Store, Arc<MemBackend>) {
     use std::os::unix::fs::FileExt;
     img.write_all_at(&[0u8; 4096], 0).unwrap();
     scribble(&img, 8192, 10, 3);
-    let m = meta(&sid(2), Some(&sid(1)), 3 * 4096 + 100, 4096);
+    let m = meta(&sid(2), Some(&sid(1)), GOLDEN_SIZE, 4096);
     let mut man = capture(&store, m, &img, &NoProgress).unwrap();
     man.create_time = 1_700_000_002;
     store.write_manifest(&man).unwrap();
@@ -556,8 +629,81 @@ fn golden_format_is_unchanged() {
     restored(&store, d.path(), &sid(2)).unwrap();
 }
 
+/// The golden delta of the full snapshot really holds an alignment gap: the layout the
+/// fixture locks is the one `format` documents.
+#[test]
+fn golden_delta_has_an_aligned_record_after_a_zero_gap() {
+    let b = std::fs::read(fixture_dir().join("snapshots/ss-00000001/delta.0")).unwrap();
+    assert_eq!(&b[8..12], &format::DELTA_VERSION.to_le_bytes());
+    let entries = delta_entries(&b);
+    let long = entries
+        .iter()
+        .find(|e| e.length >= format::ALIGN_MIN_RECORD)
+        .expect("an aligned record");
+    assert_eq!((long.offset, long.length), (12288, 18 * 4096));
+    assert_eq!((long.file_pos + 32) % format::ALIGN, 0);
+    let prev = entries[entries.iter().position(|e| e == long).unwrap() - 1];
+    let gap = (prev.file_pos + 32 + prev.payload_len()) as usize..long.file_pos as usize;
+    assert_eq!(gap.len(), 4000);
+    assert!(b[gap].iter().all(|&x| x == 0));
+    // Short records follow each other with no gap.
+    assert!(entries
+        .windows(2)
+        .filter(|w| w[1].length < format::ALIGN_MIN_RECORD)
+        .all(|w| w[1].file_pos == w[0].file_pos + 32 + w[0].payload_len()));
+}
+
+/// A store written by version 2 (deltas of version 1, records back to back, manifests without
+/// the whole-delta BLAKE3) opens, is marked version 3, verifies and restores; deleting its
+/// full snapshot folds it into a version-2 delta of the incremental.
+#[test]
+fn version_2_fixtures_still_read() {
+    let d = tempfile::tempdir().unwrap();
+    copy_tree(&fixture_dir().join("v2"), d.path());
+    assert_eq!(
+        std::fs::read(d.path().join("format")).unwrap(),
+        format::FORMAT_FILE_V2
+    );
+    let delta = std::fs::read(d.path().join("snapshots/ss-00000002/delta.0")).unwrap();
+    assert_eq!(&delta[8..12], &1u32.to_le_bytes());
+    let store = Store::open(d.path()).unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("format")).unwrap(),
+        format::FORMAT_FILE_CONTENT
+    );
+    assert_eq!(store.list().unwrap().len(), 2);
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    let want = restored(&store, d.path(), &sid(2)).unwrap();
+    // A damaged version-1 delta is still caught.
+    let path = d.path().join("snapshots/ss-00000002/delta.0");
+    let mut bad = delta.clone();
+    bad[32 + 32 + 1] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(!store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    std::fs::write(&path, &delta).unwrap();
+    store.delete(&sid(1), &NoProgress).unwrap();
+    let m = store.manifest(&sid(2)).unwrap();
+    let folded = std::fs::read(d.path().join("snapshots/ss-00000002").join(&m.delta_file)).unwrap();
+    assert_eq!(&folded[8..12], &format::DELTA_VERSION.to_le_bytes());
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    assert_eq!(restored(&store, d.path(), &sid(2)).unwrap(), want);
+}
+
+/// A binary that knows only store version 2 compares the marker byte for byte: the version-3
+/// marker is not one it accepts, so it refuses the store ("unknown format file").
+#[test]
+fn the_store_marker_changed_with_the_delta_layout() {
+    assert_ne!(format::FORMAT_FILE_CONTENT, format::FORMAT_FILE_V2);
+    assert_ne!(format::FORMAT_FILE_CONTENT, format::FORMAT_FILE_V1);
+    let (store, mem) = mem_store();
+    drop(store);
+    mem.set("format", b"blocksnap-store\nversion 4\n".to_vec());
+    let err = Store::with_backend(Arc::new(SharedMem(mem))).unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+}
+
 /// A store written by version 1 (manifests with the delta's whole-file BLAKE3) opens, is
-/// marked version 2, verifies (comparing that BLAKE3) and restores; damage to the recorded
+/// marked version 3, verifies (comparing that BLAKE3) and restores; damage to the recorded
 /// BLAKE3 is still reported, and a version-1 manifest cannot drop it.
 #[test]
 fn version_1_fixtures_still_read() {
@@ -607,8 +753,9 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let dest = to.join(e.file_name());
-        if e.file_name() == "v1" {
-            // The previous format's fixtures (`version_1_fixtures_still_read`).
+        if e.file_name() == "v1" || e.file_name() == "v2" {
+            // Previous formats' fixtures (`version_1_fixtures_still_read`,
+            // `version_2_fixtures_still_read`).
             continue;
         }
         if e.file_type().unwrap().is_dir() {
@@ -626,7 +773,8 @@ fn delete_of_damaged_snapshot_fails_and_rolls_back() {
     let c = build_chain(&store, 3);
     let key = "snapshots/ss-00000002/delta.0";
     let mut b = mem.get(key).unwrap();
-    b[32 + 32 + 5] ^= 1;
+    let at = first_record(&b) + 32 + 5;
+    b[at] ^= 1;
     mem.set(key, b);
     let err = store.delete(&sid(2), &NoProgress).unwrap_err();
     assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt);
@@ -657,7 +805,11 @@ fn bench_throughput() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(512);
     let size = mib * MIB;
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    // BLOCKSNAP_BENCH_DIR: where image and store live (an xfs mount to measure sharing);
+    // BLOCKSNAP_BENCH_COLD=1: sync and drop the page cache before every timed step (root).
+    let base = std::env::var("BLOCKSNAP_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let cold = std::env::var("BLOCKSNAP_BENCH_COLD").is_ok_and(|v| v == "1");
+    let dir = tempfile::tempdir_in(base).unwrap();
     let img = sparse(dir.path(), "img", size);
     // Three quarters data, one quarter holes, in 16 MiB stretches.
     let mut off = 0;
@@ -669,6 +821,11 @@ fn bench_throughput() {
     }
     img.sync_all().unwrap();
     let time = |what: &str, f: &mut dyn FnMut()| {
+        if cold {
+            let st = Command::new("sync").status().unwrap();
+            assert!(st.success());
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
         let t = Instant::now();
         f();
         let s = t.elapsed().as_secs_f64();
@@ -679,6 +836,7 @@ fn bench_throughput() {
     let cp = time("cp --sparse=always", &mut || {
         let st = Command::new("cp")
             .arg("--sparse=always")
+            .arg("--reflink=never")
             .arg(&img_path)
             .arg(dir.path().join("cp-copy"))
             .status()
@@ -689,12 +847,21 @@ fn bench_throughput() {
         let copy = dir.path().join("cp-copy2");
         let st = Command::new("cp")
             .arg("--sparse=always")
+            .arg("--reflink=never")
             .arg(&img_path)
             .arg(&copy)
             .status()
             .unwrap();
         assert!(st.success());
         File::open(&copy).unwrap().sync_all().unwrap();
+    });
+    time("cat (read only)", &mut || {
+        let st = Command::new("cat")
+            .arg(&img_path)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
     });
     let store = Store::open(&dir.path().join("store")).unwrap();
     time("capture full, memory backend", &mut || {
@@ -1139,5 +1306,103 @@ fn every_supported_block_size_round_trips() {
     for bad in [0u32, 2048, 3 * 4096, 8 << 20] {
         let err = capture(&store, meta(&sid(1), None, MIB, bad), &img, &NoProgress).unwrap_err();
         assert_eq!(err.kind(), crate::api::ErrorKind::InvalidArgument, "{bad}");
+    }
+}
+
+/// Bytes of `f` in extents FIEMAP reports as shared.
+fn shared_bytes(f: &File) -> u64 {
+    crate::sys::fiemap::fiemap(f, 0, u64::MAX, true)
+        .unwrap()
+        .iter()
+        .filter(|e| e.is_shared())
+        .map(|e| e.length)
+        .sum()
+}
+
+/// On a real xfs (reflink) loop image: capture shares the source image's extents in the delta
+/// and restore shares the delta's extents in the target, while both still check every byte
+/// (a damaged shared payload is refused by restore and verify); folding a deleted middle
+/// snapshot keeps the chain restorable.
+#[test]
+fn capture_and_restore_share_extents_on_xfs() {
+    if !crate::sys::test_util::root_or_skip("capture_and_restore_share_extents_on_xfs") {
+        return;
+    }
+    let fs = crate::sys::test_util::ScratchFs::new("xfs", 512 * MIB);
+    let root = fs.mountpoint();
+    let store = Store::open(&root.join("store")).unwrap();
+    let size = 16 * MIB;
+    let mut c = Chain::new(size);
+    // The image must live on the store's filesystem to share extents with it.
+    c.img = sparse(root, "image", size);
+    scribble(&c.img, 0, 100, 1);
+    scribble(&c.img, MIB, 6 * MIB as usize + 5000, 2);
+    c.img.sync_all().unwrap();
+    c.snap(&store, 1).unwrap();
+    let delta_path = |id: &SnapshotId| {
+        let m = store.manifest(id).unwrap();
+        root.join("store/snapshots")
+            .join(id.as_str())
+            .join(m.delta_file)
+    };
+    let delta = File::open(delta_path(&sid(1))).unwrap();
+    let shared = shared_bytes(&delta);
+    assert!(
+        shared >= 6 * MIB,
+        "capture shared only {shared} bytes of the image"
+    );
+    assert!(store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+    // Restore on the same filesystem: right bytes, shared with the delta.
+    let target = sparse(root, "restored-1", 0);
+    store
+        .restore(&sid(1), &target, RestoreMode::Fresh, &NoProgress)
+        .unwrap();
+    assert_eq!(digest(&target), c.digests[&sid(1)]);
+    assert!(
+        shared_bytes(&target) >= 6 * MIB,
+        "restore shared only {} bytes",
+        shared_bytes(&target)
+    );
+    // Overwrite mode over old data, and an incremental on top.
+    scribble(&c.img, 3 * MIB, 2 * MIB as usize, 3);
+    c.img.write_all_at_zeros(MIB, 64 * 1024);
+    c.snap(&store, 2).unwrap();
+    scribble(&c.img, 10 * MIB, 3 * MIB as usize, 4);
+    c.snap(&store, 3).unwrap();
+    store
+        .restore(&sid(3), &target, RestoreMode::Overwrite, &NoProgress)
+        .unwrap();
+    assert_eq!(digest(&target), c.digests[&sid(3)]);
+    // A middle snapshot folded into its child: the chain still restores exactly.
+    store.delete(&sid(2), &NoProgress).unwrap();
+    c.digests.remove(&sid(2));
+    c.check_own(&store);
+    // Damage a payload byte the delta shares with the image (the write unshares only that
+    // block): restore and verify refuse it.
+    let path = delta_path(&sid(1));
+    let index = store
+        .delta_index(&store.manifest(&sid(1)).unwrap())
+        .unwrap();
+    let victim = index.iter().find(|e| e.length >= MIB).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0x5a], victim.file_pos + 32 + 4097)
+        .unwrap();
+    f.sync_all().unwrap();
+    assert!(!store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+    let err = restored(&store, root, &sid(1)).unwrap_err();
+    assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{err}");
+    // The image itself is untouched by that write (copy-on-write).
+    assert_eq!(digest(&c.img), c.digests[&sid(3)]);
+}
+
+trait ZeroAt {
+    fn write_all_at_zeros(&self, off: u64, len: usize);
+}
+
+impl ZeroAt for File {
+    fn write_all_at_zeros(&self, off: u64, len: usize) {
+        use std::os::unix::fs::FileExt;
+        self.write_all_at(&vec![0u8; len], off).unwrap();
     }
 }

@@ -12,8 +12,11 @@ use super::{
     HASHES_FILE,
 };
 use crate::api::SnapshotId;
+use std::fs::File;
 use std::io::{self, Write};
-use std::sync::mpsc;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 /// Hash of an all-zero block in block-hash lists.
@@ -152,6 +155,13 @@ impl Store {
 
 /// Streams records into a delta blob and finishes it with index and footer. A worker thread
 /// writes, so the caller's thread only encodes records.
+///
+/// With a clone source (`set_clone_source`: the regular file a capture reads, whose offsets
+/// are image offsets), `record_cloned` appends a data record whose payload the blob shares
+/// with the source (`BlobWriter::append_clone`) instead of writing it; the record CRC32 is
+/// still computed by the caller from the bytes it read. Where the backend cannot share
+/// extents, the worker reads the range back from the source and writes it, and later records
+/// are written (see `clone_works`).
 pub(crate) struct DeltaWriter {
     id: [u8; 16],
     key: String,
@@ -159,9 +169,22 @@ pub(crate) struct DeltaWriter {
     index: Vec<IndexEntry>,
     payload: u64,
     cur: Vec<u8>,
-    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    tx: Option<mpsc::SyncSender<Chunk>>,
     back: mpsc::Receiver<Vec<u8>>,
     worker: Option<thread::JoinHandle<WorkerResult>>,
+    clone_src: Option<Arc<File>>,
+    clone_ok: Arc<AtomicBool>,
+}
+
+/// What the worker appends to the blob.
+enum Chunk {
+    Bytes(Vec<u8>),
+    /// `len` bytes of the clone source at `offset`.
+    Clone {
+        src: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 type WorkerResult = io::Result<Box<dyn BlobWriter>>;
@@ -178,6 +201,37 @@ pub(crate) struct DeltaSummary {
     pub payload_bytes: u64,
 }
 
+/// Appends `len` bytes of `src` at `offset` to `w`: shared extents when the backend can,
+/// otherwise (and from then on, through `ok`) read back and written.
+fn append_range(
+    w: &mut Box<dyn BlobWriter>,
+    src: &File,
+    offset: u64,
+    len: u64,
+    ok: &AtomicBool,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    if ok.load(Ordering::Relaxed) {
+        match w.append_clone(src, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                tracing::debug!("extents cannot be shared here ({e}); writing instead");
+                ok.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(1 << 20) as usize;
+        buf.resize(n, 0);
+        src.read_exact_at(buf, pos)?;
+        w.write_all(buf)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 impl DeltaWriter {
     pub fn create(
         store: &Store,
@@ -189,14 +243,24 @@ impl DeltaWriter {
             .backend()
             .put(&key)
             .map_err(|e| StoreError::backend(&key, e))?;
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
         let (back_tx, back) = mpsc::channel::<Vec<u8>>();
+        let clone_ok = Arc::new(AtomicBool::new(true));
+        let ok = Arc::clone(&clone_ok);
         let worker = thread::Builder::new()
             .name("delta-writer".into())
             .spawn(move || -> WorkerResult {
-                for buf in rx {
-                    w.write_all(&buf)?;
-                    let _ = back_tx.send(buf);
+                let mut scratch = Vec::new();
+                for chunk in rx {
+                    match chunk {
+                        Chunk::Bytes(buf) => {
+                            w.write_all(&buf)?;
+                            let _ = back_tx.send(buf);
+                        }
+                        Chunk::Clone { src, offset, len } => {
+                            append_range(&mut w, &src, offset, len, &ok, &mut scratch)?
+                        }
+                    }
                 }
                 Ok(w)
             })
@@ -211,9 +275,21 @@ impl DeltaWriter {
             tx: Some(tx),
             back,
             worker: Some(worker),
+            clone_src: None,
+            clone_ok,
         };
         d.put(&format::encode_delta_header(id))?;
         Ok(d)
+    }
+
+    /// Lets `record_cloned` share extents with `src` (whose offsets are image offsets).
+    pub fn set_clone_source(&mut self, src: Arc<File>) {
+        self.clone_src = Some(src);
+    }
+
+    /// Whether `record_cloned` may be used: a clone source is set and sharing has not failed.
+    pub fn clone_works(&self) -> bool {
+        self.clone_src.is_some() && self.clone_ok.load(Ordering::Relaxed)
     }
 
     fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
@@ -229,7 +305,11 @@ impl DeltaWriter {
         let mut next = self.back.try_recv().unwrap_or_default();
         next.clear();
         let full = std::mem::replace(&mut self.cur, next);
-        let sent = self.tx.as_ref().map(|tx| tx.send(full).is_ok());
+        self.send_chunk(Chunk::Bytes(full))
+    }
+
+    fn send_chunk(&mut self, chunk: Chunk) -> Result<(), StoreError> {
+        let sent = self.tx.as_ref().map(|tx| tx.send(chunk).is_ok());
         if sent != Some(true) {
             // The worker stopped: its error says why.
             return Err(self.join().err().unwrap_or_else(|| {
@@ -255,6 +335,16 @@ impl DeltaWriter {
         }
     }
 
+    /// Writes the alignment gap (zeros) a record needs and returns its header position.
+    fn place(&mut self, kind: RecordKind, offset: u64, length: u64) -> Result<u64, StoreError> {
+        let at = format::record_pos(format::DELTA_VERSION, self.pos, kind, offset, length);
+        let gap = (at - self.pos) as usize;
+        if gap > 0 {
+            self.put(&[0u8; format::ALIGN as usize][..gap])?;
+        }
+        Ok(at)
+    }
+
     /// Appends a record; `payload` is empty for a zero record. Ordering is the caller's duty.
     pub fn record(
         &mut self,
@@ -263,16 +353,76 @@ impl DeltaWriter {
         kind: RecordKind,
         payload: &[u8],
     ) -> Result<(), StoreError> {
+        let file_pos = self.place(kind, offset, length)?;
         let e = IndexEntry {
             offset,
             length,
             kind,
-            file_pos: self.pos,
+            file_pos,
             crc: format::record_crc(&self.id, offset, length, kind, payload),
         };
         self.put(&format::encode_record_header(&e))?;
         self.put(payload)?;
         self.payload += payload.len() as u64;
+        self.index.push(e);
+        Ok(())
+    }
+
+    /// Appends a data record of `length` bytes at image `offset` (a multiple of `ALIGN`, and
+    /// `length >= ALIGN_MIN_RECORD`, so its payload lands on an `ALIGN` boundary of the file):
+    /// the payload is the clone source's bytes at `offset`, shared except for `tail`, the
+    /// last `length % ALIGN` bytes, which are written. `payload_crc` is the CRC32 state over
+    /// the payload bytes the caller read.
+    pub fn record_cloned(
+        &mut self,
+        offset: u64,
+        length: u64,
+        payload_crc: crc32fast::Hasher,
+        tail: &[u8],
+    ) -> Result<(), StoreError> {
+        let src = match &self.clone_src {
+            Some(src) if offset % format::ALIGN == 0 && length >= format::ALIGN_MIN_RECORD => {
+                Arc::clone(src)
+            }
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "record at {offset}+{length} cannot share extents"
+                )))
+            }
+        };
+        let shared = length - tail.len() as u64;
+        if shared % format::ALIGN != 0 {
+            return Err(StoreError::Invalid(format!(
+                "record at {offset}+{length}: tail of {} bytes is not the unaligned end",
+                tail.len()
+            )));
+        }
+        let kind = RecordKind::Data;
+        let file_pos = self.place(kind, offset, length)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.id);
+        crc.update(&offset.to_le_bytes());
+        crc.update(&length.to_le_bytes());
+        crc.update(&[kind.to_byte()]);
+        crc.combine(&payload_crc);
+        let e = IndexEntry {
+            offset,
+            length,
+            kind,
+            file_pos,
+            crc: crc.finalize(),
+        };
+        self.put(&format::encode_record_header(&e))?;
+        debug_assert_eq!(self.pos % format::ALIGN, 0);
+        self.send()?;
+        self.send_chunk(Chunk::Clone {
+            src,
+            offset,
+            len: shared,
+        })?;
+        self.pos += shared;
+        self.put(tail)?;
+        self.payload += length;
         self.index.push(e);
         Ok(())
     }
@@ -328,8 +478,15 @@ pub(crate) fn write_hashes(
 
 enum Pending {
     None,
-    Data { offset: u64 },
-    Zero { offset: u64, len: u64 },
+    /// A data record being gathered; `clone`: it may share extents with the clone source.
+    Data {
+        offset: u64,
+        clone: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Builds one new snapshot. Dropping it without `commit` discards everything it wrote.
@@ -342,7 +499,15 @@ pub struct SnapshotWriter {
     meta: SnapshotMeta,
     delta: Option<DeltaWriter>,
     pending: Pending,
+    /// The pending data record's bytes; once it shares extents (`sharing`), only the bytes
+    /// after its last `ALIGN` boundary (the tail that is written).
     buf: Vec<u8>,
+    /// Payload bytes of the pending data record, and their CRC32 state (sharing records only).
+    plen: u64,
+    pcrc: crc32fast::Hasher,
+    sharing: bool,
+    /// Records ending at or before this image offset may share the clone source's extents.
+    clone_limit: u64,
     max_record: u64,
     next_offset: u64,
 }
@@ -386,6 +551,10 @@ impl SnapshotWriter {
             delta: Some(delta),
             pending: Pending::None,
             buf: Vec::new(),
+            plen: 0,
+            pcrc: crc32fast::Hasher::new(),
+            sharing: false,
+            clone_limit: 0,
             next_offset: 0,
         })
     }
@@ -393,6 +562,28 @@ impl SnapshotWriter {
     /// The snapshot's id.
     pub fn id(&self) -> &SnapshotId {
         &self.meta.id
+    }
+
+    /// Lets long data records share extents with `src` instead of copying its bytes: `src`
+    /// must hold the image at the offsets given to `add_data` (the first `src_len` bytes; the
+    /// source a capture reads) and must not change until the commit. The bytes given to
+    /// `add_data` still make the record CRC32s (and the caller's block hashes), so a source
+    /// that changed anyway is caught by restore and verify, never trusted.
+    pub(crate) fn set_clone_source(
+        &mut self,
+        src: Arc<File>,
+        src_len: u64,
+    ) -> Result<(), StoreError> {
+        self.delta()?.set_clone_source(src);
+        self.clone_limit = src_len / format::ALIGN * format::ALIGN;
+        Ok(())
+    }
+
+    /// Whether a data record starting at `offset` may share extents.
+    fn may_share(&self, offset: u64) -> bool {
+        offset % format::ALIGN == 0
+            && offset.saturating_add(self.max_record) <= self.clone_limit
+            && self.delta.as_ref().is_some_and(|d| d.clone_works())
     }
 
     fn check_range(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -416,11 +607,15 @@ impl SnapshotWriter {
     fn flush_pending(&mut self) -> Result<(), StoreError> {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::None => Ok(()),
-            Pending::Data { offset } => {
+            Pending::Data { offset, .. } => {
                 let buf = std::mem::take(&mut self.buf);
-                let r = self
-                    .delta()?
-                    .record(offset, buf.len() as u64, RecordKind::Data, &buf);
+                let crc = std::mem::replace(&mut self.pcrc, crc32fast::Hasher::new());
+                let len = std::mem::take(&mut self.plen);
+                let r = if std::mem::take(&mut self.sharing) {
+                    self.delta()?.record_cloned(offset, len, crc, &buf)
+                } else {
+                    self.delta()?.record(offset, len, RecordKind::Data, &buf)
+                };
                 self.buf = buf;
                 self.buf.clear();
                 r
@@ -437,27 +632,62 @@ impl SnapshotWriter {
             return Ok(());
         }
         self.check_range(offset, data.len() as u64)?;
+        let align = format::ALIGN;
         let mut offset = offset;
         let mut data = data;
         while !data.is_empty() {
-            let extends = matches!(self.pending, Pending::Data { offset: o } if o + self.buf.len() as u64 == offset)
-                && (self.buf.len() as u64) < self.max_record;
+            let extends = matches!(self.pending, Pending::Data { offset: o, .. } if o + self.plen == offset)
+                && self.plen < self.max_record;
             if !extends {
                 self.flush_pending()?;
-                // A whole record's worth is written straight from the caller's slice.
+                // A whole record's worth is written (or shared) straight from the caller's slice.
                 if data.len() as u64 >= self.max_record {
                     let take = self.max_record as usize;
-                    self.delta()?
-                        .record(offset, take as u64, RecordKind::Data, &data[..take])?;
+                    let piece = &data[..take];
+                    if self.may_share(offset) {
+                        let mut crc = crc32fast::Hasher::new();
+                        crc.update(piece);
+                        let tail = &piece[take / align as usize * align as usize..];
+                        self.delta()?
+                            .record_cloned(offset, take as u64, crc, tail)?;
+                    } else {
+                        self.delta()?
+                            .record(offset, take as u64, RecordKind::Data, piece)?;
+                    }
                     offset += take as u64;
                     data = &data[take..];
                     continue;
                 }
-                self.pending = Pending::Data { offset };
+                let clone = self.may_share(offset);
+                self.pending = Pending::Data { offset, clone };
             }
-            let room = (self.max_record - self.buf.len() as u64) as usize;
+            let room = (self.max_record - self.plen) as usize;
             let take = room.min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
+            let piece = &data[..take];
+            let clone = matches!(self.pending, Pending::Data { clone: true, .. });
+            if clone {
+                self.pcrc.update(piece);
+            }
+            let new_len = self.plen + take as u64;
+            // Record-relative start of the bytes after the last ALIGN boundary.
+            let tail_from = new_len / align * align;
+            if self.sharing {
+                if tail_from > self.plen {
+                    self.buf.clear();
+                    self.buf
+                        .extend_from_slice(&piece[(tail_from - self.plen) as usize..]);
+                } else {
+                    self.buf.extend_from_slice(piece);
+                }
+            } else {
+                self.buf.extend_from_slice(piece);
+                if clone && new_len >= format::ALIGN_MIN_RECORD {
+                    // Long enough to be aligned: from now on only the tail is kept.
+                    self.sharing = true;
+                    self.buf.drain(..tail_from as usize);
+                }
+            }
+            self.plen = new_len;
             offset += take as u64;
             data = &data[take..];
         }

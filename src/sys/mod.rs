@@ -2,9 +2,10 @@
 //!
 //! One file per kernel interface: `loopdev` (loop devices through /dev/loop-control),
 //! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
-//! owning guard), `reflink` (FICLONE), `fiemap` (extent maps, shared extents), `process`
-//! (PR_SET_IO_FLUSHER), `nbd_netlink` (the nbd driver's generic netlink family), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback`
-//! (sync_file_range behind streamed writes). Ioctl numbers come from nix's macros, argument
+//! owning guard), `reflink` (FICLONE, FICLONERANGE), `fiemap` (extent maps, shared
+//! extents), `process` (PR_SET_IO_FLUSHER), `nbd_netlink` (the nbd driver's generic netlink
+//! family), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback` (sync_file_range behind
+//! streamed writes). Ioctl numbers come from nix's macros, argument
 //! structs are `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
 //!
 //! This module depends on nothing else of ours except `crate::api::ErrorKind`, the small enum
