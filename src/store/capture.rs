@@ -109,10 +109,10 @@ pub fn capture(
 /// parent did not hold whole (a grown volume) are stored whole. Without a parent, the base is
 /// an all-zero volume and `dirty` must cover every non-zero byte.
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
-pub fn capture_extents(
+pub fn capture_extents<S: ImageSource + ?Sized>(
     store: &Store,
     meta: SnapshotMeta,
-    source: &File,
+    source: &S,
     dirty: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
@@ -122,7 +122,7 @@ pub fn capture_extents(
     let mut new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
-    let src_len = source_len(source)?.min(size);
+    let src_len = source.image_len()?.min(size);
     // The byte-exact dirty set (what changed blocks store), clipped, sorted and merged.
     let fine = merge_ranges(
         dirty
@@ -152,7 +152,9 @@ pub fn capture_extents(
     let chunk = CHUNK.div_ceil(bs) * bs;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
-    for r in &merged {
+    let mut ahead = (0, 0);
+    for (i, r) in merged.iter().enumerate() {
+        prefetch_ahead(source, &merged, i, &mut ahead);
         // Blocks outside the dirty set keep the parent's hash.
         copy_hashes(&mut base, &mut new, r.start / bs)?;
         let mut off = r.start;
@@ -164,7 +166,7 @@ pub fn capture_extents(
             }
             let len = chunk.min(r.end - off);
             buf.resize(len as usize, 0);
-            read_image(source, off, &mut buf, src_len)?;
+            read_source(source, off, &mut buf, src_len)?;
             if parent_size.is_none() || covers(&fine, off, off + len) {
                 // Every byte is dirty: whole changed blocks, the same as a full scan.
                 process_chunk(
@@ -469,4 +471,170 @@ fn process_chunk(
         w.add_data(start, &buf[from..to])?;
     }
     new.push(scratch)
+}
+
+/// A point-in-time image that capture reads: a regular file or block device, or anything
+/// else that can return the image's bytes at an offset (e.g. an NBD export's snapshot
+/// epoch). Reads may come from another thread than the one that captures.
+pub trait ImageSource: Sync {
+    /// The image's length in bytes; bytes past it read as zeros.
+    fn image_len(&self) -> Result<u64, StoreError>;
+    /// Fills `buf` with the image's bytes at `off` (`off + buf.len()` is at most the
+    /// length). Each byte range is read at most once per capture.
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+    /// A hint that `[off, off + len)` will be read soon. The default does nothing.
+    fn prefetch(&self, _off: u64, _len: u64) {}
+}
+
+impl ImageSource for File {
+    fn image_len(&self) -> Result<u64, StoreError> {
+        source_len(self)
+    }
+
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+
+    fn prefetch(&self, off: u64, len: u64) {
+        if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {
+            let _ = posix_fadvise(
+                self.as_raw_fd(),
+                off,
+                len,
+                PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+}
+
+/// Bytes of scattered ranges that `capture_extents` asks the source to read ahead.
+const PREFETCH_WINDOW: u64 = 32 << 20;
+/// Ranges longer than this are not read ahead by hand (sequential reads get the kernel's).
+const PREFETCH_MAX_RANGE: u64 = 1 << 20;
+
+/// Asks `source` to read ahead the ranges after `next` while less than
+/// [`PREFETCH_WINDOW`] bytes are outstanding: scattered blocks then reach the disk as many
+/// reads at once instead of one dependent random read per block. `state` is (index of the
+/// next range to prefetch, bytes prefetched and not yet read).
+fn prefetch_ahead<S: ImageSource + ?Sized>(
+    source: &S,
+    ranges: &[Range<u64>],
+    next: usize,
+    state: &mut (usize, u64),
+) {
+    let (prefetched, window) = state;
+    if next < *prefetched && ranges[next].end - ranges[next].start <= PREFETCH_MAX_RANGE {
+        *window = window.saturating_sub(ranges[next].end - ranges[next].start);
+    }
+    while *prefetched < ranges.len() && *window < PREFETCH_WINDOW {
+        let r = &ranges[*prefetched];
+        if r.end - r.start <= PREFETCH_MAX_RANGE {
+            source.prefetch(r.start, r.end - r.start);
+            *window += r.end - r.start;
+        }
+        *prefetched += 1;
+    }
+}
+
+/// [`read_image`] for any [`ImageSource`]: bytes past `src_len` read as zeros.
+fn read_source<S: ImageSource + ?Sized>(
+    source: &S,
+    off: u64,
+    buf: &mut [u8],
+    src_len: u64,
+) -> Result<(), StoreError> {
+    let avail = src_len.saturating_sub(off).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    tail.fill(0);
+    if head.is_empty() {
+        return Ok(());
+    }
+    source
+        .read_image_at(head, off)
+        .map_err(|e| StoreError::Image {
+            what: "source image",
+            start: off,
+            end: off + avail as u64,
+            source: e,
+        })
+}
+
+/// Captures a whole image like [`capture`], when the caller knows where it may hold data:
+/// only `data` (byte ranges, widened here to whole blocks) is read; every block outside it
+/// is taken to read as zeros (a zero record where the base was not zero). For a source
+/// that cannot seek holes itself, such as an NBD snapshot epoch
+/// (`TrackedExport::epoch_data_ranges`). Each block is read once, by a reader thread ahead
+/// of hashing and writing.
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
+pub fn capture_ranges<S: ImageSource + ?Sized>(
+    store: &Store,
+    meta: SnapshotMeta,
+    source: &S,
+    data: &[Range<u64>],
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let mut base = Base::open(store, &meta)?;
+    let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let mut new = writer.hash_writer()?;
+    let bs = u64::from(meta.block_size);
+    let size = meta.volume_size;
+    let src_len = source.image_len()?.min(size);
+    let ranges = merge_ranges(
+        data.iter()
+            .filter(|r| r.start < r.end && r.start < src_len)
+            .map(|r| (r.start / bs * bs)..(r.end.min(src_len).div_ceil(bs) * bs).min(size))
+            .collect(),
+    );
+    progress.set_total(size);
+    let mut scratch = Vec::new();
+    let chunk = CHUNK.div_ceil(bs) * bs;
+
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let ranges_ref = &ranges;
+        s.spawn(move || {
+            for r in ranges_ref {
+                let mut off = r.start;
+                while off < r.end {
+                    let len = chunk.min(r.end - off);
+                    let mut buf = back_rx.try_recv().unwrap_or_default();
+                    buf.resize(len as usize, 0);
+                    let res = read_source(source, off, &mut buf, src_len).map(|()| (off, buf));
+                    let failed = res.is_err();
+                    if tx.send(res).is_err() || failed {
+                        return;
+                    }
+                    off += len;
+                }
+            }
+        });
+        let mut pos = 0u64;
+        for msg in rx {
+            let (off, buf) = msg?;
+            if progress.cancelled() {
+                return Err(StoreError::Cancelled {
+                    id: meta.id.clone(),
+                });
+            }
+            zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
+            process_chunk(
+                &mut writer,
+                &mut base,
+                &mut new,
+                &mut scratch,
+                off,
+                &buf,
+                bs,
+            )?;
+            progress.advance(off + buf.len() as u64 - pos);
+            pos = off + buf.len() as u64;
+            let _ = back_tx.send(buf);
+        }
+        zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
+        progress.advance(size - pos);
+        Ok(())
+    })?;
+    base.finish()?;
+    writer.commit_streamed(new)
 }
