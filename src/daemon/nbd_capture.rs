@@ -109,6 +109,7 @@ impl Manager {
         let spill = state_dir.join("tmp").join(format!("{}.cow", row.id));
         let _ = std::fs::remove_file(&spill);
         let snapshot_time = now();
+        let t0 = std::time::Instant::now();
         // freeze_ms is how long writers were held: the switch itself, not the flush before
         // it (writes go on during the flush). The protected ranges the switch returns are
         // what the capture below reads: the dirty set widened to store blocks (Dirty), or
@@ -122,6 +123,7 @@ impl Manager {
                 )
             })?;
         let freeze_ms = held.as_micros().div_ceil(1000) as u64;
+        tracing::debug!(volume = %v.id, ?scope, elapsed = ?t0.elapsed(), held = ?held, "epoch switched");
         let result = (|| {
             self.mark_taken(row, snapshot_time, freeze_ms, "crash")?;
             let meta = SnapshotMeta {
@@ -182,6 +184,7 @@ impl Manager {
                 }
             }
         })();
+        tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "captured");
         match result {
             Ok(manifest) => {
                 let generation = tracker
@@ -191,7 +194,10 @@ impl Manager {
                     // Without the marker the next snapshot rescans: slower, never wrong.
                     tracing::warn!(volume = %v.id, error = %e, "cannot record the tracking base");
                 }
-                self.finish_snapshot(row, &manifest, snapshot_time)
+                tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "epoch closed");
+                let done = self.finish_snapshot(row, &manifest, snapshot_time);
+                tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "snapshot finished");
+                done
             }
             Err(e) => {
                 if let Err(e2) = tracker.finish_epoch(false) {
@@ -203,6 +209,9 @@ impl Manager {
     }
 }
 
+/// The most bytes of the point-in-time image read at once.
+const PIT_CHUNK: usize = 1 << 20;
+
 /// The point-in-time image of a tracked export's open snapshot epoch (each block read at
 /// most once, as [`TrackedExport::read_snapshot_blocks`] requires).
 impl crate::store::ImageSource for TrackedExport<FileExport> {
@@ -211,8 +220,14 @@ impl crate::store::ImageSource for TrackedExport<FileExport> {
     }
 
     fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.read_snapshot_blocks(off, buf)
-            .map_err(|e| std::io::Error::other(message_chain(&e)))
+        // A snapshot read holds the lock writers of pending blocks wait for: 1 MiB at a time.
+        let mut done = 0;
+        for piece in buf.chunks_mut(PIT_CHUNK) {
+            self.read_snapshot_blocks(off + done, piece)
+                .map_err(|e| std::io::Error::other(message_chain(&e)))?;
+            done += piece.len() as u64;
+        }
+        Ok(())
     }
 
     fn prefetch(&self, off: u64, len: u64) {

@@ -116,6 +116,7 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     dirty: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
+    let t0 = std::time::Instant::now();
     let mut base = Base::open(store, &meta)?;
     let parent_size = base.parent_size;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
@@ -152,50 +153,71 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     let chunk = CHUNK.div_ceil(bs) * bs;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
-    let mut ahead = (0, 0);
-    for (i, r) in merged.iter().enumerate() {
-        prefetch_ahead(source, &merged, i, &mut ahead);
-        // Blocks outside the dirty set keep the parent's hash.
-        copy_hashes(&mut base, &mut new, r.start / bs)?;
-        let mut off = r.start;
-        while off < r.end {
-            if progress.cancelled() {
-                return Err(StoreError::Cancelled {
-                    id: meta.id.clone(),
-                });
+    let mut read_time = std::time::Duration::ZERO;
+    let opened = t0.elapsed();
+    let read_ahead = ReadAhead::default();
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        // The read-ahead hints block while the disk's queue is full: a thread of their own
+        // keeps the queue full while this one hashes and writes.
+        let _stop = read_ahead.stop_on_drop();
+        s.spawn(|| read_ahead.run(source, &merged));
+        for (i, r) in merged.iter().enumerate() {
+            read_ahead.reached(i);
+            // Blocks outside the dirty set keep the parent's hash.
+            copy_hashes(&mut base, &mut new, r.start / bs)?;
+            let mut off = r.start;
+            while off < r.end {
+                if progress.cancelled() {
+                    return Err(StoreError::Cancelled {
+                        id: meta.id.clone(),
+                    });
+                }
+                let len = chunk.min(r.end - off);
+                buf.resize(len as usize, 0);
+                let tr = std::time::Instant::now();
+                read_source(source, off, &mut buf, src_len)?;
+                read_time += tr.elapsed();
+                if parent_size.is_none() || covers(&fine, off, off + len) {
+                    // Every byte is dirty: whole changed blocks, the same as a full scan.
+                    process_chunk(
+                        &mut writer,
+                        &mut base,
+                        &mut new,
+                        &mut scratch,
+                        off,
+                        &buf,
+                        bs,
+                    )?;
+                } else {
+                    process_chunk_pieces(
+                        &mut writer,
+                        &mut base,
+                        &mut new,
+                        &mut scratch,
+                        Span { off, buf: &buf, bs },
+                        &fine,
+                        pieces_until,
+                    )?;
+                }
+                progress.advance(len);
+                off += len;
             }
-            let len = chunk.min(r.end - off);
-            buf.resize(len as usize, 0);
-            read_source(source, off, &mut buf, src_len)?;
-            if parent_size.is_none() || covers(&fine, off, off + len) {
-                // Every byte is dirty: whole changed blocks, the same as a full scan.
-                process_chunk(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    &mut scratch,
-                    off,
-                    &buf,
-                    bs,
-                )?;
-            } else {
-                process_chunk_pieces(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    &mut scratch,
-                    Span { off, buf: &buf, bs },
-                    &fine,
-                    pieces_until,
-                )?;
-            }
-            progress.advance(len);
-            off += len;
         }
-    }
+        Ok(())
+    })?;
     copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
     base.finish()?;
-    writer.commit_streamed(new)
+    let streamed = t0.elapsed();
+    let manifest = writer.commit_streamed(new)?;
+    tracing::debug!(
+        ranges = merged.len(),
+        ?opened,
+        ?read_time,
+        ?streamed,
+        total = ?t0.elapsed(),
+        "captured the dirty blocks"
+    );
+    Ok(manifest)
 }
 
 /// Sorts ranges and merges overlapping or touching ones.
@@ -512,27 +534,65 @@ const PREFETCH_WINDOW: u64 = 32 << 20;
 /// Ranges longer than this are not read ahead by hand (sequential reads get the kernel's).
 const PREFETCH_MAX_RANGE: u64 = 1 << 20;
 
-/// Asks `source` to read ahead the ranges after `next` while less than
-/// [`PREFETCH_WINDOW`] bytes are outstanding: scattered blocks then reach the disk as many
-/// reads at once instead of one dependent random read per block. `state` is (index of the
-/// next range to prefetch, bytes prefetched and not yet read).
-fn prefetch_ahead<S: ImageSource + ?Sized>(
-    source: &S,
-    ranges: &[Range<u64>],
-    next: usize,
-    state: &mut (usize, u64),
-) {
-    let (prefetched, window) = state;
-    if next < *prefetched && ranges[next].end - ranges[next].start <= PREFETCH_MAX_RANGE {
-        *window = window.saturating_sub(ranges[next].end - ranges[next].start);
+/// Read-ahead hints for the scattered ranges of an incremental, given from a thread of
+/// their own at most [`PREFETCH_WINDOW`] bytes ahead of the reader: scattered blocks then
+/// reach the disk as many reads at once instead of one dependent random read per block.
+#[derive(Default)]
+struct ReadAhead {
+    /// Index of the range the reader is at.
+    at: std::sync::atomic::AtomicUsize,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Stops a [`ReadAhead`] when dropped (on every way out of the reader).
+struct StopReadAhead<'a>(&'a ReadAhead);
+
+impl Drop for StopReadAhead<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
     }
-    while *prefetched < ranges.len() && *window < PREFETCH_WINDOW {
-        let r = &ranges[*prefetched];
-        if r.end - r.start <= PREFETCH_MAX_RANGE {
-            source.prefetch(r.start, r.end - r.start);
-            *window += r.end - r.start;
+}
+
+impl ReadAhead {
+    fn stop_on_drop(&self) -> StopReadAhead<'_> {
+        StopReadAhead(self)
+    }
+
+    fn reached(&self, i: usize) {
+        self.at.store(i, std::sync::atomic::Ordering::Release);
+    }
+
+    fn run<S: ImageSource + ?Sized>(&self, source: &S, ranges: &[Range<u64>]) {
+        use std::sync::atomic::Ordering;
+        let len = |r: &Range<u64>| r.end - r.start;
+        // Bytes hinted in `ranges[..next]`, and how far the reader's index was accounted.
+        let (mut next, mut hinted, mut passed, mut passed_bytes) = (0usize, 0u64, 0usize, 0u64);
+        while next < ranges.len() && !self.stop.load(Ordering::Acquire) {
+            let at = self.at.load(Ordering::Acquire);
+            if at > next {
+                // The reader overtook the hints: everything hinted was read; skip ahead.
+                (next, passed, passed_bytes) = (at, at, hinted);
+                continue;
+            }
+            while passed < at {
+                if len(&ranges[passed]) <= PREFETCH_MAX_RANGE {
+                    passed_bytes += len(&ranges[passed]);
+                }
+                passed += 1;
+            }
+            if hinted - passed_bytes >= PREFETCH_WINDOW {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            let r = &ranges[next];
+            if len(r) <= PREFETCH_MAX_RANGE {
+                source.prefetch(r.start, len(r));
+                hinted += len(r);
+            }
+            next += 1;
         }
-        *prefetched += 1;
     }
 }
 
