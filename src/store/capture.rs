@@ -161,46 +161,69 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
         // keeps the queue full while this one hashes and writes.
         let _stop = read_ahead.stop_on_drop();
         s.spawn(|| read_ahead.run(source, &merged));
-        for (i, r) in merged.iter().enumerate() {
-            read_ahead.reached(i);
-            // Blocks outside the dirty set keep the parent's hash.
-            copy_hashes(&mut base, &mut new, r.start / bs)?;
-            let mut off = r.start;
-            while off < r.end {
-                if progress.cancelled() {
-                    return Err(StoreError::Cancelled {
-                        id: meta.id.clone(),
-                    });
+        // Scattered blocks are read into one buffer, a batch at a time, and hashed together
+        // (on two threads, see `hash_blocks`), not one store block at a time.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let (mut ri, mut pos) = (0usize, merged.first().map_or(0, |r| r.start));
+        while ri < merged.len() {
+            if progress.cancelled() {
+                return Err(StoreError::Cancelled {
+                    id: meta.id.clone(),
+                });
+            }
+            read_ahead.reached(ri);
+            pieces.clear();
+            let mut total = 0u64;
+            while ri < merged.len() && total < chunk {
+                let r = &merged[ri];
+                let len = chunk.min(r.end - pos);
+                pieces.push((pos, len));
+                total += len;
+                pos += len;
+                if pos >= r.end {
+                    ri += 1;
+                    pos = merged.get(ri).map_or(pos, |n| n.start);
                 }
-                let len = chunk.min(r.end - off);
-                buf.resize(len as usize, 0);
-                let tr = std::time::Instant::now();
-                read_source(source, off, &mut buf, src_len)?;
-                read_time += tr.elapsed();
-                if parent_size.is_none() || covers(&fine, off, off + len) {
-                    // Every byte is dirty: whole changed blocks, the same as a full scan.
-                    process_chunk(
-                        &mut writer,
-                        &mut base,
-                        &mut new,
-                        &mut scratch,
+            }
+            buf.resize(total as usize, 0);
+            let tr = std::time::Instant::now();
+            let mut at = 0usize;
+            for &(off, len) in &pieces {
+                read_source(source, off, &mut buf[at..at + len as usize], src_len)?;
+                at += len as usize;
+            }
+            read_time += tr.elapsed();
+            let blocks: Vec<&[u8]> = batch_slices(&buf, &pieces)
+                .flat_map(|piece| piece.chunks(bs as usize))
+                .collect();
+            scratch.clear();
+            scratch.resize(blocks.len(), ZERO_HASH);
+            hash_blocks(&blocks, &mut scratch);
+            drop(blocks);
+            let mut first_hash = 0usize;
+            for (&(off, len), piece) in pieces.iter().zip(batch_slices(&buf, &pieces)) {
+                let n = piece.len().div_ceil(bs as usize);
+                // Blocks outside the dirty set keep the parent's hash.
+                copy_hashes(&mut base, &mut new, off / bs)?;
+                record_hashed(
+                    &mut writer,
+                    &mut base,
+                    &mut new,
+                    Span {
                         off,
-                        &buf,
+                        buf: piece,
                         bs,
-                    )?;
-                } else {
-                    process_chunk_pieces(
-                        &mut writer,
-                        &mut base,
-                        &mut new,
-                        &mut scratch,
-                        Span { off, buf: &buf, bs },
-                        &fine,
-                        pieces_until,
-                    )?;
-                }
+                    },
+                    &scratch[first_hash..first_hash + n],
+                    Pieces {
+                        // Every byte dirty: whole changed blocks, as a full scan stores.
+                        whole: parent_size.is_none() || covers(&fine, off, off + len),
+                        fine: &fine,
+                        until: pieces_until,
+                    },
+                )?;
+                first_hash += n;
                 progress.advance(len);
-                off += len;
             }
         }
         Ok(())
@@ -246,48 +269,6 @@ struct Span<'a> {
     off: u64,
     buf: &'a [u8],
     bs: u64,
-}
-
-/// Like `process_chunk`, but a changed data block ending at or before `pieces_until` is
-/// stored as its intersection with `fine` (sorted, merged) instead of whole. Its hash is
-/// still that of the whole block.
-fn process_chunk_pieces(
-    w: &mut SnapshotWriter,
-    base: &mut Base,
-    new: &mut HashWriter,
-    scratch: &mut Vec<[u8; HASH_LEN]>,
-    span: Span<'_>,
-    fine: &[Range<u64>],
-    pieces_until: u64,
-) -> Result<(), StoreError> {
-    let Span { off, buf, bs } = span;
-    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-    scratch.clear();
-    scratch.resize(blocks.len(), ZERO_HASH);
-    hash_blocks(&blocks, scratch);
-    let first = off / bs;
-    for (i, block) in blocks.iter().enumerate() {
-        let idx = first + i as u64;
-        let h = scratch[i];
-        if h == base.get(idx)? {
-            continue;
-        }
-        let start = idx * bs;
-        let end = start + block.len() as u64;
-        if h == ZERO_HASH {
-            w.add_zero(start, block.len() as u64)?;
-        } else if end > pieces_until {
-            w.add_data(start, block)?;
-        } else {
-            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
-            let from = fine.partition_point(|r| r.end <= start);
-            for r in fine[from..].iter().take_while(|r| r.start < end) {
-                let (s, e) = (r.start.max(start), r.end.min(end));
-                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
-            }
-        }
-    }
-    new.push(scratch)
 }
 
 /// Appends the base's hashes of the blocks from the writer's position up to `until`.
@@ -697,4 +678,62 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
     })?;
     base.finish()?;
     writer.commit_streamed(new)
+}
+
+/// The slices of a batch buffer holding `pieces` (offset, length) one after the other.
+fn batch_slices<'a>(buf: &'a [u8], pieces: &'a [(u64, u64)]) -> impl Iterator<Item = &'a [u8]> {
+    pieces.iter().scan(0usize, move |at, &(_, len)| {
+        let piece = &buf[*at..*at + len as usize];
+        *at += len as usize;
+        Some(piece)
+    })
+}
+
+/// What of a changed block `record_hashed` stores.
+struct Pieces<'a> {
+    /// Store changed blocks whole.
+    whole: bool,
+    /// Otherwise, of a block ending at or before `until`, only its intersection with `fine`
+    /// (sorted, merged); blocks past `until` whole.
+    fine: &'a [Range<u64>],
+    until: u64,
+}
+
+/// Records the blocks of `span`, whose hashes are already computed, that differ from the
+/// base: all-zero blocks as zero records, other changed blocks whole (as
+/// [`process_chunk`] does) or, of a block ending at or before `what.until`, only its
+/// intersection with `what.fine` (its hash is still that of the whole block). Appends
+/// `hashes` to `new`.
+fn record_hashed(
+    w: &mut SnapshotWriter,
+    base: &mut Base,
+    new: &mut HashWriter,
+    span: Span<'_>,
+    hashes: &[[u8; HASH_LEN]],
+    what: Pieces<'_>,
+) -> Result<(), StoreError> {
+    let Span { off, buf, bs } = span;
+    let first = off / bs;
+    for (i, block) in buf.chunks(bs as usize).enumerate() {
+        let idx = first + i as u64;
+        let h = hashes[i];
+        if h == base.get(idx)? {
+            continue;
+        }
+        let start = idx * bs;
+        let end = start + block.len() as u64;
+        if h == ZERO_HASH {
+            w.add_zero(start, block.len() as u64)?;
+        } else if what.whole || end > what.until {
+            w.add_data(start, block)?;
+        } else {
+            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
+            let from = what.fine.partition_point(|r| r.end <= start);
+            for r in what.fine[from..].iter().take_while(|r| r.start < end) {
+                let (s, e) = (r.start.max(start), r.end.min(end));
+                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
+            }
+        }
+    }
+    new.push(hashes)
 }
