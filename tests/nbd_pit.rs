@@ -8,8 +8,10 @@ mod common;
 mod nbd_support;
 
 use blocksnap::api::SnapshotId;
+use blocksnap::nbd::{DirtyRange, EpochScope, Export, FileExport, TrackedExport};
 use blocksnap::store::{
-    capture, capture_extents, NoProgress, RestoreMode, SnapshotMeta, Store, StoreError,
+    capture, capture_extents, capture_ranges, NoProgress, RestoreMode, SnapshotMeta, Store,
+    StoreError,
 };
 use common::{have_tool, qemu_io, root_or_skip, sh, Daemon};
 use nbd_support::{sid, snapshot_meta};
@@ -148,6 +150,123 @@ fn store_sub_block_records_restore_verify_and_fold() {
     std::fs::write(&delta, &bytes).unwrap();
     assert!(!store.verify(&sid(4), &NoProgress).unwrap().is_ok());
     assert!(restored(&store, dir.path(), &sid(4)).is_err());
+}
+
+/// Bytes `[off, off + len)` of the volume behind a tracked export, through its writes.
+fn scribble_export(t: &TrackedExport<FileExport>, off: u64, len: u64, seed: u64) {
+    let mut buf = vec![0u8; len as usize];
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.finalize_xof().fill(&mut buf);
+    t.write_at(&buf, off, false).unwrap();
+}
+
+fn covered(ranges: &[DirtyRange], off: u64) -> bool {
+    ranges
+        .iter()
+        .any(|r| r.offset <= off && off < r.offset + r.len)
+}
+
+fn byte_ranges(ranges: &[DirtyRange]) -> Vec<std::ops::Range<u64>> {
+    ranges.iter().map(|r| r.offset..r.offset + r.len).collect()
+}
+
+/// A snapshot epoch over every block reads only what held data at the switch, yet the
+/// snapshot is the image at the switch while writers fill holes and trim or zero data:
+/// before the allocation walk (the walk sees the new state; copy-before-write saved the
+/// old) and after it (before the capture reads those blocks). Both for a full snapshot and
+/// for a rescan against a parent that has data where the image now has holes.
+#[test]
+fn full_epoch_skips_holes_of_the_point_in_time_while_writers_fill_and_trim() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let size = 8 * MIB + 6000;
+    let img_path = dir.path().join("image");
+    let t = TrackedExport::open(
+        FileExport::create(&img_path, size).unwrap(),
+        &dir.path().join("cbt"),
+    )
+    .unwrap();
+    let img = File::open(&img_path).unwrap();
+    // Data: [0, 1 MiB), [3 MiB, 3 MiB + 64 KiB), the short tail; holes elsewhere.
+    scribble_export(&t, 0, MIB, 1);
+    scribble_export(&t, 3 * MIB, 64 * KIB, 2);
+    scribble_export(&t, 8 * MIB, size - 8 * MIB, 3);
+    t.flush().unwrap();
+    // Whether this filesystem reports holes at all (else everything is read, still right).
+    let holes = t.block_status(6 * MIB, 64 * KIB).unwrap()[0].zero;
+    let d1 = digest_file(&img);
+
+    // Full snapshot 1.
+    t.start_epoch_aligned(EpochScope::All, &dir.path().join("1.cow"), 16 * KIB)
+        .unwrap();
+    // Before the walk: trim the head of the data, zero a piece, fill holes (one in store
+    // blocks of its own, one in a store block next to data).
+    t.trim(0, 256 * KIB).unwrap();
+    t.write_zeroes(3 * MIB + 16 * KIB, 16 * KIB, true).unwrap();
+    scribble_export(&t, 5 * MIB, 64 * KIB, 4);
+    scribble_export(&t, 3 * MIB + 68 * KIB, 4 * KIB, 5);
+    let data = t.epoch_data_ranges(16 * KIB).unwrap();
+    // After the walk, before the capture reads: more of the same.
+    t.trim(512 * KIB, 128 * KIB).unwrap();
+    t.write_zeroes(8 * MIB, 4096, false).unwrap();
+    scribble_export(&t, 6 * MIB, 64 * KIB, 6);
+    scribble_export(&t, 3 * MIB + 40 * KIB, 4 * KIB, 7);
+    assert!(
+        covered(&data, 0) && covered(&data, 3 * MIB + 16 * KIB),
+        "{data:?}"
+    );
+    assert!(
+        covered(&data, 8 * MIB) && covered(&data, size - 1),
+        "{data:?}"
+    );
+    if holes {
+        // Holes at the switch are not read: a never-written one, one filled after the walk.
+        assert!(!covered(&data, 7 * MIB), "{data:?}");
+        assert!(!covered(&data, 6 * MIB), "{data:?}");
+        let read: u64 = data.iter().map(|r| r.len).sum();
+        assert!(read < 2 * MIB, "{data:?}");
+        // A released block cannot be read by mistake.
+        assert!(t.read_snapshot_block(7 * MIB).is_err());
+    }
+    let m1 = capture_ranges(
+        &store,
+        meta(1, None, size),
+        &t,
+        &byte_ranges(&data),
+        &NoProgress,
+    )
+    .unwrap();
+    t.finish_epoch(true).unwrap();
+    // Stored: the data at the switch, in whole 16 KiB blocks.
+    assert_eq!(m1.stored_bytes, MIB + 64 * KIB + (size - 8 * MIB), "{m1:?}");
+    assert_eq!(restored(&store, dir.path(), &sid(1)).unwrap(), d1);
+    assert!(store.verify(&sid(1), &NoProgress).unwrap().is_ok());
+
+    // A rescan against snapshot 1: the image now has holes where the parent has data.
+    t.flush().unwrap();
+    let d2 = digest_file(&img);
+    t.start_epoch_aligned(EpochScope::All, &dir.path().join("2.cow"), 16 * KIB)
+        .unwrap();
+    // Fill the trimmed head (a hole at the switch, data in the parent) before the walk and
+    // the trimmed [512 KiB, 640 KiB) after it; trim the data at 5 MiB after it.
+    scribble_export(&t, 0, 256 * KIB, 8);
+    let data = t.epoch_data_ranges(16 * KIB).unwrap();
+    scribble_export(&t, 512 * KIB, 128 * KIB, 9);
+    t.trim(5 * MIB, 64 * KIB).unwrap();
+    let m2 = capture_ranges(
+        &store,
+        meta(2, Some(1), size),
+        &t,
+        &byte_ranges(&data),
+        &NoProgress,
+    )
+    .unwrap();
+    t.finish_epoch(true).unwrap();
+    assert_ne!(d1, d2);
+    assert_eq!(restored(&store, dir.path(), &sid(2)).unwrap(), d2, "{m2:?}");
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    assert_eq!(restored(&store, dir.path(), &sid(1)).unwrap(), d1);
 }
 
 // ---------------------------------------------------------------------------------------

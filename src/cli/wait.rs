@@ -9,8 +9,11 @@ use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-/// How often the job is polled.
+/// How often the job is polled, at most. A young job is polled sooner: every eighth of its
+/// age, at least [`MIN_POLL`] apart, so that a short job is not reported up to a whole
+/// interval late.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const MIN_POLL: Duration = Duration::from_millis(5);
 
 /// How long the daemon may be unreachable (or answer 5100, shutting down) while a job is
 /// followed: a restart in the middle of a job resumes or fails it, so keep asking.
@@ -37,6 +40,7 @@ pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Resul
     let unavailable = i64::from(api::ErrorKind::Unavailable.ret_code());
     // Since when the daemon has been unreachable, if it is.
     let mut unreachable_since: Option<Instant> = None;
+    let started = Instant::now();
     loop {
         let answer = client::call(&cli.socket, &body).await;
         let retry = match &answer {
@@ -101,7 +105,7 @@ pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Resul
             }
             status => bar.update(status, &job["progress"]),
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        tokio::time::sleep((started.elapsed() / 8).clamp(MIN_POLL, POLL_INTERVAL)).await;
     }
 }
 

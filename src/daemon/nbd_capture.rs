@@ -5,18 +5,20 @@
 //! the swap. Blocks still to be streamed are protected by copy-before-write in the export's
 //! write path, so the snapshot equals the image at the switch while writes go on. With a
 //! trusted dirty set (it was tracked since the parent snapshot) only the dirty blocks are
-//! read; otherwise every block is read and compared by hash with the parent's. The dirty set
-//! is widened to whole store blocks for reading and hashing, but an incremental stores only
-//! the 4 KiB pieces that were written.
+//! read; otherwise every block that held data at the switch is read (holes at the switch are
+//! not, even if a writer fills them meanwhile) and compared by hash with the parent's. The
+//! dirty set is widened to whole store blocks for reading and hashing, but an incremental
+//! stores only the 4 KiB pieces that were written. Blocks go from the epoch straight into the
+//! store (no scratch copy).
 
 use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
-use crate::api::{ApiError, ErrorKind, SnapshotId, VolumeId};
+use crate::api::{ApiError, SnapshotId, VolumeId};
 use crate::catalog::{now, SnapshotRow, VolumeRow};
 use crate::nbd::{EpochScope, FileExport, TrackedExport};
-use crate::store::{Progress, SnapshotMeta};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use crate::store::SnapshotMeta;
+use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -107,9 +109,12 @@ impl Manager {
         let spill = state_dir.join("tmp").join(format!("{}.cow", row.id));
         let _ = std::fs::remove_file(&spill);
         let snapshot_time = now();
+        let t0 = std::time::Instant::now();
         // freeze_ms is how long writers were held: the switch itself, not the flush before
-        // it (writes go on during the flush).
-        let (ranges, held) = tracker
+        // it (writes go on during the flush). The protected ranges the switch returns are
+        // what the capture below reads: the dirty set widened to store blocks (Dirty), or
+        // everything (All).
+        let (_protected, held) = tracker
             .start_epoch_timed(scope, &spill, u64::from(block_size))
             .map_err(|e| {
                 nbd_err(
@@ -118,6 +123,7 @@ impl Manager {
                 )
             })?;
         let freeze_ms = held.as_micros().div_ceil(1000) as u64;
+        tracing::debug!(volume = %v.id, ?scope, elapsed = ?t0.elapsed(), held = ?held, "epoch switched");
         let result = (|| {
             self.mark_taken(row, snapshot_time, freeze_ms, "crash")?;
             let meta = SnapshotMeta {
@@ -134,26 +140,51 @@ impl Manager {
                 freeze_ms,
                 consistency: "crash".into(),
             };
-            // Whole store blocks are read at their point in time (each block's hash needs
-            // all of it), but of an incremental only the 4 KiB pieces written since the
-            // parent are stored: the rest of each block is the parent's.
-            let image = self.point_in_time_image(&tracker, &row.id, &ranges, progress)?;
-            let fine = match scope {
-                EpochScope::Dirty => tracker.epoch_dirty_ranges().map_err(|e| {
-                    nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)
-                })?,
-                EpochScope::All => ranges.clone(),
-            };
-            let dirty: Vec<std::ops::Range<u64>> =
-                fine.iter().map(|r| r.offset..r.offset + r.len).collect();
-            Ok(crate::store::capture_extents(
-                self.store(),
-                meta,
-                &image.file,
-                &dirty,
-                progress,
-            )?)
+            // Read straight from the epoch into the store: whole store blocks at their
+            // point in time (each block's hash needs all of it).
+            let src = tracker.as_ref();
+            match scope {
+                // Of an incremental only the 4 KiB pieces written since the parent are
+                // stored: the rest of each block is the parent's.
+                EpochScope::Dirty => {
+                    let fine = tracker.epoch_dirty_ranges().map_err(|e| {
+                        nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)
+                    })?;
+                    let dirty: Vec<Range<u64>> =
+                        fine.iter().map(|r| r.offset..r.offset + r.len).collect();
+                    Ok(crate::store::capture_extents(
+                        self.store(),
+                        meta,
+                        src,
+                        &dirty,
+                        progress,
+                    )?)
+                }
+                // Every block, but holes at the switch are not read (see
+                // `TrackedExport::epoch_data_ranges`); writers stop saving them aside.
+                EpochScope::All => {
+                    let data: Vec<Range<u64>> = tracker
+                        .epoch_data_ranges(u64::from(block_size))
+                        .map_err(|e| {
+                            nbd_err(
+                                &format!("cannot map the data of volume {} at the switch", v.id),
+                                e,
+                            )
+                        })?
+                        .iter()
+                        .map(|r| r.offset..r.offset + r.len)
+                        .collect();
+                    Ok(crate::store::capture_ranges(
+                        self.store(),
+                        meta,
+                        src,
+                        &data,
+                        progress,
+                    )?)
+                }
+            }
         })();
+        tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "captured");
         match result {
             Ok(manifest) => {
                 let generation = tracker
@@ -163,7 +194,10 @@ impl Manager {
                     // Without the marker the next snapshot rescans: slower, never wrong.
                     tracing::warn!(volume = %v.id, error = %e, "cannot record the tracking base");
                 }
-                self.finish_snapshot(row, &manifest, snapshot_time)
+                tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "epoch closed");
+                let done = self.finish_snapshot(row, &manifest, snapshot_time);
+                tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "snapshot finished");
+                done
             }
             Err(e) => {
                 if let Err(e2) = tracker.finish_epoch(false) {
@@ -173,115 +207,30 @@ impl Manager {
             }
         }
     }
+}
 
-    /// Copies the point-in-time content of `ranges` into a sparse scratch image (zero
-    /// blocks stay holes) that the store then reads like any image.
-    fn point_in_time_image(
-        &self,
-        tracker: &Tracker,
-        id: &str,
-        ranges: &[crate::nbd::DirtyRange],
-        progress: &JobProgress,
-    ) -> Result<Scratch, ApiError> {
-        let path = self.state_dir().join("tmp").join(format!("{id}.pit"));
-        let _ = std::fs::remove_file(&path);
-        let io = |e: std::io::Error| {
-            ApiError::new(
-                ErrorKind::Io,
-                format!("cannot write {}: {e}", path.display()),
-            )
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
-        let scratch = Scratch {
-            path: path.clone(),
-            file,
-        };
-        scratch
-            .file
-            .set_len(crate::nbd::Export::size(tracker))
-            .map_err(io)?;
-        // The blocks of an incremental are scattered: ask the kernel to read the next ones
-        // ahead (a window at a time), so the disk sees many reads at once instead of one
-        // dependent random read per block. Only a hint; large ranges are read sequentially
-        // and get the kernel's own readahead.
-        let inner = tracker.inner();
-        let mut buf = Vec::new();
-        let mut prefetched = 0;
-        let mut window = 0u64;
-        for (i, r) in ranges.iter().enumerate() {
-            while prefetched < ranges.len() && window < PREFETCH_WINDOW {
-                let p = &ranges[prefetched];
-                if p.len <= PREFETCH_MAX_RANGE {
-                    let _ = crate::nbd::Export::cache(inner, p.offset, p.len);
-                    window += p.len;
-                }
-                prefetched += 1;
-            }
-            if i < prefetched && r.len <= PREFETCH_MAX_RANGE {
-                window = window.saturating_sub(r.len);
-            }
-            // Big reads for big ranges (a full snapshot is one range); zero blocks stay holes.
-            let mut off = r.offset;
-            while off < r.offset + r.len {
-                if progress.cancelled() {
-                    return Err(super::jobs::cancelled_error());
-                }
-                let len = (r.offset + r.len - off).min(PIT_CHUNK);
-                buf.resize(len as usize, 0);
-                tracker
-                    .read_snapshot_blocks(off, &mut buf)
-                    .map_err(|e| nbd_err("cannot read the point-in-time image", e))?;
-                write_nonzero(&scratch.file, &buf, off).map_err(io)?;
-                off += len;
-            }
-        }
-        Ok(scratch)
+/// The most bytes of the point-in-time image read at once.
+const PIT_CHUNK: usize = 1 << 20;
+
+/// The point-in-time image of a tracked export's open snapshot epoch (each block read at
+/// most once, as [`TrackedExport::read_snapshot_blocks`] requires).
+impl crate::store::ImageSource for TrackedExport<FileExport> {
+    fn image_len(&self) -> Result<u64, crate::store::StoreError> {
+        Ok(crate::nbd::Export::size(self))
     }
-}
 
-/// Writes the runs of non-zero 4 KiB blocks of `buf` (image bytes at `offset`) to `file`.
-fn write_nonzero(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    let bs = 4096;
-    let mut i = 0;
-    while i < buf.len() {
-        let nonzero = |j: usize| buf[j..(j + bs).min(buf.len())].iter().any(|b| *b != 0);
-        if !nonzero(i) {
-            i += bs;
-            continue;
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        // A snapshot read holds the lock writers of pending blocks wait for: 1 MiB at a time.
+        let mut done = 0;
+        for piece in buf.chunks_mut(PIT_CHUNK) {
+            self.read_snapshot_blocks(off + done, piece)
+                .map_err(|e| std::io::Error::other(message_chain(&e)))?;
+            done += piece.len() as u64;
         }
-        let mut j = i + bs;
-        while j < buf.len() && nonzero(j) {
-            j += bs;
-        }
-        let j = j.min(buf.len());
-        file.write_all_at(&buf[i..j], offset + i as u64)?;
-        i = j;
+        Ok(())
     }
-    Ok(())
-}
 
-/// The most bytes of the point-in-time image read (and written to scratch) at once.
-const PIT_CHUNK: u64 = 1 << 20;
-
-/// Bytes of scattered dirty ranges read ahead of the copy into the scratch image.
-const PREFETCH_WINDOW: u64 = 32 << 20;
-/// Ranges longer than this are not read ahead by hand.
-const PREFETCH_MAX_RANGE: u64 = 1 << 20;
-
-/// A scratch file removed when dropped.
-struct Scratch {
-    path: PathBuf,
-    file: File,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    fn prefetch(&self, off: u64, len: u64) {
+        let _ = crate::nbd::Export::cache(self.inner(), off, len);
     }
 }

@@ -1058,6 +1058,75 @@ fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
     }
 }
 
+/// Point-in-time hole skipping for a snapshot that streams every block
+/// ([`EpochScope::All`]); kept apart from the epoch switch and close.
+impl<E: Export> TrackedExport<E> {
+    /// The ranges of the open epoch that may hold non-zero point-in-time content, widened to
+    /// whole `align`-byte blocks (a multiple of 4 KiB; the last range may end at the
+    /// export's end): every other block read as zeros at the switch. Those other blocks are
+    /// released: writers no longer save them aside, and a snapshot read of one is
+    /// `BadBlock`. Call once, before reading any block of the epoch.
+    ///
+    /// Why this is the point in time although writers go on: a block that was not zero at
+    /// the switch either is still unchanged when the inner export's allocation is walked
+    /// (so the walk reports it as data), or a writer changed it before that, and then
+    /// copy-before-write saved it first (the saved bit is set before the write goes
+    /// through); the saved set is read only after the walk. A hole that a writer filled
+    /// before the walk is returned too (its saved copy reads as zeros); one filled after it
+    /// is not, and rightly so.
+    pub fn epoch_data_ranges(&self, align: u64) -> Result<Vec<DirtyRange>, NbdError> {
+        let epoch = self
+            .read_state()
+            .epoch
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or(NbdError::NoEpoch)?;
+        let group = (align / BLOCK).max(1);
+        let nblocks = blocks_of(self.size);
+        let data = Bits::new(nblocks);
+        let mark = |start: u64, end: u64| {
+            let first = start / BLOCK / group * group;
+            let last = end.div_ceil(BLOCK).div_ceil(group) * group;
+            data.set_range(first, last.min(nblocks));
+        };
+        let mut pos = 0u64;
+        while pos < self.size {
+            let extents = self
+                .inner
+                .block_status(pos, self.size - pos)
+                .map_err(|source| NbdError::Epoch {
+                    offset: pos,
+                    source,
+                })?;
+            let before = pos;
+            for e in extents {
+                let end = (pos + e.len).min(self.size);
+                if !e.zero {
+                    mark(pos, end);
+                }
+                pos = end;
+            }
+            if pos == before {
+                // No progress (not allowed by the contract): take the rest as data.
+                mark(pos, self.size);
+                break;
+            }
+        }
+        // Only after the walk (see above): blocks changed before or during it were saved.
+        for (first, count) in epoch.saved.runs() {
+            mark(first * BLOCK, (first + count) * BLOCK);
+        }
+        // Release the rest, under the lock writers take to save a block aside.
+        let _guard = epoch.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, keep) in data.words.iter().enumerate() {
+            let keep = keep.load(Ordering::Acquire);
+            epoch.pending.words[i].fetch_and(keep, Ordering::AcqRel);
+            epoch.saved.words[i].fetch_and(keep, Ordering::AcqRel);
+        }
+        Ok(self.ranges_of(&data))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

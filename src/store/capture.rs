@@ -123,20 +123,21 @@ pub fn capture(
 /// parent did not hold whole (a grown volume) are stored whole. Without a parent, the base is
 /// an all-zero volume and `dirty` must cover every non-zero byte.
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
-pub fn capture_extents(
+pub fn capture_extents<S: ImageSource + ?Sized>(
     store: &Store,
     meta: SnapshotMeta,
-    source: &File,
+    source: &S,
     dirty: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
+    let t0 = std::time::Instant::now();
     let mut base = Base::open(store, &meta)?;
     let parent_size = base.parent_size;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let mut new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
-    let src_len = source_len(source)?.min(size);
+    let src_len = source.image_len()?.min(size);
     // The byte-exact dirty set (what changed blocks store), clipped, sorted and merged.
     let fine = merge_ranges(
         dirty
@@ -166,48 +167,94 @@ pub fn capture_extents(
     let chunk = CHUNK.div_ceil(bs) * bs;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
-    for r in &merged {
-        // Blocks outside the dirty set keep the parent's hash.
-        copy_hashes(&mut base, &mut new, r.start / bs)?;
-        let mut off = r.start;
-        while off < r.end {
+    let mut read_time = std::time::Duration::ZERO;
+    let opened = t0.elapsed();
+    let read_ahead = ReadAhead::default();
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        // The read-ahead hints block while the disk's queue is full: a thread of their own
+        // keeps the queue full while this one hashes and writes.
+        let _stop = read_ahead.stop_on_drop();
+        s.spawn(|| read_ahead.run(source, &merged));
+        // Scattered blocks are read into one buffer, a batch at a time, and hashed together
+        // (on two threads, see `hash_blocks`), not one store block at a time.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let (mut ri, mut pos) = (0usize, merged.first().map_or(0, |r| r.start));
+        while ri < merged.len() {
             if progress.cancelled() {
                 return Err(StoreError::Cancelled {
                     id: meta.id.clone(),
                 });
             }
-            let len = chunk.min(r.end - off);
-            buf.resize(len as usize, 0);
-            read_image(source, off, &mut buf, src_len)?;
-            if parent_size.is_none() || covers(&fine, off, off + len) {
-                // Every byte is dirty: whole changed blocks, the same as a full scan.
-                process_chunk(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    &mut scratch,
-                    off,
-                    &buf,
-                    bs,
-                )?;
-            } else {
-                process_chunk_pieces(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    &mut scratch,
-                    Span { off, buf: &buf, bs },
-                    &fine,
-                    pieces_until,
-                )?;
+            read_ahead.reached(ri);
+            pieces.clear();
+            let mut total = 0u64;
+            while ri < merged.len() && total < chunk {
+                let r = &merged[ri];
+                let len = chunk.min(r.end - pos);
+                pieces.push((pos, len));
+                total += len;
+                pos += len;
+                if pos >= r.end {
+                    ri += 1;
+                    pos = merged.get(ri).map_or(pos, |n| n.start);
+                }
             }
-            progress.advance(len);
-            off += len;
+            buf.resize(total as usize, 0);
+            let tr = std::time::Instant::now();
+            let mut at = 0usize;
+            for &(off, len) in &pieces {
+                read_source(source, off, &mut buf[at..at + len as usize], src_len)?;
+                at += len as usize;
+            }
+            read_time += tr.elapsed();
+            let blocks: Vec<&[u8]> = batch_slices(&buf, &pieces)
+                .flat_map(|piece| piece.chunks(bs as usize))
+                .collect();
+            scratch.clear();
+            scratch.resize(blocks.len(), ZERO_HASH);
+            hash_blocks(&blocks, &mut scratch);
+            drop(blocks);
+            let mut first_hash = 0usize;
+            for (&(off, len), piece) in pieces.iter().zip(batch_slices(&buf, &pieces)) {
+                let n = piece.len().div_ceil(bs as usize);
+                // Blocks outside the dirty set keep the parent's hash.
+                copy_hashes(&mut base, &mut new, off / bs)?;
+                record_hashed(
+                    &mut writer,
+                    &mut base,
+                    &mut new,
+                    Span {
+                        off,
+                        buf: piece,
+                        bs,
+                    },
+                    &scratch[first_hash..first_hash + n],
+                    Pieces {
+                        // Every byte dirty: whole changed blocks, as a full scan stores.
+                        whole: parent_size.is_none() || covers(&fine, off, off + len),
+                        fine: &fine,
+                        until: pieces_until,
+                    },
+                )?;
+                first_hash += n;
+                progress.advance(len);
+            }
         }
-    }
+        Ok(())
+    })?;
     copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
     base.finish()?;
-    writer.commit_streamed(new)
+    let streamed = t0.elapsed();
+    let manifest = writer.commit_streamed(new)?;
+    tracing::debug!(
+        ranges = merged.len(),
+        ?opened,
+        ?read_time,
+        ?streamed,
+        total = ?t0.elapsed(),
+        "captured the dirty blocks"
+    );
+    Ok(manifest)
 }
 
 /// Sorts ranges and merges overlapping or touching ones.
@@ -236,48 +283,6 @@ struct Span<'a> {
     off: u64,
     buf: &'a [u8],
     bs: u64,
-}
-
-/// Like `process_chunk`, but a changed data block ending at or before `pieces_until` is
-/// stored as its intersection with `fine` (sorted, merged) instead of whole. Its hash is
-/// still that of the whole block.
-fn process_chunk_pieces(
-    w: &mut SnapshotWriter,
-    base: &mut Base,
-    new: &mut HashWriter,
-    scratch: &mut Vec<[u8; HASH_LEN]>,
-    span: Span<'_>,
-    fine: &[Range<u64>],
-    pieces_until: u64,
-) -> Result<(), StoreError> {
-    let Span { off, buf, bs } = span;
-    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-    scratch.clear();
-    scratch.resize(blocks.len(), ZERO_HASH);
-    hash_blocks(&blocks, scratch);
-    let first = off / bs;
-    for (i, block) in blocks.iter().enumerate() {
-        let idx = first + i as u64;
-        let h = scratch[i];
-        if h == base.get(idx)? {
-            continue;
-        }
-        let start = idx * bs;
-        let end = start + block.len() as u64;
-        if h == ZERO_HASH {
-            w.add_zero(start, block.len() as u64)?;
-        } else if end > pieces_until {
-            w.add_data(start, block)?;
-        } else {
-            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
-            let from = fine.partition_point(|r| r.end <= start);
-            for r in fine[from..].iter().take_while(|r| r.start < end) {
-                let (s, e) = (r.start.max(start), r.end.min(end));
-                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
-            }
-        }
-    }
-    new.push(scratch)
 }
 
 /// Appends the base's hashes of the blocks from the writer's position up to `until`.
@@ -483,4 +488,266 @@ fn process_chunk(
         w.add_data(start, &buf[from..to])?;
     }
     new.push(scratch)
+}
+
+/// A point-in-time image that capture reads: a regular file or block device, or anything
+/// else that can return the image's bytes at an offset (e.g. an NBD export's snapshot
+/// epoch). Reads may come from another thread than the one that captures.
+pub trait ImageSource: Sync {
+    /// The image's length in bytes; bytes past it read as zeros.
+    fn image_len(&self) -> Result<u64, StoreError>;
+    /// Fills `buf` with the image's bytes at `off` (`off + buf.len()` is at most the
+    /// length). Each byte range is read at most once per capture.
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+    /// A hint that `[off, off + len)` will be read soon. The default does nothing.
+    fn prefetch(&self, _off: u64, _len: u64) {}
+}
+
+impl ImageSource for File {
+    fn image_len(&self) -> Result<u64, StoreError> {
+        source_len(self)
+    }
+
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+
+    fn prefetch(&self, off: u64, len: u64) {
+        if let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) {
+            let _ = posix_fadvise(
+                self.as_raw_fd(),
+                off,
+                len,
+                PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+}
+
+/// Bytes of scattered ranges that `capture_extents` asks the source to read ahead.
+const PREFETCH_WINDOW: u64 = 32 << 20;
+/// Ranges longer than this are not read ahead by hand (sequential reads get the kernel's).
+const PREFETCH_MAX_RANGE: u64 = 1 << 20;
+
+/// Read-ahead hints for the scattered ranges of an incremental, given from a thread of
+/// their own at most [`PREFETCH_WINDOW`] bytes ahead of the reader: scattered blocks then
+/// reach the disk as many reads at once instead of one dependent random read per block.
+#[derive(Default)]
+struct ReadAhead {
+    /// Index of the range the reader is at.
+    at: std::sync::atomic::AtomicUsize,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Stops a [`ReadAhead`] when dropped (on every way out of the reader).
+struct StopReadAhead<'a>(&'a ReadAhead);
+
+impl Drop for StopReadAhead<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl ReadAhead {
+    fn stop_on_drop(&self) -> StopReadAhead<'_> {
+        StopReadAhead(self)
+    }
+
+    fn reached(&self, i: usize) {
+        self.at.store(i, std::sync::atomic::Ordering::Release);
+    }
+
+    fn run<S: ImageSource + ?Sized>(&self, source: &S, ranges: &[Range<u64>]) {
+        use std::sync::atomic::Ordering;
+        let len = |r: &Range<u64>| r.end - r.start;
+        // Bytes hinted in `ranges[..next]`, and how far the reader's index was accounted.
+        let (mut next, mut hinted, mut passed, mut passed_bytes) = (0usize, 0u64, 0usize, 0u64);
+        while next < ranges.len() && !self.stop.load(Ordering::Acquire) {
+            let at = self.at.load(Ordering::Acquire);
+            if at > next {
+                // The reader overtook the hints: everything hinted was read; skip ahead.
+                (next, passed, passed_bytes) = (at, at, hinted);
+                continue;
+            }
+            while passed < at {
+                if len(&ranges[passed]) <= PREFETCH_MAX_RANGE {
+                    passed_bytes += len(&ranges[passed]);
+                }
+                passed += 1;
+            }
+            if hinted - passed_bytes >= PREFETCH_WINDOW {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            let r = &ranges[next];
+            if len(r) <= PREFETCH_MAX_RANGE {
+                source.prefetch(r.start, len(r));
+                hinted += len(r);
+            }
+            next += 1;
+        }
+    }
+}
+
+/// [`read_image`] for any [`ImageSource`]: bytes past `src_len` read as zeros.
+fn read_source<S: ImageSource + ?Sized>(
+    source: &S,
+    off: u64,
+    buf: &mut [u8],
+    src_len: u64,
+) -> Result<(), StoreError> {
+    let avail = src_len.saturating_sub(off).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    tail.fill(0);
+    if head.is_empty() {
+        return Ok(());
+    }
+    source
+        .read_image_at(head, off)
+        .map_err(|e| StoreError::Image {
+            what: "source image",
+            start: off,
+            end: off + avail as u64,
+            source: e,
+        })
+}
+
+/// Captures a whole image like [`capture`], when the caller knows where it may hold data:
+/// only `data` (byte ranges, widened here to whole blocks) is read; every block outside it
+/// is taken to read as zeros (a zero record where the base was not zero). For a source
+/// that cannot seek holes itself, such as an NBD snapshot epoch
+/// (`TrackedExport::epoch_data_ranges`). Each block is read once, by a reader thread ahead
+/// of hashing and writing.
+#[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
+pub fn capture_ranges<S: ImageSource + ?Sized>(
+    store: &Store,
+    meta: SnapshotMeta,
+    source: &S,
+    data: &[Range<u64>],
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let mut base = Base::open(store, &meta)?;
+    let mut writer = SnapshotWriter::begin(store, meta.clone())?;
+    let mut new = writer.hash_writer()?;
+    let bs = u64::from(meta.block_size);
+    let size = meta.volume_size;
+    let src_len = source.image_len()?.min(size);
+    let ranges = merge_ranges(
+        data.iter()
+            .filter(|r| r.start < r.end && r.start < src_len)
+            .map(|r| (r.start / bs * bs)..(r.end.min(src_len).div_ceil(bs) * bs).min(size))
+            .collect(),
+    );
+    progress.set_total(size);
+    let mut scratch = Vec::new();
+    let chunk = CHUNK.div_ceil(bs) * bs;
+
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let ranges_ref = &ranges;
+        s.spawn(move || {
+            for r in ranges_ref {
+                let mut off = r.start;
+                while off < r.end {
+                    let len = chunk.min(r.end - off);
+                    let mut buf = back_rx.try_recv().unwrap_or_default();
+                    buf.resize(len as usize, 0);
+                    let res = read_source(source, off, &mut buf, src_len).map(|()| (off, buf));
+                    let failed = res.is_err();
+                    if tx.send(res).is_err() || failed {
+                        return;
+                    }
+                    off += len;
+                }
+            }
+        });
+        let mut pos = 0u64;
+        for msg in rx {
+            let (off, buf) = msg?;
+            if progress.cancelled() {
+                return Err(StoreError::Cancelled {
+                    id: meta.id.clone(),
+                });
+            }
+            zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
+            process_chunk(
+                &mut writer,
+                &mut base,
+                &mut new,
+                &mut scratch,
+                off,
+                &buf,
+                bs,
+            )?;
+            progress.advance(off + buf.len() as u64 - pos);
+            pos = off + buf.len() as u64;
+            let _ = back_tx.send(buf);
+        }
+        zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
+        progress.advance(size - pos);
+        Ok(())
+    })?;
+    base.finish()?;
+    writer.commit_streamed(new)
+}
+
+/// The slices of a batch buffer holding `pieces` (offset, length) one after the other.
+fn batch_slices<'a>(buf: &'a [u8], pieces: &'a [(u64, u64)]) -> impl Iterator<Item = &'a [u8]> {
+    pieces.iter().scan(0usize, move |at, &(_, len)| {
+        let piece = &buf[*at..*at + len as usize];
+        *at += len as usize;
+        Some(piece)
+    })
+}
+
+/// What of a changed block `record_hashed` stores.
+struct Pieces<'a> {
+    /// Store changed blocks whole.
+    whole: bool,
+    /// Otherwise, of a block ending at or before `until`, only its intersection with `fine`
+    /// (sorted, merged); blocks past `until` whole.
+    fine: &'a [Range<u64>],
+    until: u64,
+}
+
+/// Records the blocks of `span`, whose hashes are already computed, that differ from the
+/// base: all-zero blocks as zero records, other changed blocks whole (as
+/// [`process_chunk`] does) or, of a block ending at or before `what.until`, only its
+/// intersection with `what.fine` (its hash is still that of the whole block). Appends
+/// `hashes` to `new`.
+fn record_hashed(
+    w: &mut SnapshotWriter,
+    base: &mut Base,
+    new: &mut HashWriter,
+    span: Span<'_>,
+    hashes: &[[u8; HASH_LEN]],
+    what: Pieces<'_>,
+) -> Result<(), StoreError> {
+    let Span { off, buf, bs } = span;
+    let first = off / bs;
+    for (i, block) in buf.chunks(bs as usize).enumerate() {
+        let idx = first + i as u64;
+        let h = hashes[i];
+        if h == base.get(idx)? {
+            continue;
+        }
+        let start = idx * bs;
+        let end = start + block.len() as u64;
+        if h == ZERO_HASH {
+            w.add_zero(start, block.len() as u64)?;
+        } else if what.whole || end > what.until {
+            w.add_data(start, block)?;
+        } else {
+            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
+            let from = what.fine.partition_point(|r| r.end <= start);
+            for r in what.fine[from..].iter().take_while(|r| r.start < end) {
+                let (s, e) = (r.start.max(start), r.end.min(end));
+                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
+            }
+        }
+    }
+    new.push(hashes)
 }

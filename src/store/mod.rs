@@ -25,7 +25,7 @@ pub mod restore;
 mod writer;
 
 pub use backend::{Backend, BlobWriter, FsBackend, MemBackend, SharedMem};
-pub use capture::{capture, capture_extents};
+pub use capture::{capture, capture_extents, capture_ranges, ImageSource};
 pub use delete::RecoveryReport;
 pub use reader::ChainReader;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
