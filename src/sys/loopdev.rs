@@ -381,6 +381,15 @@ fn get_free(control: &File) -> Result<u32, LoopError> {
     })
 }
 
+/// Every volume's logical block size, whatever its image sits on. With 0 the kernel picks the
+/// backing file's direct-I/O alignment, and on xfs that becomes 4096 once a file has shared
+/// extents (after the FICLONE of a snapshot, or a restore that shares the store's extents):
+/// the same volume would then come back with 4 KiB sectors, and a filesystem made with 1 KiB
+/// blocks (mkfs.ext4 on a small volume) or a 512-byte partition table no longer fits it. At
+/// 512 the kernel drops direct I/O where the file cannot do it (read back, see the module
+/// docs) and the volume keeps its geometry.
+const LOGICAL_BLOCK_SIZE: u32 = 512;
+
 fn configure(dev: &File, backing: &File, path: &Path, direct_io: bool) -> nix::Result<()> {
     let mut info = abi::LoopInfo64::zeroed();
     if direct_io {
@@ -393,7 +402,7 @@ fn configure(dev: &File, backing: &File, path: &Path, direct_io: bool) -> nix::R
     let raw_fd = u32::try_from(backing.as_raw_fd()).map_err(|_| nix::Error::EBADF)?;
     let config = abi::LoopConfig {
         fd: raw_fd,
-        block_size: 0,
+        block_size: LOGICAL_BLOCK_SIZE,
         info,
         reserved: [0; 8],
     };
@@ -509,6 +518,9 @@ fn detach_checked(device: &Path, expect: Option<(&Path, u64, u64)>) -> Result<De
             }
         }
     }
+    // What the device is attached to now: once sysfs names another file, the number was
+    // freed and taken by someone else's attachment, and ours is gone.
+    let ours = read_backing(number).ok().flatten();
     // SAFETY: `dev_file` is an open loop device; LOOP_CLR_FD takes no argument.
     match unsafe { abi::loop_clr_fd(dev_file.as_raw_fd()) } {
         Ok(_) => {}
@@ -535,6 +547,13 @@ fn detach_checked(device: &Path, expect: Option<(&Path, u64, u64)>) -> Result<De
     let attached = PathBuf::from(format!("/sys/block/loop{number}/loop"));
     let start = Instant::now();
     while attached.exists() {
+        match read_backing(number) {
+            Ok(Some(now)) if Some(&now) == ours.as_ref() => {}
+            // Unbound, or bound again to another file.
+            Ok(_) => break,
+            // Unreadable while the kernel tears it down: look again.
+            Err(_) => {}
+        }
         if start.elapsed() > DETACH_SETTLE {
             return Ok(Detach::Deferred);
         }
@@ -867,6 +886,12 @@ mod tests {
         let buffered = LoopGuard::attach(&other, false);
         assert!(!buffered.attachment.direct_io);
         assert_eq!(sysfs(buffered.attachment.number), "0");
+        // Both keep 512-byte sectors, direct I/O or not (see LOGICAL_BLOCK_SIZE).
+        for g in [&with_dio, &buffered] {
+            let n = g.attachment.number;
+            let lbs = fs::read_to_string(format!("/sys/block/loop{n}/queue/logical_block_size"));
+            assert_eq!(lbs.unwrap().trim(), "512");
+        }
     }
 
     #[test]
