@@ -33,9 +33,9 @@ pub fn capture(
     source: &File,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let mut base = Base::open(store, &meta)?;
+    let base = Base::open(store, &meta)?;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
-    let mut new = writer.hash_writer()?;
+    let new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
@@ -58,6 +58,42 @@ pub fn capture(
         0,
         PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
     );
+    stream_ranges(
+        Streams { base, writer, new },
+        &meta,
+        source,
+        &ranges,
+        src_len,
+        progress,
+    )
+}
+
+/// What a capture writes to: the parent's hashes it compares with, the snapshot being
+/// written and its new block-hash list.
+struct Streams {
+    base: Base,
+    writer: SnapshotWriter,
+    new: HashWriter,
+}
+
+/// Streams block-aligned `ranges` of `source` into the snapshot (everything outside them
+/// reads as zeros): a reader thread issues large reads ahead of hashing and writing, each
+/// block is read once. Then commits.
+fn stream_ranges<S: ImageSource + ?Sized>(
+    streams: Streams,
+    meta: &SnapshotMeta,
+    source: &S,
+    ranges: &[Range<u64>],
+    src_len: u64,
+    progress: &dyn Progress,
+) -> Result<Manifest, StoreError> {
+    let Streams {
+        mut base,
+        mut writer,
+        mut new,
+    } = streams;
+    let bs = u64::from(meta.block_size);
+    let size = meta.volume_size;
     progress.set_total(size);
     let mut scratch = Vec::new();
     let chunk = CHUNK.div_ceil(bs) * bs;
@@ -65,7 +101,7 @@ pub fn capture(
     std::thread::scope(|s| -> Result<(), StoreError> {
         let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
         let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let ranges_ref = &ranges;
+        let ranges_ref = ranges;
         s.spawn(move || {
             for r in ranges_ref {
                 let mut off = r.start;
@@ -73,7 +109,7 @@ pub fn capture(
                     let len = chunk.min(r.end - off);
                     let mut buf = back_rx.try_recv().unwrap_or_default();
                     buf.resize(len as usize, 0);
-                    let res = read_image(source, off, &mut buf, src_len).map(|()| (off, buf));
+                    let res = read_source(source, off, &mut buf, src_len).map(|()| (off, buf));
                     let failed = res.is_err();
                     if tx.send(res).is_err() || failed {
                         return;
@@ -356,21 +392,6 @@ fn source_len(source: &File) -> Result<u64, StoreError> {
     }
 }
 
-/// Reads `buf.len()` bytes at `off`; bytes past `src_len` read as zeros.
-fn read_image(source: &File, off: u64, buf: &mut [u8], src_len: u64) -> Result<(), StoreError> {
-    let avail = src_len.saturating_sub(off).min(buf.len() as u64) as usize;
-    let (head, tail) = buf.split_at_mut(avail);
-    tail.fill(0);
-    source
-        .read_exact_at(head, off)
-        .map_err(|e| StoreError::Image {
-            what: "source image",
-            start: off,
-            end: off + avail as u64,
-            source: e,
-        })
-}
-
 /// Block-aligned ranges that may hold data, from SEEK_DATA/SEEK_HOLE; the whole image when
 /// the source cannot tell (block devices, filesystems without support).
 fn data_ranges(source: &File, src_len: u64, bs: u64, size: u64) -> Vec<Range<u64>> {
@@ -628,9 +649,9 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
     data: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let mut base = Base::open(store, &meta)?;
-    let mut writer = SnapshotWriter::begin(store, meta.clone())?;
-    let mut new = writer.hash_writer()?;
+    let base = Base::open(store, &meta)?;
+    let writer = SnapshotWriter::begin(store, meta.clone())?;
+    let new = writer.hash_writer()?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
@@ -640,58 +661,14 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
             .map(|r| (r.start / bs * bs)..(r.end.min(src_len).div_ceil(bs) * bs).min(size))
             .collect(),
     );
-    progress.set_total(size);
-    let mut scratch = Vec::new();
-    let chunk = CHUNK.div_ceil(bs) * bs;
-
-    std::thread::scope(|s| -> Result<(), StoreError> {
-        let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
-        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let ranges_ref = &ranges;
-        s.spawn(move || {
-            for r in ranges_ref {
-                let mut off = r.start;
-                while off < r.end {
-                    let len = chunk.min(r.end - off);
-                    let mut buf = back_rx.try_recv().unwrap_or_default();
-                    buf.resize(len as usize, 0);
-                    let res = read_source(source, off, &mut buf, src_len).map(|()| (off, buf));
-                    let failed = res.is_err();
-                    if tx.send(res).is_err() || failed {
-                        return;
-                    }
-                    off += len;
-                }
-            }
-        });
-        let mut pos = 0u64;
-        for msg in rx {
-            let (off, buf) = msg?;
-            if progress.cancelled() {
-                return Err(StoreError::Cancelled {
-                    id: meta.id.clone(),
-                });
-            }
-            zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
-            process_chunk(
-                &mut writer,
-                &mut base,
-                &mut new,
-                &mut scratch,
-                off,
-                &buf,
-                bs,
-            )?;
-            progress.advance(off + buf.len() as u64 - pos);
-            pos = off + buf.len() as u64;
-            let _ = back_tx.send(buf);
-        }
-        zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
-        progress.advance(size - pos);
-        Ok(())
-    })?;
-    base.finish()?;
-    writer.commit_streamed(new)
+    stream_ranges(
+        Streams { base, writer, new },
+        &meta,
+        source,
+        &ranges,
+        src_len,
+        progress,
+    )
 }
 
 /// The slices of a batch buffer holding `pieces` (offset, length) one after the other.
