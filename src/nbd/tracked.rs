@@ -730,15 +730,19 @@ impl<E: Export> TrackedExport<E> {
         Ok((ranges, held))
     }
 
-    /// The 4 KiB-granular dirty set the open epoch took at its switch (before any widening
-    /// to `align` blocks): every byte changed since the last committed snapshot lies in it.
-    pub fn epoch_dirty_ranges(&self) -> Result<Vec<DirtyRange>, NbdError> {
-        let epoch = self
-            .read_state()
+    /// The open epoch.
+    fn open_epoch(&self) -> Result<Arc<Epoch>, NbdError> {
+        self.read_state()
             .epoch
             .as_ref()
             .map(Arc::clone)
-            .ok_or(NbdError::NoEpoch)?;
+            .ok_or(NbdError::NoEpoch)
+    }
+
+    /// The 4 KiB-granular dirty set the open epoch took at its switch (before any widening
+    /// to `align` blocks): every byte changed since the last committed snapshot lies in it.
+    pub fn epoch_dirty_ranges(&self) -> Result<Vec<DirtyRange>, NbdError> {
+        let epoch = self.open_epoch()?;
         Ok(self.ranges_of(&epoch.taken))
     }
 
@@ -771,12 +775,7 @@ impl<E: Export> TrackedExport<E> {
         if offset % BLOCK != 0 || end > self.size || (end % BLOCK != 0 && end != self.size) {
             return Err(NbdError::BadBlock { offset });
         }
-        let epoch = self
-            .read_state()
-            .epoch
-            .as_ref()
-            .map(Arc::clone)
-            .ok_or(NbdError::NoEpoch)?;
+        let epoch = self.open_epoch()?;
         // Writers wait for `copy_lock` before overwriting a pending block.
         let _guard = epoch.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (first, last) = (offset / BLOCK, end.div_ceil(BLOCK));
@@ -1075,12 +1074,7 @@ impl<E: Export> TrackedExport<E> {
     /// before the walk is returned too (its saved copy reads as zeros); one filled after it
     /// is not, and rightly so.
     pub fn epoch_data_ranges(&self, align: u64) -> Result<Vec<DirtyRange>, NbdError> {
-        let epoch = self
-            .read_state()
-            .epoch
-            .as_ref()
-            .map(Arc::clone)
-            .ok_or(NbdError::NoEpoch)?;
+        let epoch = self.open_epoch()?;
         let group = (align / BLOCK).max(1);
         let nblocks = blocks_of(self.size);
         let data = Bits::new(nblocks);

@@ -63,7 +63,12 @@ impl ReflinkError {
 pub fn ficlone(src: impl AsFd, dst: impl AsFd) -> Result<(), ReflinkError> {
     // SAFETY: both fds are open for the duration of the call; FICLONE takes the source fd as
     // a plain integer and touches no user memory.
-    match unsafe { ficlone_ioctl(dst.as_fd().as_raw_fd(), src.as_fd().as_raw_fd()) } {
+    clone_result(unsafe { ficlone_ioctl(dst.as_fd().as_raw_fd(), src.as_fd().as_raw_fd()) })
+}
+
+/// Sorts a clone ioctl's failure into "cannot share here" and a real error.
+fn clone_result(r: nix::Result<libc::c_int>) -> Result<(), ReflinkError> {
+    match r {
         Ok(_) => Ok(()),
         Err(
             source @ (nix::Error::EOPNOTSUPP
@@ -97,16 +102,7 @@ pub fn ficlone_range(
     };
     // SAFETY: both fds are open for the duration of the call; `arg` is a properly laid out
     // `struct file_clone_range` that lives across the call and is only read by the kernel.
-    match unsafe { ficlonerange_ioctl(dst.as_fd().as_raw_fd(), &arg) } {
-        Ok(_) => Ok(()),
-        Err(
-            source @ (nix::Error::EOPNOTSUPP
-            | nix::Error::EXDEV
-            | nix::Error::EINVAL
-            | nix::Error::ENOTTY),
-        ) => Err(ReflinkError::NotSupported { source }),
-        Err(source) => Err(ReflinkError::Clone { source }),
-    }
+    clone_result(unsafe { ficlonerange_ioctl(dst.as_fd().as_raw_fd(), &arg) })
 }
 
 #[cfg(test)]
