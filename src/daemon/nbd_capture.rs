@@ -15,7 +15,7 @@ use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
 use crate::api::{ApiError, SnapshotId, VolumeId};
 use crate::catalog::{now, SnapshotRow, VolumeRow};
-use crate::nbd::{EpochScope, FileExport, TrackedExport};
+use crate::nbd::{DirtyRange, EpochScope, FileExport, TrackedExport};
 use crate::store::SnapshotMeta;
 use std::fs::File;
 use std::ops::Range;
@@ -150,8 +150,7 @@ impl Manager {
                     let fine = tracker.epoch_dirty_ranges().map_err(|e| {
                         nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)
                     })?;
-                    let dirty: Vec<Range<u64>> =
-                        fine.iter().map(|r| r.offset..r.offset + r.len).collect();
+                    let dirty: Vec<Range<u64>> = fine.iter().map(DirtyRange::range).collect();
                     Ok(crate::store::capture_extents(
                         self.store(),
                         meta,
@@ -172,7 +171,7 @@ impl Manager {
                             )
                         })?
                         .iter()
-                        .map(|r| r.offset..r.offset + r.len)
+                        .map(DirtyRange::range)
                         .collect();
                     Ok(crate::store::capture_ranges(
                         self.store(),

@@ -982,19 +982,24 @@ impl Connection {
             .map_err(|e| conn_err("start the write-intent thread", e))?;
             self.lane = Some(lane);
         }
-        let Some(lane) = &self.lane else {
-            return Ok(());
-        };
+        match &self.lane {
+            Some(lane) => {
+                let tx = lane.tx.clone();
+                self.hand_off(&tx, job)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `job` for a helper thread; when its queue is full, sends the replies so far
+    /// before waiting for room (don't sit on replies while waiting).
+    fn hand_off<T>(&mut self, tx: &mpsc::SyncSender<T>, job: T) -> Result<(), NbdError> {
         let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
-        match lane.tx.try_send(job) {
+        match tx.try_send(job) {
             Ok(()) => Ok(()),
             Err(mpsc::TrySendError::Full(job)) => {
-                // Don't sit on replies while waiting for the lane.
                 self.send_replies()?;
-                let Some(lane) = &self.lane else {
-                    return Ok(());
-                };
-                lane.tx.send(job).map_err(|_| gone())
+                tx.send(job).map_err(|_| gone())
             }
             Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
         }
@@ -1011,21 +1016,12 @@ impl Connection {
             .map_err(|e| conn_err("start the read threads", e))?;
             self.reads = Some(pool);
         }
-        let gone = || conn_err("reply", io::ErrorKind::BrokenPipe.into());
-        let Some(pool) = &self.reads else {
-            return Ok(());
-        };
-        match pool.tx.try_send((handle, command)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::TrySendError::Full(job)) => {
-                // Don't sit on replies while waiting for the pool.
-                self.send_replies()?;
-                let Some(pool) = &self.reads else {
-                    return Ok(());
-                };
-                pool.tx.send(job).map_err(|_| gone())
+        match &self.reads {
+            Some(pool) => {
+                let tx = pool.tx.clone();
+                self.hand_off(&tx, (handle, command))
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(gone()),
+            None => Ok(()),
         }
     }
 

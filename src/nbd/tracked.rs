@@ -62,6 +62,13 @@ pub struct DirtyRange {
     pub len: u64,
 }
 
+impl DirtyRange {
+    /// The same bytes as a `Range`.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.len
+    }
+}
+
 /// How the dirty set came to be when the bitmap was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovery {

@@ -236,6 +236,14 @@ struct Inner {
     delete_lock: Mutex<()>,
 }
 
+/// Writes the current `format` blob (durably, like every blob).
+fn write_format(backend: &dyn Backend) -> Result<(), StoreError> {
+    let fail = |e| StoreError::backend(FORMAT_KEY, e);
+    let mut w = backend.put(FORMAT_KEY).map_err(fail)?;
+    w.write_all(format::FORMAT_FILE_CONTENT).map_err(fail)?;
+    w.commit().map_err(fail)
+}
+
 impl Store {
     /// Opens (creating if missing) a store directory on the filesystem backend. A directory
     /// that holds something other than a blocksnap store is refused.
@@ -273,12 +281,7 @@ impl Store {
                 // Older files stay readable; mark the store so that a binary knowing only an
                 // older version refuses it rather than misreading the manifests (version 2) and
                 // deltas (delta version 2, alignment gaps) written from now on.
-                let mut w = backend
-                    .put(FORMAT_KEY)
-                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
-                w.write_all(format::FORMAT_FILE_CONTENT)
-                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
-                w.commit().map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                write_format(backend.as_ref())?;
             }
             Ok(_) => return Err(StoreError::Invalid("unknown format file".into())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -290,12 +293,7 @@ impl Store {
                         "it holds data but no format file".into(),
                     ));
                 }
-                let mut w = backend
-                    .put(FORMAT_KEY)
-                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
-                w.write_all(format::FORMAT_FILE_CONTENT)
-                    .map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
-                w.commit().map_err(|e| StoreError::backend(FORMAT_KEY, e))?;
+                write_format(backend.as_ref())?;
             }
             Err(e) => return Err(StoreError::backend(FORMAT_KEY, e)),
         }
