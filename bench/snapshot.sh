@@ -8,7 +8,9 @@
 #
 # Knobs (env): VOL_SIZE (4G), DATA_MIB (2048), RW_PCT_BLOCKS (5243 = 1% of DATA_MIB in 4 KiB
 # blocks, rounded up), XFS_IMG_GIB (16), TMPBASE (/var/tmp), BIN (target/release),
-# RESTIC (1; 0 skips the restic reference steps for quicker repeated runs).
+# RESTIC (1; 0 skips the restic reference steps for quicker repeated runs), REPS (1: how many
+# times each filesystem's suite runs; with more, a summary of the medians follows the tables;
+# cold reads on a VM's virtual disk vary a lot from one minute to the next).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -22,6 +24,7 @@ FREEZE_VOL=${FREEZE_VOL:-1G}
 FREEZE_MIB=${FREEZE_MIB:-256}
 FREEZE_REPS=${FREEZE_REPS:-3}
 RESTIC=${RESTIC:-1}
+REPS=${REPS:-1}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in jq fio b3sum restic mkfs.xfs mkfs.ext4 losetup; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
@@ -238,6 +241,7 @@ run_suite() {
     stop_daemon
 
     local data_b=$((DATA_MIB * 1048576))
+    echo "$fs $t_full $t_cp $t_cps $t_inc $t_b3 $t_rest $t_cp2 $t_cps2 $rss_all" >> "$WORK/summary.txt"
     echo
     echo "### [$fs] state dir on $fs  (data ${DATA_MIB} MiB in a ${VOL_SIZE} volume; rewrite ${RW_BLOCKS} x 4 KiB = $(mib $((RW_BLOCKS*4096))) MiB; page cache dropped before every timed step)"
     echo
@@ -270,4 +274,29 @@ run_suite() {
     rm -rf "$base"
 }
 
-for fs in $FSLIST; do run_suite "$fs"; done
+for rep in $(seq "$REPS"); do
+    for fs in $FSLIST; do
+        [ "$REPS" = 1 ] || echo "== rep $rep of $REPS: $fs"
+        run_suite "$fs"
+    done
+done
+
+# median of the numbers on stdin
+median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+if [ "$REPS" -gt 1 ]; then
+    echo "### medians of $REPS runs (ratios: median of each run's ratio)"
+    echo
+    printf '| %-5s | %-24s | %-24s | %-28s | %-24s | %-24s | %-28s | %s |\n' fs "full s" "cp / cp+sync s" "full vs cp / cp+sync" "incremental s" "restore s" "restore vs cp / cp+sync" "max RSS MiB"
+    printf '|-------|--------------------------|--------------------------|------------------------------|--------------------------|--------------------------|------------------------------|-------------|\n'
+    for fs in $FSLIST; do
+        col() { awk -v f="$fs" -v c="$1" '$1 == f {print $c}' "$WORK/summary.txt" | median; }
+        # ratio A/B of columns, per run, then the median
+        rat() { awk -v f="$fs" -v a="$1" -v b="$2" '$1 == f {print $a / $b}' "$WORK/summary.txt" | median; }
+        printf '| %-5s | %-24s | %-24s | %-28s | %-24s | %-24s | %-28s | %s |\n' "$fs" \
+            "$(fmt "$(col 2)")" "$(fmt "$(col 3)") / $(fmt "$(col 4)")" "$(fmt "$(rat 3 2)")x / $(fmt "$(rat 4 2)")x" \
+            "$(fmt "$(col 5)") ($(fmt "$(rat 5 6)")x b3sum $(fmt "$(col 6)"))" "$(fmt "$(col 7)")" \
+            "$(fmt "$(rat 8 7)")x / $(fmt "$(rat 9 7)")x" "$(awk -v f="$fs" '$1 == f && $10 > m {m = $10} END {print m}' "$WORK/summary.txt")"
+    done
+    echo
+    echo "targets: full and restore >= 0.9x cp's throughput; incremental <= 1.1x b3sum's time; RSS <= 64 MiB"
+fi
