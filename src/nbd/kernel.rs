@@ -7,7 +7,9 @@
 //! written and tested on) detection says so once, at info, and exports stay reachable by
 //! URI only. The connect and disconnect paths have therefore never run against a real
 //! kernel: only the message encoding (`crate::sys::nbd_netlink`'s tests) and the detection
-//! are tested.
+//! are tested. The reply handling follows drivers/block/nbd.c: `nbd_genl_connect` answers a
+//! successful connect with a message of the family's type carrying NBD_ATTR_INDEX (u32) and
+//! the request's sequence number, before the ack.
 //!
 //! May call `crate::sys::nbd_netlink` and the server; nothing above this module.
 
@@ -45,6 +47,11 @@ pub fn available() -> bool {
 /// An export connected to /dev/nbd`index`; dropping it disconnects the device.
 pub struct KernelDevice {
     index: u32,
+    /// The netlink socket that sent NBD_CMD_CONNECT, kept open for the device's life: the
+    /// kernel records its port as the device's owner, and a kernel may shut the device's
+    /// sockets down when the owner's netlink socket is released. It also sends the
+    /// disconnect.
+    netlink: NbdNetlink,
     /// Our end of the socket pair, to end the serving thread if the kernel does not.
     socket: UnixStream,
     name: String,
@@ -58,11 +65,7 @@ impl KernelDevice {
 
 impl Drop for KernelDevice {
     fn drop(&mut self) {
-        let result = NbdNetlink::open().and_then(|nl| match nl {
-            Some(mut nl) => nl.disconnect(self.index),
-            None => Ok(()),
-        });
-        match result {
+        match self.netlink.disconnect(self.index) {
             Ok(()) => {
                 tracing::info!(export = %self.name, device = %self.path().display(), "kernel nbd device disconnected")
             }
@@ -93,20 +96,23 @@ pub(super) fn connect(server: &NbdServer, name: &str) -> Result<KernelDevice, Nb
                 source: gone,
             });
         };
-        nl.connect(&ConnectRequest {
-            size: negotiated.size,
-            block_size: BLOCK_SIZE,
-            server_flags: negotiated.flags,
-            socket: theirs.as_raw_fd(),
-        })
-        .map_err(kernel)
+        let index = nl
+            .connect(&ConnectRequest {
+                size: negotiated.size,
+                block_size: BLOCK_SIZE,
+                server_flags: negotiated.flags,
+                socket: theirs.as_raw_fd(),
+            })
+            .map_err(kernel)?;
+        Ok((index, nl))
     });
     // The kernel holds its own reference to its end now (or never will).
     drop(theirs);
     match connected {
-        Ok(index) => {
+        Ok((index, netlink)) => {
             let device = KernelDevice {
                 index,
+                netlink,
                 socket: control,
                 name: name.to_string(),
             };
