@@ -2,8 +2,8 @@
 //! file writer it and the delete-fold share, and block-hash lists.
 //!
 //! Extents must arrive in ascending order; adjacent ones are coalesced into records of at most
-//! `max(block size, 1 MiB)` payload bytes. Commit writes the delta, then the block-hash file,
-//! then the manifest, each durably; the snapshot exists from the manifest's rename on.
+//! `max(block size, 1 MiB)` payload bytes. Commit writes the delta and the block-hash file
+//! (at once), then the manifest, each durably; the snapshot exists from the manifest's rename on.
 
 use super::format::{self, IndexEntry, RecordKind, HASH_LEN};
 use super::hashes::{HashWriter, STALE_HASH};
@@ -748,8 +748,28 @@ impl SnapshotWriter {
             .delta
             .take()
             .ok_or_else(|| StoreError::Invalid("snapshot writer already finished".into()))?;
-        let summary = delta.finish()?;
-        hashes.finish()?;
+        // The delta and the block-hash file are independent blobs: both are committed at
+        // once, so that their fsyncs overlap. Either failing fails the commit (the caller
+        // discards both; without a manifest neither means anything).
+        let hashes_key = file_key(&self.meta.id, HASHES_FILE);
+        let (summary, hashed) = thread::scope(|s| {
+            let hash_commit = thread::Builder::new()
+                .name("hashes-commit".into())
+                .spawn_scoped(s, move || hashes.finish());
+            let summary = delta.finish();
+            let hashed = match hash_commit {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(StoreError::backend(
+                        &hashes_key,
+                        io::Error::other("block-hash file commit panicked"),
+                    ))
+                }),
+                Err(e) => Err(StoreError::backend(&hashes_key, e)),
+            };
+            (summary, hashed)
+        });
+        let summary = summary?;
+        hashed?;
         let m = &self.meta;
         let manifest = Manifest {
             id: m.id.clone(),
