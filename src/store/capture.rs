@@ -254,6 +254,8 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
         ranges = merged.len(),
         ?opened,
         ?waited,
+        dbg_read = DBG_READ.swap(0, Ordering::Relaxed),
+        dbg_hash = DBG_HASH.swap(0, Ordering::Relaxed),
         ?streamed,
         total = ?t0.elapsed(),
         "captured the dirty blocks"
@@ -291,15 +293,10 @@ struct Span<'a> {
 
 /// Appends the base's hashes of the blocks from the writer's position up to `until`.
 fn copy_hashes(base: &mut Base, new: &mut HashWriter, until: u64) -> Result<(), StoreError> {
-    let mut batch = Vec::with_capacity(4096);
-    for i in new.written()..until {
-        batch.push(base.get(i)?);
-        if batch.len() == 4096 {
-            new.push(&batch)?;
-            batch.clear();
-        }
+    match &mut base.parent {
+        Some(r) => r.copy_to(new, until),
+        None => new.push_zeros(until.saturating_sub(new.written())),
     }
-    new.push(&batch)
 }
 
 /// What the new image is compared against: the parent's hashes, or an all-zero volume.
@@ -659,22 +656,28 @@ impl Batch {
         src_len: u64,
     ) -> Result<(), StoreError> {
         let total: u64 = self.pieces.iter().map(|&(_, len)| len).sum();
+        let t0 = std::time::Instant::now();
         self.buf.resize(total as usize, 0);
         let mut at = 0usize;
         for &(off, len) in &self.pieces {
             read_source(source, off, &mut self.buf[at..at + len as usize], src_len)?;
             at += len as usize;
         }
+        let t1 = std::time::Instant::now();
+        DBG_READ.fetch_add((t1 - t0).as_micros() as u64, Ordering::Relaxed);
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
         for piece in self.slices() {
             hashes.extend(piece.chunks(bs as usize).map(hash_block));
         }
         self.hashes = hashes;
+        DBG_HASH.fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
 
+pub static DBG_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static DBG_HASH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Sets a flag when dropped: tells the workers to stop on every way out of the recorder.
 struct StopOnDrop<'a>(&'a AtomicBool);
 

@@ -829,3 +829,85 @@ impl Drop for SnapshotWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::{Backend, BlobWriter, SharedMem};
+    use super::*;
+
+    /// A memory backend whose commit of blobs named `fail` fails, after a pause so that the
+    /// other blob's commit runs meanwhile.
+    #[derive(Debug)]
+    struct FailCommit {
+        inner: SharedMem,
+        fail: &'static str,
+    }
+
+    struct FailWriter(Box<dyn BlobWriter>, bool);
+
+    impl Write for FailWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    impl BlobWriter for FailWriter {
+        fn commit(self: Box<Self>) -> io::Result<()> {
+            if self.1 {
+                thread::sleep(std::time::Duration::from_millis(20));
+                return Err(io::Error::other("injected commit failure"));
+            }
+            self.0.commit()
+        }
+    }
+
+    impl Backend for FailCommit {
+        fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>> {
+            let fail = key.rsplit('/').next() == Some(self.fail);
+            Ok(Box::new(FailWriter(self.inner.put(key)?, fail)))
+        }
+        fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.read_at(key, offset, buf)
+        }
+        fn size(&self, key: &str) -> io::Result<u64> {
+            self.inner.size(key)
+        }
+        fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> io::Result<()> {
+            self.inner.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_of_either_blob_leaves_nothing_behind() {
+        for fail in ["delta.0", "hashes", "nothing"] {
+            let mem = SharedMem::new();
+            let inner = mem.0.clone();
+            let store = Store::with_backend(Arc::new(FailCommit { inner: mem, fail })).unwrap();
+            let before = inner.total_bytes();
+            let size = 1 << 20;
+            let mut w = SnapshotWriter::begin(&store, meta(&sid(1), None, size, 4096)).unwrap();
+            let data = vec![7u8; 8192];
+            w.add_data(4096, &data).unwrap();
+            let mut hashes = BlockHashes::zeros(4096, size);
+            hashes.hashes[1] = hash_block(&data[..4096]);
+            hashes.hashes[2] = hash_block(&data[4096..]);
+            let result = w.commit(&hashes);
+            if fail == "nothing" {
+                result.unwrap();
+                assert_eq!(store.list().unwrap().len(), 1);
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(err.to_string().contains(fail), "{fail}: {err}");
+            assert!(store.list().unwrap().is_empty(), "{fail}");
+            assert_eq!(inner.total_bytes(), before, "{fail}: blobs left behind");
+        }
+    }
+}
