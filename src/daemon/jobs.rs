@@ -63,6 +63,8 @@ pub struct Jobs {
     /// The state of jobs whose last catalog write failed: what `describe-jobs` shows for
     /// them until this process ends (the catalog's row is what the next start sees).
     unrecorded: Mutex<HashMap<String, JobRow>>,
+    /// Woken whenever a job ends, and at shutdown: for callers waiting for a job's end.
+    ended: tokio::sync::Notify,
 }
 
 impl Jobs {
@@ -75,6 +77,7 @@ impl Jobs {
             cancel: Arc::new(AtomicBool::new(false)),
             tracker: tokio_util::task::TaskTracker::default(),
             unrecorded: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,6 +125,30 @@ impl Jobs {
         }
     }
 
+    /// Waits until `job_id` is no longer waiting or running (it ended, or is unknown), the
+    /// daemon shuts down, or `timeout` passes; returns whether it is no longer running. Its
+    /// end is in the catalog (or `unrecorded`) by then.
+    pub async fn wait_ended(&self, job_id: &str, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so that an end in between is not missed.
+            notified.as_mut().enable();
+            let live = self
+                .live
+                .lock()
+                .map(|l| l.contains_key(job_id))
+                .unwrap_or(false);
+            if !live {
+                return true;
+            }
+            if self.shutting_down() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     pub fn running(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
@@ -134,6 +161,7 @@ impl Jobs {
     /// Asks running work to stop and waits (bounded) for it to do so.
     pub async fn shutdown(&self, grace: std::time::Duration) {
         self.cancel.store(true, Ordering::SeqCst);
+        self.ended.notify_waiters();
         self.slots.close();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -261,6 +289,7 @@ fn forget(manager: &Manager, id: &str) {
     if let Ok(mut live) = manager.jobs().live.lock() {
         live.remove(id);
     }
+    manager.jobs().ended.notify_waiters();
 }
 
 /// A failed job's error for work that was stopped by shutdown.

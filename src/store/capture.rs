@@ -254,8 +254,6 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
         ranges = merged.len(),
         ?opened,
         ?waited,
-        dbg_read = DBG_READ.swap(0, Ordering::Relaxed),
-        dbg_hash = DBG_HASH.swap(0, Ordering::Relaxed),
         ?streamed,
         total = ?t0.elapsed(),
         "captured the dirty blocks"
@@ -656,28 +654,22 @@ impl Batch {
         src_len: u64,
     ) -> Result<(), StoreError> {
         let total: u64 = self.pieces.iter().map(|&(_, len)| len).sum();
-        let t0 = std::time::Instant::now();
         self.buf.resize(total as usize, 0);
         let mut at = 0usize;
         for &(off, len) in &self.pieces {
             read_source(source, off, &mut self.buf[at..at + len as usize], src_len)?;
             at += len as usize;
         }
-        let t1 = std::time::Instant::now();
-        DBG_READ.fetch_add((t1 - t0).as_micros() as u64, Ordering::Relaxed);
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
         for piece in self.slices() {
             hashes.extend(piece.chunks(bs as usize).map(hash_block));
         }
         self.hashes = hashes;
-        DBG_HASH.fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
 
-pub static DBG_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static DBG_HASH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Sets a flag when dropped: tells the workers to stop on every way out of the recorder.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
