@@ -149,6 +149,14 @@ impl Jobs {
         }
     }
 
+    /// A job no longer runs: drops its live progress and wakes those waiting for its end.
+    fn forget_live(&self, id: &str) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
+        }
+        self.ended.notify_waiters();
+    }
+
     pub fn running(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
@@ -286,13 +294,55 @@ async fn run_locked(
 }
 
 fn forget(manager: &Manager, id: &str) {
-    if let Ok(mut live) = manager.jobs().live.lock() {
-        live.remove(id);
-    }
-    manager.jobs().ended.notify_waiters();
+    manager.jobs().forget_live(id);
 }
 
 /// A failed job's error for work that was stopped by shutdown.
 pub fn cancelled_error() -> ApiError {
     ApiError::new(ErrorKind::Unavailable, "the daemon is shutting down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn wait_ended_returns_at_the_end_or_the_timeout() {
+        let jobs = Arc::new(Jobs::new(1));
+        // Unknown (or long ended): at once.
+        assert!(jobs.wait_ended("j-unknown", Duration::from_secs(5)).await);
+        jobs.live
+            .lock()
+            .unwrap()
+            .insert("j-1".into(), Arc::new(JobProgress::default()));
+        // Still running: false after the timeout.
+        let t = Instant::now();
+        assert!(!jobs.wait_ended("j-1", Duration::from_millis(50)).await);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // Ends while waited for: true soon after, long before the timeout.
+        let j = jobs.clone();
+        let ender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            j.forget_live("j-1");
+        });
+        let t = Instant::now();
+        assert!(jobs.wait_ended("j-1", Duration::from_secs(10)).await);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        ender.await.unwrap();
+        // Shutting down: a running job's waiters are let go.
+        jobs.live
+            .lock()
+            .unwrap()
+            .insert("j-2".into(), Arc::new(JobProgress::default()));
+        let j = jobs.clone();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            j.shutdown(Duration::from_millis(10)).await;
+        });
+        let t = Instant::now();
+        assert!(!jobs.wait_ended("j-2", Duration::from_secs(10)).await);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        stopper.await.unwrap();
+    }
 }
