@@ -312,7 +312,7 @@ impl HashWriter {
 
     /// Appends `n` all-zero block hashes.
     pub fn push_zeros(&mut self, n: u64) -> Result<(), StoreError> {
-        const ZEROS: [[u8; HASH_LEN]; 1024] = [ZERO_HASH; 1024];
+        static ZEROS: [[u8; HASH_LEN]; 1024] = [ZERO_HASH; 1024];
         let mut left = n;
         while left > 0 {
             let m = left.min(ZEROS.len() as u64);
@@ -422,7 +422,8 @@ mod tests {
         b[at] ^= 1;
         mem.set(key, b);
         scribble(&img, 150 * MIB, 4096, 2);
-        let dirty = [150 * MIB..150 * MIB + 4096];
+        // A range that did not change, and one that did.
+        let dirty = [5 * MIB..5 * MIB + 4096, 150 * MIB..150 * MIB + 4096];
         let err = capture_extents(
             &store,
             meta(&sid(2), Some(&sid(1)), size, 4096),
