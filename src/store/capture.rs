@@ -41,9 +41,10 @@ pub fn capture(
     source: &File,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = Base::open(store, &meta)?;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let new = writer.hash_writer()?;
+    // After the new files: see `capture_extents`.
+    let base = Base::open(store, &meta)?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
@@ -167,10 +168,12 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
     let t0 = std::time::Instant::now();
-    let mut base = Base::open(store, &meta)?;
-    let parent_size = base.parent_size;
+    // The new files first: the parent's list then loads while the dirty blocks are read,
+    // not while the new files' directory is made durable.
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let mut new = writer.hash_writer()?;
+    let mut base = Base::open(store, &meta)?;
+    let parent_size = base.parent_size;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
@@ -829,9 +832,10 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
     data: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = Base::open(store, &meta)?;
     let writer = SnapshotWriter::begin(store, meta.clone())?;
     let new = writer.hash_writer()?;
+    // After the new files: see `capture_extents`.
+    let base = Base::open(store, &meta)?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
