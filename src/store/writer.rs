@@ -191,6 +191,8 @@ type WorkerResult = io::Result<Box<dyn BlobWriter>>;
 
 /// Bytes gathered before a buffer goes to the worker.
 const SEND_AT: usize = 1 << 20;
+/// Buffers queued for the worker at most.
+const QUEUED: usize = 16;
 
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
@@ -243,7 +245,9 @@ impl DeltaWriter {
             .backend()
             .put(&key)
             .map_err(|e| StoreError::backend(&key, e))?;
-        let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+        // Up to SEND_AT * QUEUED bytes wait for the worker: the caller does not stall on a
+        // write that waits for the disk (writeback) now and then.
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(QUEUED);
         let (back_tx, back) = mpsc::channel::<Vec<u8>>();
         let clone_ok = Arc::new(AtomicBool::new(true));
         let ok = Arc::clone(&clone_ok);
