@@ -25,6 +25,8 @@ struct State {
     requests: Vec<Value>,
     /// How often each job has been described.
     polls: HashMap<String, u32>,
+    /// `GET /jobs/wait` queries received, in order.
+    waits: Vec<String>,
 }
 
 struct FakeDaemon {
@@ -75,6 +77,10 @@ impl FakeDaemon {
         blocksnap(&self.socket, args)
     }
 
+    fn waits(&self) -> Vec<String> {
+        self.state.lock().unwrap().waits.clone()
+    }
+
     fn requests(&self) -> Vec<Value> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -101,6 +107,19 @@ async fn handle(
     if parts.method == hyper::Method::GET && parts.uri.path() == "/metrics" {
         let text = "# TYPE blocksnap_jobs_running gauge\nblocksnap_jobs_running 0\n";
         return Ok(Response::new(Full::new(Bytes::from(text))));
+    }
+    if parts.method == hyper::Method::GET && parts.uri.path() == "/jobs/wait" {
+        // Says at once that the job ended (DescribeJobs tells how); for the failing job, a
+        // daemon without the endpoint, which the CLI then polls.
+        let query = parts.uri.query().unwrap_or_default().to_string();
+        let known = query.contains(OK_JOB);
+        state.lock().unwrap().waits.push(query);
+        if !known {
+            let mut r = Response::new(Full::new(Bytes::from("no such endpoint")));
+            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+            return Ok(r);
+        }
+        return Ok(Response::new(Full::new(Bytes::from(r#"{"ended": true}"#))));
     }
     let request: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let answer = answer(&mut state.lock().unwrap(), &request);
@@ -273,6 +292,10 @@ fn wait_polls_until_the_job_succeeds_and_prints_the_original_response() {
     assert!(requests[1..]
         .iter()
         .all(|r| *r == json!({"action": "DescribeJobs", "jobs": [OK_JOB]})));
+    // Between the polls the daemon is asked to answer when the job ends; an end that
+    // DescribeJobs does not show yet is polled for (no tight loop of waits).
+    let query = format!("job_id={OK_JOB}&timeout_ms=1000");
+    assert_eq!(d.waits(), vec![query.clone(), query]);
     // stderr is not a terminal here: no progress bar.
     assert!(
         out.stderr.is_empty(),
@@ -299,6 +322,9 @@ fn wait_reports_a_failed_job_with_its_code_and_exits_non_zero() {
         json!({"action": "CreateSnapshotsResponse", "ret_code": 2500, "job_id": BAD_JOB,
                "message": "freeze of /mnt timed out after 10s; thawed"})
     );
+    // This daemon has no `GET /jobs/wait`: asked once, then the job is polled.
+    assert_eq!(d.waits().len(), 1, "{:?}", d.waits());
+    assert_eq!(d.requests().len(), 3, "{:?}", d.requests());
 }
 
 #[test]

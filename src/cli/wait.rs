@@ -1,5 +1,7 @@
-//! `--wait`: poll `DescribeJobs` until the job the call started has ended, with a progress
-//! bar on stderr when stderr is a terminal.
+//! `--wait`: ask `DescribeJobs` until the job the call started has ended, with a progress
+//! bar on stderr when stderr is a terminal. Between two asks the daemon's `GET /jobs/wait`
+//! holds the call until the job ends (so its end is seen at once), or a daemon without it is
+//! polled.
 
 use super::{exit_code, Cli};
 use crate::api::{self, response_action, Request};
@@ -41,6 +43,12 @@ pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Resul
     // Since when the daemon has been unreachable, if it is.
     let mut unreachable_since: Option<Instant> = None;
     let started = Instant::now();
+    // Whether the daemon's `GET /jobs/wait` is used (job ids need no escaping in a query),
+    // and whether it already said the job ended.
+    let mut server_wait = job_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let mut ended_seen = false;
     loop {
         let answer = client::call(&cli.socket, &body).await;
         let retry = match &answer {
@@ -104,6 +112,31 @@ pub(super) async fn wait_for_job(cli: &Cli, action: &str, job_id: &str) -> Resul
                 return Err(failure(code, message));
             }
             status => bar.update(status, &job["progress"]),
+        }
+        // The daemon answers when the job ends (or after a while, for the progress bar);
+        // a daemon without that endpoint is polled.
+        if server_wait {
+            let ms = if bar.bar.is_some() { 200 } else { 1000 };
+            let path = format!("/jobs/wait?job_id={job_id}&timeout_ms={ms}");
+            let asked = Instant::now();
+            let ended = client::get(&cli.socket, &path)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                .and_then(|v| v["ended"].as_bool());
+            match ended {
+                // Ended, or the wait timed out: ask at once. An end that DescribeJobs does
+                // not show (the daemon stopping) is not asked about in a tight loop.
+                Some(true) if !ended_seen => {
+                    ended_seen = true;
+                    continue;
+                }
+                // Timed out: ask again. Answered early without an end (the daemon stopping):
+                // poll instead.
+                Some(false) if asked.elapsed() >= Duration::from_millis(ms / 2) => continue,
+                Some(_) => {}
+                None => server_wait = false,
+            }
         }
         tokio::time::sleep((started.elapsed() / 8).clamp(MIN_POLL, POLL_INTERVAL)).await;
     }

@@ -63,6 +63,8 @@ pub struct Jobs {
     /// The state of jobs whose last catalog write failed: what `describe-jobs` shows for
     /// them until this process ends (the catalog's row is what the next start sees).
     unrecorded: Mutex<HashMap<String, JobRow>>,
+    /// Woken whenever a job ends, and at shutdown: for callers waiting for a job's end.
+    ended: tokio::sync::Notify,
 }
 
 impl Jobs {
@@ -75,6 +77,7 @@ impl Jobs {
             cancel: Arc::new(AtomicBool::new(false)),
             tracker: tokio_util::task::TaskTracker::default(),
             unrecorded: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,6 +125,38 @@ impl Jobs {
         }
     }
 
+    /// Waits until `job_id` is no longer waiting or running (it ended, or is unknown), the
+    /// daemon shuts down, or `timeout` passes; returns whether it is no longer running. Its
+    /// end is in the catalog (or `unrecorded`) by then.
+    pub async fn wait_ended(&self, job_id: &str, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so that an end in between is not missed.
+            notified.as_mut().enable();
+            let live = self
+                .live
+                .lock()
+                .map(|l| l.contains_key(job_id))
+                .unwrap_or(false);
+            if !live {
+                return true;
+            }
+            if self.shutting_down() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// A job no longer runs: drops its live progress and wakes those waiting for its end.
+    fn forget_live(&self, id: &str) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
+        }
+        self.ended.notify_waiters();
+    }
+
     pub fn running(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
@@ -134,6 +169,7 @@ impl Jobs {
     /// Asks running work to stop and waits (bounded) for it to do so.
     pub async fn shutdown(&self, grace: std::time::Duration) {
         self.cancel.store(true, Ordering::SeqCst);
+        self.ended.notify_waiters();
         self.slots.close();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -258,12 +294,55 @@ async fn run_locked(
 }
 
 fn forget(manager: &Manager, id: &str) {
-    if let Ok(mut live) = manager.jobs().live.lock() {
-        live.remove(id);
-    }
+    manager.jobs().forget_live(id);
 }
 
 /// A failed job's error for work that was stopped by shutdown.
 pub fn cancelled_error() -> ApiError {
     ApiError::new(ErrorKind::Unavailable, "the daemon is shutting down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn wait_ended_returns_at_the_end_or_the_timeout() {
+        let jobs = Arc::new(Jobs::new(1));
+        // Unknown (or long ended): at once.
+        assert!(jobs.wait_ended("j-unknown", Duration::from_secs(5)).await);
+        jobs.live
+            .lock()
+            .unwrap()
+            .insert("j-1".into(), Arc::new(JobProgress::default()));
+        // Still running: false after the timeout.
+        let t = Instant::now();
+        assert!(!jobs.wait_ended("j-1", Duration::from_millis(50)).await);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // Ends while waited for: true soon after, long before the timeout.
+        let j = jobs.clone();
+        let ender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            j.forget_live("j-1");
+        });
+        let t = Instant::now();
+        assert!(jobs.wait_ended("j-1", Duration::from_secs(10)).await);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        ender.await.unwrap();
+        // Shutting down: a running job's waiters are let go.
+        jobs.live
+            .lock()
+            .unwrap()
+            .insert("j-2".into(), Arc::new(JobProgress::default()));
+        let j = jobs.clone();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            j.shutdown(Duration::from_millis(10)).await;
+        });
+        let t = Instant::now();
+        assert!(!jobs.wait_ended("j-2", Duration::from_secs(10)).await);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        stopper.await.unwrap();
+    }
 }

@@ -112,6 +112,36 @@ async fn route(req: hyper::Request<Incoming>, manager: &Arc<Manager>, caller: &C
                 .body(Full::new(Bytes::from(text)))
                 .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new())))
         }
+        // For `blocksnap --wait` (not part of the API): answers `{"ended": true}` as soon as
+        // the job `job_id` is no longer waiting or running, `{"ended": false}` after
+        // `timeout_ms` (at most 5 s). The caller then asks DescribeJobs for the job's state.
+        (&Method::GET, "/jobs/wait") => {
+            if caller.access(&manager.config()) == Access::None {
+                let e = refusal(caller, "GET /jobs/wait");
+                return json_response(StatusCode::FORBIDDEN, &e.to_response(""));
+            }
+            let (mut job, mut ms) = (None, 1000u64);
+            for (k, v) in req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+            {
+                match k {
+                    "job_id" => job = Some(v.to_string()),
+                    "timeout_ms" => ms = v.parse().unwrap_or(ms),
+                    _ => {}
+                }
+            }
+            let Some(job) = job else {
+                let e = ApiError::bad("GET /jobs/wait needs ?job_id=");
+                return json_response(StatusCode::BAD_REQUEST, &e.to_response(""));
+            };
+            let timeout = Duration::from_millis(ms.min(5000));
+            let ended = manager.jobs().wait_ended(&job, timeout).await;
+            json_response(StatusCode::OK, &serde_json::json!({ "ended": ended }))
+        }
         (_, path) => {
             let path: String = path.chars().take(128).collect();
             let e = ApiError::bad(format!(

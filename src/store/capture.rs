@@ -11,19 +11,27 @@
 
 use super::format::HASH_LEN;
 use super::hashes::{HashReader, HashWriter};
-use super::writer::{hash_blocks, ZERO_HASH};
+use super::writer::{hash_block, ZERO_HASH};
 use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 
 /// Bytes read per pread (rounded up to whole blocks).
 const CHUNK: u64 = 4 << 20;
+/// Bytes of scattered blocks (an incremental's dirty set) read and hashed as one batch.
+const SCATTERED_CHUNK: u64 = 1 << 20;
+/// Threads that read and hash batches; the capture's own thread records them.
+const WORKERS: usize = 2;
+/// Batch buffers in flight: being read and hashed, waiting, or being recorded.
+const BUFFERS: usize = 4;
 
 /// Captures `source` as a new committed snapshot described by `meta` (see module docs).
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
@@ -33,9 +41,10 @@ pub fn capture(
     source: &File,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = Base::open(store, &meta)?;
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let new = writer.hash_writer()?;
+    // After the new files: see `capture_extents`.
+    let base = Base::open(store, &meta)?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source_len(source)?.min(size);
@@ -95,56 +104,48 @@ fn stream_ranges<S: ImageSource + ?Sized>(
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     progress.set_total(size);
-    let mut scratch = Vec::new();
     let chunk = CHUNK.div_ceil(bs) * bs;
-
-    std::thread::scope(|s| -> Result<(), StoreError> {
-        let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), StoreError>>(2);
-        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let ranges_ref = ranges;
-        s.spawn(move || {
-            for r in ranges_ref {
-                let mut off = r.start;
-                while off < r.end {
-                    let len = chunk.min(r.end - off);
-                    let mut buf = back_rx.try_recv().unwrap_or_default();
-                    buf.resize(len as usize, 0);
-                    let res = read_source(source, off, &mut buf, src_len).map(|()| (off, buf));
-                    let failed = res.is_err();
-                    if tx.send(res).is_err() || failed {
-                        return;
-                    }
-                    off += len;
-                }
-            }
-        });
-        let mut pos = 0u64;
-        for msg in rx {
-            let (off, buf) = msg?;
+    let mut pos = 0u64;
+    read_and_hash(
+        source,
+        Batches {
+            ranges,
+            chunk,
+            bs,
+            src_len,
+        },
+        None,
+        |batch| {
             if progress.cancelled() {
                 return Err(StoreError::Cancelled {
                     id: meta.id.clone(),
                 });
             }
-            // Everything between the previous chunk and this one is a hole: zeros.
-            zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
-            process_chunk(
-                &mut writer,
-                &mut base,
-                &mut new,
-                &mut scratch,
-                off,
-                &buf,
-                bs,
-            )?;
-            progress.advance(off + buf.len() as u64 - pos);
-            pos = off + buf.len() as u64;
-            let _ = back_tx.send(buf);
-        }
-        zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
-        progress.advance(size - pos);
-        Ok(())
-    })?;
+            let mut first_hash = 0usize;
+            for (&(off, len), piece) in batch.pieces.iter().zip(batch.slices()) {
+                // Everything between the previous piece and this one is a hole: zeros.
+                zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
+                let n = piece.len().div_ceil(bs as usize);
+                record_scanned(
+                    &mut writer,
+                    &mut base,
+                    &mut new,
+                    Span {
+                        off,
+                        buf: piece,
+                        bs,
+                    },
+                    &batch.hashes[first_hash..first_hash + n],
+                )?;
+                first_hash += n;
+                progress.advance(off + len - pos);
+                pos = off + len;
+            }
+            Ok(())
+        },
+    )?;
+    zero_span(&mut writer, &mut base, &mut new, pos, size, bs, size)?;
+    progress.advance(size - pos);
     // The parent's list is trusted only once its checksum is confirmed, before the commit.
     base.finish()?;
     writer.commit_streamed(new)
@@ -167,10 +168,12 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
     let t0 = std::time::Instant::now();
-    let mut base = Base::open(store, &meta)?;
-    let parent_size = base.parent_size;
+    // The new files first: the parent's list then loads while the dirty blocks are read,
+    // not while the new files' directory is made durable.
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let mut new = writer.hash_writer()?;
+    let mut base = Base::open(store, &meta)?;
+    let parent_size = base.parent_size;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
@@ -200,58 +203,26 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     // need storing. Without a parent every changed block is stored whole, as before.
     let pieces_until = parent_size.unwrap_or(0);
     progress.set_total(merged.iter().map(|r| r.end - r.start).sum());
-    let chunk = CHUNK.div_ceil(bs) * bs;
-    let mut buf = Vec::new();
-    let mut scratch = Vec::new();
-    let mut read_time = std::time::Duration::ZERO;
+    let chunk = SCATTERED_CHUNK.div_ceil(bs) * bs;
     let opened = t0.elapsed();
     let read_ahead = ReadAhead::default();
-    std::thread::scope(|s| -> Result<(), StoreError> {
-        // The read-ahead hints block while the disk's queue is full: a thread of their own
-        // keeps the queue full while this one hashes and writes.
-        let _stop = read_ahead.stop_on_drop();
-        s.spawn(|| read_ahead.run(source, &merged));
-        // Scattered blocks are read into one buffer, a batch at a time, and hashed together
-        // (on two threads, see `hash_blocks`), not one store block at a time.
-        let mut pieces: Vec<(u64, u64)> = Vec::new();
-        let (mut ri, mut pos) = (0usize, merged.first().map_or(0, |r| r.start));
-        while ri < merged.len() {
+    let waited = read_and_hash(
+        source,
+        Batches {
+            ranges: &merged,
+            chunk,
+            bs,
+            src_len,
+        },
+        Some(&read_ahead),
+        |batch| {
             if progress.cancelled() {
                 return Err(StoreError::Cancelled {
                     id: meta.id.clone(),
                 });
             }
-            read_ahead.reached(ri);
-            pieces.clear();
-            let mut total = 0u64;
-            while ri < merged.len() && total < chunk {
-                let r = &merged[ri];
-                let len = chunk.min(r.end - pos);
-                pieces.push((pos, len));
-                total += len;
-                pos += len;
-                if pos >= r.end {
-                    ri += 1;
-                    pos = merged.get(ri).map_or(pos, |n| n.start);
-                }
-            }
-            buf.resize(total as usize, 0);
-            let tr = std::time::Instant::now();
-            let mut at = 0usize;
-            for &(off, len) in &pieces {
-                read_source(source, off, &mut buf[at..at + len as usize], src_len)?;
-                at += len as usize;
-            }
-            read_time += tr.elapsed();
-            let blocks: Vec<&[u8]> = batch_slices(&buf, &pieces)
-                .flat_map(|piece| piece.chunks(bs as usize))
-                .collect();
-            scratch.clear();
-            scratch.resize(blocks.len(), ZERO_HASH);
-            hash_blocks(&blocks, &mut scratch);
-            drop(blocks);
             let mut first_hash = 0usize;
-            for (&(off, len), piece) in pieces.iter().zip(batch_slices(&buf, &pieces)) {
+            for (&(off, len), piece) in batch.pieces.iter().zip(batch.slices()) {
                 let n = piece.len().div_ceil(bs as usize);
                 // Blocks outside the dirty set keep the parent's hash.
                 copy_hashes(&mut base, &mut new, off / bs)?;
@@ -264,7 +235,7 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
                         buf: piece,
                         bs,
                     },
-                    &scratch[first_hash..first_hash + n],
+                    &batch.hashes[first_hash..first_hash + n],
                     Pieces {
                         // Every byte dirty: whole changed blocks, as a full scan stores.
                         whole: parent_size.is_none() || covers(&fine, off, off + len),
@@ -275,9 +246,9 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
                 first_hash += n;
                 progress.advance(len);
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
     base.finish()?;
     let streamed = t0.elapsed();
@@ -285,7 +256,7 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     tracing::debug!(
         ranges = merged.len(),
         ?opened,
-        ?read_time,
+        ?waited,
         ?streamed,
         total = ?t0.elapsed(),
         "captured the dirty blocks"
@@ -323,15 +294,10 @@ struct Span<'a> {
 
 /// Appends the base's hashes of the blocks from the writer's position up to `until`.
 fn copy_hashes(base: &mut Base, new: &mut HashWriter, until: u64) -> Result<(), StoreError> {
-    let mut batch = Vec::with_capacity(4096);
-    for i in new.written()..until {
-        batch.push(base.get(i)?);
-        if batch.len() == 4096 {
-            new.push(&batch)?;
-            batch.clear();
-        }
+    match &mut base.parent {
+        Some(r) => r.copy_to(new, until),
+        None => new.push_zeros(until.saturating_sub(new.written())),
     }
-    new.push(&batch)
 }
 
 /// What the new image is compared against: the parent's hashes, or an all-zero volume.
@@ -461,29 +427,23 @@ fn zero_span(
     new.push(&batch)
 }
 
-/// Hashes a chunk's blocks (two threads), updates `new`, records blocks that differ from base.
-#[allow(clippy::too_many_arguments)]
-fn process_chunk(
+/// Records the blocks of `span`, whose hashes are already computed, that differ from the
+/// base (runs of changed data blocks as one slice, all-zero blocks as zero records) and
+/// appends `hashes` to `new`.
+fn record_scanned(
     w: &mut SnapshotWriter,
     base: &mut Base,
     new: &mut HashWriter,
-    scratch: &mut Vec<[u8; HASH_LEN]>,
-    off: u64,
-    buf: &[u8],
-    bs: u64,
+    span: Span<'_>,
+    hashes: &[[u8; HASH_LEN]],
 ) -> Result<(), StoreError> {
-    let first = (off / bs) as usize;
-    let count = buf.len().div_ceil(bs as usize);
-    scratch.clear();
-    scratch.resize(count, ZERO_HASH);
-    let hashes = &mut scratch[..];
-    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-    hash_blocks(&blocks, hashes);
+    let Span { off, buf, bs } = span;
+    let first = off / bs;
     // Runs of changed data blocks go to the writer as one slice (fewer copies).
     let mut run: Option<(u64, usize, usize)> = None;
-    for (i, block) in blocks.iter().enumerate() {
-        let idx = (first + i) as u64;
-        let h = scratch[i];
+    for (i, block) in buf.chunks(bs as usize).enumerate() {
+        let idx = first + i as u64;
+        let h = hashes[i];
         let was = base.get(idx)?;
         let is_data = h != was && h != ZERO_HASH;
         if !is_data {
@@ -508,7 +468,7 @@ fn process_chunk(
     if let Some((start, from, to)) = run {
         w.add_data(start, &buf[from..to])?;
     }
-    new.push(scratch)
+    new.push(hashes)
 }
 
 /// A point-in-time image that capture reads: a regular file or block device, or anything
@@ -576,8 +536,9 @@ impl ReadAhead {
         StopReadAhead(self)
     }
 
+    /// A reader is at range `i` (readers may report out of order: the furthest counts).
     fn reached(&self, i: usize) {
-        self.at.store(i, std::sync::atomic::Ordering::Release);
+        self.at.fetch_max(i, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn run<S: ImageSource + ?Sized>(&self, source: &S, ranges: &[Range<u64>]) {
@@ -610,6 +571,228 @@ impl ReadAhead {
             next += 1;
         }
     }
+}
+
+/// What [`read_and_hash`] reads: sorted, disjoint, block-aligned `ranges` (the last may end
+/// at the volume's end), in batches of at most `chunk` bytes (a multiple of `bs`); bytes
+/// past `src_len` read as zeros.
+struct Batches<'a> {
+    ranges: &'a [Range<u64>],
+    chunk: u64,
+    bs: u64,
+    src_len: u64,
+}
+
+/// Cuts [`Batches`] into batches, in order; shared by the workers.
+struct Cutter<'a> {
+    ranges: &'a [Range<u64>],
+    chunk: u64,
+    /// The range and the offset in it where the next batch starts.
+    ri: usize,
+    pos: u64,
+    next: usize,
+}
+
+impl Cutter<'_> {
+    /// Fills `pieces` with the next batch's (offset, length) pieces, at most `chunk` bytes
+    /// of consecutive ranges; returns the batch's index and the index of its first range.
+    fn next_batch(&mut self, pieces: &mut Vec<(u64, u64)>) -> Option<(usize, usize)> {
+        pieces.clear();
+        while self
+            .ranges
+            .get(self.ri)
+            .is_some_and(|r| self.pos.max(r.start) >= r.end)
+        {
+            self.ri += 1;
+        }
+        let first_range = self.ri;
+        let mut total = 0u64;
+        while let Some(r) = self.ranges.get(self.ri) {
+            if total >= self.chunk {
+                break;
+            }
+            self.pos = self.pos.max(r.start);
+            let len = (self.chunk - total).min(r.end - self.pos);
+            pieces.push((self.pos, len));
+            total += len;
+            self.pos += len;
+            if self.pos >= r.end {
+                self.ri += 1;
+            }
+        }
+        if pieces.is_empty() {
+            return None;
+        }
+        self.next += 1;
+        Some((self.next - 1, first_range))
+    }
+}
+
+/// A batch of the image, read and hashed by a worker: the (offset, length) `pieces`, their
+/// bytes one after the other in `buf`, and the hash of each of their blocks (a piece's last
+/// block may be short) in `hashes`.
+#[derive(Default)]
+struct Batch {
+    index: usize,
+    pieces: Vec<(u64, u64)>,
+    buf: Vec<u8>,
+    hashes: Vec<[u8; HASH_LEN]>,
+}
+
+impl Batch {
+    /// The bytes of each piece.
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().scan(0usize, move |at, &(_, len)| {
+            let piece = &self.buf[*at..*at + len as usize];
+            *at += len as usize;
+            Some(piece)
+        })
+    }
+
+    /// Reads the pieces and hashes their blocks.
+    fn fill<S: ImageSource + ?Sized>(
+        &mut self,
+        source: &S,
+        bs: u64,
+        src_len: u64,
+    ) -> Result<(), StoreError> {
+        let total: u64 = self.pieces.iter().map(|&(_, len)| len).sum();
+        self.buf.resize(total as usize, 0);
+        let mut at = 0usize;
+        for &(off, len) in &self.pieces {
+            read_source(source, off, &mut self.buf[at..at + len as usize], src_len)?;
+            at += len as usize;
+        }
+        let mut hashes = std::mem::take(&mut self.hashes);
+        hashes.clear();
+        for piece in self.slices() {
+            hashes.extend(piece.chunks(bs as usize).map(hash_block));
+        }
+        self.hashes = hashes;
+        Ok(())
+    }
+}
+
+/// Sets a flag when dropped: tells the workers to stop on every way out of the recorder.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Reads the batches of `what` and hashes their blocks on [`WORKERS`] threads of their own
+/// (each block read once, at most [`BUFFERS`] batches in memory) and hands them to `record`
+/// on this thread, in image order. With `read_ahead`, a further thread hints the ranges
+/// to the source ahead of the workers. Returns how long this thread waited for batches.
+fn read_and_hash<S, F>(
+    source: &S,
+    what: Batches<'_>,
+    read_ahead: Option<&ReadAhead>,
+    mut record: F,
+) -> Result<std::time::Duration, StoreError>
+where
+    S: ImageSource + ?Sized,
+    F: FnMut(&Batch) -> Result<(), StoreError>,
+{
+    let Batches {
+        ranges,
+        chunk,
+        bs,
+        src_len,
+    } = what;
+    let cutter = Mutex::new(Cutter {
+        ranges,
+        chunk,
+        ri: 0,
+        pos: 0,
+        next: 0,
+    });
+    let stop = AtomicBool::new(false);
+    // Free buffers; a worker takes one before it claims a batch, so that the batch the
+    // recorder waits for always has a buffer.
+    let (free_tx, free_rx) = mpsc::channel::<Batch>();
+    let free_rx = Mutex::new(free_rx);
+    let mut waited = std::time::Duration::ZERO;
+    std::thread::scope(|s| -> Result<(), StoreError> {
+        // Declared in here: dropped (and the workers released) before the scope joins them.
+        let _stop = StopOnDrop(&stop);
+        let free_tx = free_tx;
+        let _stop_hints = read_ahead.map(ReadAhead::stop_on_drop);
+        if let Some(ra) = read_ahead {
+            // The read-ahead hints block while the disk's queue is full: a thread of their
+            // own keeps the queue full while the workers read and hash.
+            s.spawn(move || ra.run(source, ranges));
+        }
+        for _ in 0..BUFFERS {
+            let _ = free_tx.send(Batch::default());
+        }
+        let (done_tx, done_rx) = mpsc::channel::<Result<Batch, StoreError>>();
+        for _ in 0..WORKERS {
+            let done_tx = done_tx.clone();
+            let (cutter, free_rx, stop) = (&cutter, &free_rx, &stop);
+            s.spawn(move || loop {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let next = free_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok(mut batch) = next else { return };
+                let claimed = cutter
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_batch(&mut batch.pieces);
+                let Some((index, first_range)) = claimed else {
+                    return;
+                };
+                batch.index = index;
+                if let Some(ra) = read_ahead {
+                    ra.reached(first_range);
+                }
+                let res = batch.fill(source, bs, src_len).map(|()| batch);
+                let failed = res.is_err();
+                if done_tx.send(res).is_err() || failed {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let mut early: BTreeMap<usize, Batch> = BTreeMap::new();
+        let mut next = 0usize;
+        loop {
+            let batch = match early.remove(&next) {
+                Some(b) => b,
+                None => {
+                    let t = std::time::Instant::now();
+                    let got = done_rx.recv();
+                    waited += t.elapsed();
+                    match got {
+                        Ok(Ok(b)) if b.index == next => b,
+                        Ok(Ok(b)) => {
+                            early.insert(b.index, b);
+                            continue;
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        // Every worker is done: every batch was recorded.
+                        Err(_) => break,
+                    }
+                }
+            };
+            record(&batch)?;
+            next += 1;
+            let _ = free_tx.send(batch);
+        }
+        // Workers end early only when told to: anything else is a bug, never a short capture.
+        let c = cutter.lock().unwrap_or_else(|e| e.into_inner());
+        if next != c.next || c.ri < ranges.len() {
+            return Err(StoreError::Invalid(format!(
+                "capture workers stopped after {next} of {} batches",
+                c.next
+            )));
+        }
+        Ok(())
+    })?;
+    Ok(waited)
 }
 
 /// [`read_image`] for any [`ImageSource`]: bytes past `src_len` read as zeros.
@@ -649,9 +832,10 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
     data: &[Range<u64>],
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
-    let base = Base::open(store, &meta)?;
     let writer = SnapshotWriter::begin(store, meta.clone())?;
     let new = writer.hash_writer()?;
+    // After the new files: see `capture_extents`.
+    let base = Base::open(store, &meta)?;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
@@ -671,15 +855,6 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
     )
 }
 
-/// The slices of a batch buffer holding `pieces` (offset, length) one after the other.
-fn batch_slices<'a>(buf: &'a [u8], pieces: &'a [(u64, u64)]) -> impl Iterator<Item = &'a [u8]> {
-    pieces.iter().scan(0usize, move |at, &(_, len)| {
-        let piece = &buf[*at..*at + len as usize];
-        *at += len as usize;
-        Some(piece)
-    })
-}
-
 /// What of a changed block `record_hashed` stores.
 struct Pieces<'a> {
     /// Store changed blocks whole.
@@ -692,7 +867,7 @@ struct Pieces<'a> {
 
 /// Records the blocks of `span`, whose hashes are already computed, that differ from the
 /// base: all-zero blocks as zero records, other changed blocks whole (as
-/// [`process_chunk`] does) or, of a block ending at or before `what.until`, only its
+/// [`record_scanned`] does) or, of a block ending at or before `what.until`, only its
 /// intersection with `what.fine` (its hash is still that of the whole block). Appends
 /// `hashes` to `new`.
 fn record_hashed(

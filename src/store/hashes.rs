@@ -10,24 +10,36 @@ use super::writer::ZERO_HASH;
 use super::{file_key, BlobWriter, Manifest, Store, StoreError, HASHES_FILE};
 use crate::api::SnapshotId;
 use std::io::Write;
+use std::sync::mpsc;
+use std::thread;
 
 /// Hashes loaded per read.
 const BATCH: u64 = 32 * 1024;
+/// Batches the loader thread reads ahead of the reader.
+const AHEAD: usize = 4;
 
 /// Marks a block whose stored hash is stale (a short last block the volume has outgrown): it
 /// never equals a real hash, so the block is always re-examined.
 pub const STALE_HASH: [u8; HASH_LEN] = [0xff; HASH_LEN];
 
-/// The hashes of one snapshot, read in ascending block order.
+/// What the loader thread sends: the next batch of the list's bytes, or why it stopped.
+type Loaded = Result<Vec<u8>, StoreError>;
+
+/// The hashes of one snapshot, read in ascending block order. A loader thread reads the
+/// list ahead in large batches and checksums it, so that the reader neither waits for the
+/// disk nor hashes.
 pub(crate) struct HashReader {
-    store: Store,
     id: SnapshotId,
     key: String,
     count: u64,
     stale: Option<u64>,
-    buf: Vec<[u8; HASH_LEN]>,
+    /// The hashes of the blocks from `buf_first` on, as bytes (one batch).
+    buf: Vec<u8>,
     buf_first: u64,
-    hasher: blake3::Hasher,
+    rx: Option<mpsc::Receiver<Loaded>>,
+    /// Returns whether the list's checksum matched; `None` when it stopped early (its error,
+    /// if any, was sent).
+    loader: Option<thread::JoinHandle<Option<bool>>>,
 }
 
 impl HashReader {
@@ -65,44 +77,59 @@ impl HashReader {
         }
         let bs = u64::from(bs);
         let stale = (size % bs != 0 && new_size > size).then_some(size / bs);
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&header);
+        let (tx, rx) = mpsc::sync_channel::<Loaded>(AHEAD);
+        let loader = {
+            let (store, k) = (store.clone(), key.clone());
+            thread::Builder::new()
+                .name("hashes-reader".into())
+                .spawn(move || load(&store, &k, &header, count, &tx))
+                .map_err(|e| StoreError::backend(&key, e))?
+        };
         Ok(HashReader {
-            store: store.clone(),
             id: m.id.clone(),
             key,
             count,
             stale,
             buf: Vec::new(),
             buf_first: 0,
-            hasher,
+            rx: Some(rx),
+            loader: Some(loader),
         })
     }
 
-    fn load_next(&mut self) -> Result<bool, StoreError> {
-        let first = self.buf_first + self.buf.len() as u64;
-        let n = BATCH.min(self.count - first);
-        if n == 0 {
-            return Ok(false);
-        }
-        let mut bytes = vec![0u8; (n as usize) * HASH_LEN];
-        self.store
-            .backend()
-            .read_at(
+    /// The first block after the loaded batch.
+    fn buf_end(&self) -> u64 {
+        self.buf_first + (self.buf.len() / HASH_LEN) as u64
+    }
+
+    /// Takes the next batch from the loader; only called while blocks remain.
+    fn load_next(&mut self) -> Result<(), StoreError> {
+        match self.rx.as_ref().map(|rx| rx.recv()) {
+            Some(Ok(Ok(bytes))) => {
+                self.buf_first = self.buf_end();
+                self.buf = bytes;
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(StoreError::backend(
                 &self.key,
-                HASHES_HEADER_LEN + first * HASH_LEN as u64,
-                &mut bytes,
-            )
-            .map_err(|e| StoreError::backend(&self.key, e))?;
-        self.hasher.update(&bytes);
-        self.buf.clear();
-        self.buf.extend(bytes.chunks_exact(HASH_LEN).map(|c| {
-            let mut a = [0u8; HASH_LEN];
-            a.copy_from_slice(c);
-            a
-        }));
-        self.buf_first = first;
-        Ok(true)
+                std::io::Error::other("block-hash loader stopped early"),
+            )),
+        }
+    }
+
+    /// Loads batches until block `i` (below `count`, not before the loaded batch) is in.
+    fn load_to(&mut self, i: u64) -> Result<(), StoreError> {
+        if i < self.buf_first {
+            return Err(StoreError::Invalid(format!(
+                "block hash {i} requested after {}",
+                self.buf_first
+            )));
+        }
+        while i >= self.buf_end() {
+            self.load_next()?;
+        }
+        Ok(())
     }
 
     /// The hash of block `i`; calls must not go backwards past the loaded batch.
@@ -113,30 +140,55 @@ impl HashReader {
         if i >= self.count {
             return Ok(ZERO_HASH);
         }
-        if i < self.buf_first {
-            return Err(StoreError::Invalid(format!(
-                "block hash {i} requested after {}",
-                self.buf_first
-            )));
-        }
-        while i >= self.buf_first + self.buf.len() as u64 {
-            if !self.load_next()? {
-                return Ok(ZERO_HASH);
+        self.load_to(i)?;
+        let at = ((i - self.buf_first) as usize) * HASH_LEN;
+        let mut h = [0u8; HASH_LEN];
+        h.copy_from_slice(&self.buf[at..at + HASH_LEN]);
+        Ok(h)
+    }
+
+    /// Appends the hashes of blocks `new.written()..until` to `new` (what `get` returns
+    /// for each), whole batches at a time.
+    pub fn copy_to(&mut self, new: &mut HashWriter, until: u64) -> Result<(), StoreError> {
+        let mut i = new.written();
+        while i < until {
+            if Some(i) == self.stale {
+                new.push(&[STALE_HASH])?;
+                i += 1;
+                continue;
             }
+            if i >= self.count {
+                return new.push_zeros(until - i);
+            }
+            self.load_to(i)?;
+            let mut end = until.min(self.buf_end());
+            if let Some(stale) = self.stale.filter(|&s| s > i) {
+                end = end.min(stale);
+            }
+            let at = |b: u64| ((b - self.buf_first) as usize) * HASH_LEN;
+            new.push_bytes(&self.buf[at(i)..at(end)])?;
+            i = end;
         }
-        Ok(self.buf[(i - self.buf_first) as usize])
+        Ok(())
     }
 
     /// Reads the rest and checks the trailer: only then were the hashes handed out trustworthy.
     pub fn finish(mut self) -> Result<(), StoreError> {
-        while self.load_next()? {}
-        let mut trailer = [0u8; HASH_LEN];
-        let at = HASHES_HEADER_LEN + self.count * HASH_LEN as u64;
-        self.store
-            .backend()
-            .read_at(&self.key, at, &mut trailer)
-            .map_err(|e| StoreError::backend(&self.key, e))?;
-        if self.hasher.finalize().as_bytes() != &trailer {
+        if let Some(rx) = self.rx.take() {
+            for loaded in rx {
+                loaded?;
+            }
+        }
+        let matched = match self.loader.take().map(|h| h.join()) {
+            Some(Ok(Some(matched))) => matched,
+            _ => {
+                return Err(StoreError::backend(
+                    &self.key,
+                    std::io::Error::other("block-hash loader stopped early"),
+                ))
+            }
+        };
+        if !matched {
             return Err(StoreError::corrupt(
                 &self.id,
                 HASHES_FILE,
@@ -146,6 +198,54 @@ impl HashReader {
         }
         Ok(())
     }
+}
+
+impl Drop for HashReader {
+    fn drop(&mut self) {
+        // Unfinished: the loader stops at its next send; wait for it (no read outlives us).
+        self.rx = None;
+        if let Some(h) = self.loader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The loader thread of a [`HashReader`]: sends the `count` hashes after `header` in
+/// batches of [`BATCH`], checksumming them, then compares the trailer. Returns whether it
+/// matched; `None` when the reader went away or a read failed (the error is sent).
+fn load(
+    store: &Store,
+    key: &str,
+    header: &[u8],
+    count: u64,
+    tx: &mpsc::SyncSender<Loaded>,
+) -> Option<bool> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(header);
+    let mut first = 0u64;
+    let read = |at: u64, buf: &mut [u8]| {
+        store
+            .backend()
+            .read_at(key, at, buf)
+            .map_err(|e| StoreError::backend(key, e))
+    };
+    while first < count {
+        let n = BATCH.min(count - first);
+        let mut bytes = vec![0u8; (n as usize) * HASH_LEN];
+        if let Err(e) = read(HASHES_HEADER_LEN + first * HASH_LEN as u64, &mut bytes) {
+            let _ = tx.send(Err(e));
+            return None;
+        }
+        hasher.update(&bytes);
+        tx.send(Ok(bytes)).ok()?;
+        first += n;
+    }
+    let mut trailer = [0u8; HASH_LEN];
+    if let Err(e) = read(HASHES_HEADER_LEN + count * HASH_LEN as u64, &mut trailer) {
+        let _ = tx.send(Err(e));
+        return None;
+    }
+    Some(hasher.finalize().as_bytes() == &trailer)
 }
 
 /// Writes a snapshot's list one batch at a time; commit with `finish`.
@@ -193,15 +293,31 @@ impl HashWriter {
 
     /// Appends the hashes of the next blocks.
     pub fn push(&mut self, hashes: &[[u8; HASH_LEN]]) -> Result<(), StoreError> {
-        self.written += hashes.len() as u64;
-        if self.written > self.count {
+        self.push_bytes(hashes.as_flattened())
+    }
+
+    /// Appends hashes given as bytes (a multiple of `HASH_LEN`).
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let n = (bytes.len() / HASH_LEN) as u64;
+        if bytes.len() % HASH_LEN != 0 || self.written + n > self.count {
             return Err(StoreError::Invalid("more block hashes than blocks".into()));
         }
-        for h in hashes {
-            self.bytes.extend_from_slice(h);
-        }
+        self.written += n;
+        self.bytes.extend_from_slice(bytes);
         if self.bytes.len() >= 1 << 20 {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Appends `n` all-zero block hashes.
+    pub fn push_zeros(&mut self, n: u64) -> Result<(), StoreError> {
+        static ZEROS: [[u8; HASH_LEN]; 1024] = [ZERO_HASH; 1024];
+        let mut left = n;
+        while left > 0 {
+            let m = left.min(ZEROS.len() as u64);
+            self.push(&ZEROS[..m as usize])?;
+            left -= m;
         }
         Ok(())
     }
@@ -234,5 +350,91 @@ impl HashWriter {
             .map_err(|e| StoreError::backend(&self.key, e))?;
         let key = self.key.clone();
         self.w.commit().map_err(|e| StoreError::backend(&key, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::{capture, capture_extents, format, NoProgress};
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn copy_to_equals_get_across_batches_a_stale_block_and_growth() {
+        let (store, mem) = mem_store();
+        let dir = tempfile::tempdir().unwrap();
+        // 4 KiB blocks: 51,456 hashes (more than one loader batch), a short last block.
+        let size = 201 * MIB + 1000;
+        let img = sparse(dir.path(), "img", size);
+        for (i, off) in [0, 3 * MIB, 130 * MIB, 200 * MIB, size - 900]
+            .into_iter()
+            .enumerate()
+        {
+            scribble(&img, off, 700, i as u64 + 1);
+        }
+        let m = capture(&store, meta(&sid(1), None, size, 4096), &img, &NoProgress).unwrap();
+        // Seen by a volume grown by 3 blocks: the short last block is stale, the rest zero.
+        let grown = size + 3 * 4096;
+        let count = grown.div_ceil(4096);
+        let mut by_get = HashReader::open(&store, &m, grown).unwrap();
+        let want: Vec<_> = (0..count).map(|i| by_get.get(i).unwrap()).collect();
+        by_get.finish().unwrap();
+        assert_eq!(want[(size / 4096) as usize], STALE_HASH);
+        assert_eq!(want.iter().filter(|h| **h != ZERO_HASH).count(), 5);
+        // Copied in uneven steps, some single blocks pushed by hand, as a capture does.
+        let mut r = HashReader::open(&store, &m, grown).unwrap();
+        let mut w = HashWriter::create(&store, &sid(2), 4096, grown).unwrap();
+        let mut at = 0u64;
+        for step in [1, 0, 5000, 40_000, 7, 6440, 3, 1] {
+            let until = (at + step).min(count);
+            r.copy_to(&mut w, until).unwrap();
+            assert_eq!(w.written(), until);
+            if until < count {
+                w.push(&[r.get(until).unwrap()]).unwrap();
+                at = until + 1;
+            } else {
+                at = until;
+            }
+        }
+        r.copy_to(&mut w, count).unwrap();
+        r.finish().unwrap();
+        w.finish().unwrap();
+        let bytes = mem.get("snapshots/ss-00000002/hashes").unwrap();
+        let (_, _, got) = format::decode_hashes(&bytes, &sid(2)).unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "copied hashes differ from get()");
+    }
+
+    #[test]
+    fn a_damaged_parent_list_fails_an_incremental_and_leaves_no_snapshot() {
+        let (store, mem) = mem_store();
+        let dir = tempfile::tempdir().unwrap();
+        let size = 160 * MIB;
+        let img = sparse(dir.path(), "img", size);
+        scribble(&img, 5 * MIB, 10_000, 1);
+        capture(&store, meta(&sid(1), None, size, 4096), &img, &NoProgress).unwrap();
+        // One bit of a hash the incremental only copies (far from the dirty block).
+        let key = "snapshots/ss-00000001/hashes";
+        let mut b = mem.get(key).unwrap();
+        let at = format::HASHES_HEADER_LEN as usize + 40_000 * HASH_LEN + 3;
+        b[at] ^= 1;
+        mem.set(key, b);
+        scribble(&img, 150 * MIB, 4096, 2);
+        // A range that did not change, and one that did.
+        let dirty = [5 * MIB..5 * MIB + 4096, 150 * MIB..150 * MIB + 4096];
+        let err = capture_extents(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, 4096),
+            &img,
+            &dirty,
+            &NoProgress,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), crate::api::ErrorKind::Corrupt, "{err}");
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert!(mem.get("snapshots/ss-00000002/manifest").is_none());
+        assert!(mem.get("snapshots/ss-00000002/hashes").is_none());
     }
 }

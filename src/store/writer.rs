@@ -2,8 +2,8 @@
 //! file writer it and the delete-fold share, and block-hash lists.
 //!
 //! Extents must arrive in ascending order; adjacent ones are coalesced into records of at most
-//! `max(block size, 1 MiB)` payload bytes. Commit writes the delta, then the block-hash file,
-//! then the manifest, each durably; the snapshot exists from the manifest's rename on.
+//! `max(block size, 1 MiB)` payload bytes. Commit writes the delta and the block-hash file
+//! (at once), then the manifest, each durably; the snapshot exists from the manifest's rename on.
 
 use super::format::{self, IndexEntry, RecordKind, HASH_LEN};
 use super::hashes::{HashWriter, STALE_HASH};
@@ -191,6 +191,8 @@ type WorkerResult = io::Result<Box<dyn BlobWriter>>;
 
 /// Bytes gathered before a buffer goes to the worker.
 const SEND_AT: usize = 1 << 20;
+/// Buffers queued for the worker at most.
+const QUEUED: usize = 16;
 
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
@@ -243,7 +245,9 @@ impl DeltaWriter {
             .backend()
             .put(&key)
             .map_err(|e| StoreError::backend(&key, e))?;
-        let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+        // Up to SEND_AT * QUEUED bytes wait for the worker: the caller does not stall on a
+        // write that waits for the disk (writeback) now and then.
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(QUEUED);
         let (back_tx, back) = mpsc::channel::<Vec<u8>>();
         let clone_ok = Arc::new(AtomicBool::new(true));
         let ok = Arc::clone(&clone_ok);
@@ -748,8 +752,28 @@ impl SnapshotWriter {
             .delta
             .take()
             .ok_or_else(|| StoreError::Invalid("snapshot writer already finished".into()))?;
-        let summary = delta.finish()?;
-        hashes.finish()?;
+        // The delta and the block-hash file are independent blobs: both are committed at
+        // once, so that their fsyncs overlap. Either failing fails the commit (the caller
+        // discards both; without a manifest neither means anything).
+        let hashes_key = file_key(&self.meta.id, HASHES_FILE);
+        let (summary, hashed) = thread::scope(|s| {
+            let hash_commit = thread::Builder::new()
+                .name("hashes-commit".into())
+                .spawn_scoped(s, move || hashes.finish());
+            let summary = delta.finish();
+            let hashed = match hash_commit {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(StoreError::backend(
+                        &hashes_key,
+                        io::Error::other("block-hash file commit panicked"),
+                    ))
+                }),
+                Err(e) => Err(StoreError::backend(&hashes_key, e)),
+            };
+            (summary, hashed)
+        });
+        let summary = summary?;
+        hashed?;
         let m = &self.meta;
         let manifest = Manifest {
             id: m.id.clone(),
@@ -806,6 +830,88 @@ impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         if self.delta.is_some() {
             self.discard();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::{Backend, BlobWriter, SharedMem};
+    use super::*;
+
+    /// A memory backend whose commit of blobs named `fail` fails, after a pause so that the
+    /// other blob's commit runs meanwhile.
+    #[derive(Debug)]
+    struct FailCommit {
+        inner: SharedMem,
+        fail: &'static str,
+    }
+
+    struct FailWriter(Box<dyn BlobWriter>, bool);
+
+    impl Write for FailWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    impl BlobWriter for FailWriter {
+        fn commit(self: Box<Self>) -> io::Result<()> {
+            if self.1 {
+                thread::sleep(std::time::Duration::from_millis(20));
+                return Err(io::Error::other("injected commit failure"));
+            }
+            self.0.commit()
+        }
+    }
+
+    impl Backend for FailCommit {
+        fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>> {
+            let fail = key.rsplit('/').next() == Some(self.fail);
+            Ok(Box::new(FailWriter(self.inner.put(key)?, fail)))
+        }
+        fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.read_at(key, offset, buf)
+        }
+        fn size(&self, key: &str) -> io::Result<u64> {
+            self.inner.size(key)
+        }
+        fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> io::Result<()> {
+            self.inner.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_of_either_blob_leaves_nothing_behind() {
+        for fail in ["delta.0", "hashes", "nothing"] {
+            let mem = SharedMem::new();
+            let inner = mem.0.clone();
+            let store = Store::with_backend(Arc::new(FailCommit { inner: mem, fail })).unwrap();
+            let before = inner.total_bytes();
+            let size = 1 << 20;
+            let mut w = SnapshotWriter::begin(&store, meta(&sid(1), None, size, 4096)).unwrap();
+            let data = vec![7u8; 8192];
+            w.add_data(4096, &data).unwrap();
+            let mut hashes = BlockHashes::zeros(4096, size);
+            hashes.hashes[1] = hash_block(&data[..4096]);
+            hashes.hashes[2] = hash_block(&data[4096..]);
+            let result = w.commit(&hashes);
+            if fail == "nothing" {
+                result.unwrap();
+                assert_eq!(store.list().unwrap().len(), 1);
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(err.to_string().contains(fail), "{fail}: {err}");
+            assert!(store.list().unwrap().is_empty(), "{fail}");
+            assert_eq!(inner.total_bytes(), before, "{fail}: blobs left behind");
         }
     }
 }
