@@ -61,6 +61,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+
+    /// The extents of blob `key` overlapping `len` bytes at `offset`, after writing back any
+    /// dirty data; `None` (the default) where blobs are not files of a local filesystem that
+    /// reports extents.
+    fn extents(&self, _key: &str, _offset: u64, _len: u64) -> io::Result<Option<BlobExtents>> {
+        Ok(None)
+    }
+}
+
+/// Where part of a blob's bytes lie on its filesystem (FIEMAP), for finding extents it shares
+/// with another file of the same filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobExtents {
+    /// The filesystem's device number (`st_dev`): device offsets compare only within one.
+    pub device: u64,
+    /// The extents overlapping the range asked for, in file order; holes are absent.
+    pub extents: Vec<crate::sys::fiemap::Extent>,
 }
 
 /// A reflink error as an `io::Error`: "not supported here" becomes kind `Unsupported`.
@@ -331,6 +348,18 @@ impl Backend for FsBackend {
     ) -> io::Result<()> {
         let src = File::open(self.path(key)?)?;
         crate::sys::reflink::ficlone_range(&src, offset, len, dst, dst_offset).map_err(reflink_io)
+    }
+
+    fn extents(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<BlobExtents>> {
+        use crate::sys::fiemap::{fiemap, FiemapError};
+        use std::os::unix::fs::MetadataExt;
+        let file = File::open(self.path(key)?)?;
+        let device = file.metadata()?.dev();
+        match fiemap(&file, offset, len, true) {
+            Ok(extents) => Ok(Some(BlobExtents { device, extents })),
+            Err(FiemapError::NotSupported { .. }) => Ok(None),
+            Err(FiemapError::Fiemap { source, .. }) => Err(io::Error::from(source)),
+        }
     }
 
     fn delete(&self, key: &str) -> io::Result<()> {
