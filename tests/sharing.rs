@@ -394,3 +394,54 @@ fn loop_incremental_on_a_reflink_state_dir_uses_shared_extents() {
     assert_eq!(d.restore_sha(&inc_id), now);
     d.ok(&["detach-volumes", "-v", &vol]);
 }
+
+/// The state dir on xfs but the store on ext4: the clone and the deltas are on different
+/// filesystems, so device addresses cannot be compared; the incremental reads the whole
+/// clone as before (and says so) and restores identically.
+#[test]
+fn store_on_another_filesystem_falls_back_to_reading_everything() {
+    if !root_or_skip("store_on_another_filesystem_falls_back_to_reading_everything")
+        || !have_tool("mkfs.xfs")
+    {
+        return;
+    }
+    let state = ScratchFs::new("xfs", "512M");
+    let store = ScratchFs::new("ext4", "512M");
+    let d = Daemon::start_with_state_dir(
+        &state.path().join("state"),
+        &format!(
+            "[store]\npath = \"{}\"\n",
+            store.path().join("store").display()
+        ),
+    );
+    let vol = d.volume("64M", "fallback");
+    let dev = d.attach(&vol);
+    let data = state.path().join("data.bin");
+    std::fs::write(&data, random(16 << 20, 2)).unwrap();
+    sh(&format!(
+        "dd if={} of={} bs=1M oflag=direct status=none",
+        data.display(),
+        dev.display()
+    ));
+    d.snapshot(&vol, true);
+    let dev_file = OpenOptions::new().write(true).open(&dev).unwrap();
+    dev_file
+        .write_all_at(&random(K as usize, 3), 5 << 20)
+        .unwrap();
+    dev_file.sync_all().unwrap();
+    drop(dev_file);
+    let inc = d.snapshot(&vol, false);
+    let inc_id = inc["snapshot_id"].as_str().unwrap().to_string();
+    let log = d.log();
+    assert!(
+        log.lines().any(|l| l.contains("shared extents cannot tell")
+            && l.contains(&inc_id)
+            && l.contains("another filesystem")),
+        "no fallback logged:\n{log}"
+    );
+    assert!(!log.contains("incremental from shared extents"), "{log}");
+    sh("sync");
+    let now = sha256(&d.image(&vol));
+    assert_eq!(d.restore_sha(&inc_id), now);
+    d.ok(&["detach-volumes", "-v", &vol]);
+}

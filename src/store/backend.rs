@@ -566,6 +566,31 @@ mod tests {
     }
 
     #[test]
+    fn extents_of_file_blobs_and_none_elsewhere() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let b = FsBackend::new(dir.path());
+        let mut w = b.put("snapshots/ss-1/delta.0").unwrap();
+        w.write_all(&[7u8; 65536]).unwrap();
+        w.commit().unwrap();
+        match b.extents("snapshots/ss-1/delta.0", 0, u64::MAX).unwrap() {
+            // tmpfs and friends: no extent maps.
+            None => eprintln!("SKIPPED the FIEMAP part: no FIEMAP on the temp filesystem"),
+            Some(got) => {
+                let dev = fs::metadata(dir.path()).unwrap().dev();
+                assert_eq!(got.device, dev);
+                let covered: u64 = got.extents.iter().map(|e| e.length).sum();
+                assert!(covered >= 65536, "{got:?}");
+                assert!(got.extents.iter().all(|e| e.is_plain()), "{got:?}");
+            }
+        }
+        assert!(b.extents("snapshots/ss-1/missing", 0, 1).is_err());
+        let m = SharedMem::new();
+        m.put("a").unwrap().commit().unwrap();
+        assert_eq!(m.extents("a", 0, 1).unwrap(), None);
+    }
+
+    #[test]
     fn mem_backend_semantics_and_faults() {
         let b = SharedMem::new();
         exercise(&b);
