@@ -138,7 +138,22 @@ fn rewritten_zeroed_and_punched_blocks_are_found_and_the_rest_is_shared() {
     {
         return;
     }
-    let fs = ScratchFs::new("xfs", "512M");
+    rewritten_zeroed_and_punched("xfs");
+}
+
+#[test]
+fn on_btrfs_rewritten_zeroed_and_punched_blocks_are_found_and_the_rest_is_shared() {
+    if !root_or_skip(
+        "on_btrfs_rewritten_zeroed_and_punched_blocks_are_found_and_the_rest_is_shared",
+    ) || !have_tool("mkfs.btrfs")
+    {
+        return;
+    }
+    rewritten_zeroed_and_punched("btrfs");
+}
+
+fn rewritten_zeroed_and_punched(fstype: &str) {
+    let fs = ScratchFs::new(fstype, "512M");
     let dir = fs.path();
     let store = Store::open(&dir.join("store")).unwrap();
     let size = 40u64 << 20;

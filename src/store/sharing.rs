@@ -78,7 +78,8 @@ impl ChangedRanges {
 /// Finds which ranges of `clone` (the point-in-time clone of the image, `size` bytes) may
 /// differ from the image of snapshot `parent`, from shared extents (see the module docs).
 /// `Unsupported` when it cannot tell (no extent maps, another filesystem, another block size,
-/// a shrunk volume, extents moving); errors only for failures reading the store's metadata.
+/// a shrunk volume, extents moving); errors for failures reading the store's metadata or
+/// mapping the clone (callers fall back to comparing data on either).
 #[tracing::instrument(skip_all, fields(parent = %parent))]
 pub fn changed_by_sharing(
     store: &Store,
