@@ -274,7 +274,7 @@ impl Manager {
                     changed_bytes = changed.changed_bytes(),
                     ranges = changed.ranges.len(),
                     shared_bytes = changed.shared_bytes,
-                    hole_bytes = changed.hole_bytes,
+                    zero_bytes = changed.zero_bytes,
                     took = ?t0.elapsed(),
                     "incremental from shared extents: reading only the blocks that may have changed"
                 );

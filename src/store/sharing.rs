@@ -11,8 +11,11 @@
 //! file offset F and the clone maps its image offset to the very device address the delta
 //! maps F to (both plain extents on one filesystem, see `Extent::is_plain`, both flagged
 //! shared), or when the chain says it is zero (a zero record or never written) and the clone
-//! has a hole there. Everything else — written (not cloned) records, unwritten or delayed
-//! extents, anything not mapped — is *changed*, which only costs a read: the caller captures
+//! reads zeros there without a doubt: a hole, or an unwritten extent (allocated, never written:
+//! mkfs zeroing a journal through a loop device leaves those; the clone is never written and
+//! its map is taken after a writeback, so no write can be pending on it). Everything else —
+//! written (not cloned) records, unwritten or delayed extents where the parent has data,
+//! anything not mapped — is *changed*, which only costs a read: the caller captures
 //! the changed ranges with `capture_extents`, which re-hashes them and stores what differs.
 //!
 //! The comparison walks the image in windows of `WINDOW` bytes: per window one extent map of
@@ -51,8 +54,9 @@ pub struct ChangedRanges {
     pub ranges: Vec<Range<u64>>,
     /// Bytes proved unchanged by a shared extent.
     pub shared_bytes: u64,
-    /// Bytes proved unchanged because both read as zeros (zero in the chain, a hole in the clone).
-    pub hole_bytes: u64,
+    /// Bytes proved unchanged because both read as zeros (zero in the chain; a hole or an
+    /// unwritten extent in the clone).
+    pub zero_bytes: u64,
 }
 
 impl ChangedRanges {
@@ -275,11 +279,17 @@ fn compare_window(
     }
 }
 
-/// `[s, e)` reads as zeros in the parent: unchanged where the clone has a hole.
+/// `[s, e)` reads as zeros in the parent: unchanged where the clone has a hole or an
+/// unwritten extent.
 fn compare_zero(s: u64, e: u64, clone: &[Extent], size: u64, out: &mut ChangedRanges) {
     let mut cur = s;
     while cur < e {
         match find(clone, cur) {
+            Ok(c) if c.reads_as_zero() => {
+                let t = c.end().min(e);
+                out.zero_bytes += t - cur;
+                cur = t;
+            }
             Ok(c) => {
                 let t = c.end().min(e);
                 out.push(cur, t, size);
@@ -287,7 +297,7 @@ fn compare_zero(s: u64, e: u64, clone: &[Extent], size: u64, out: &mut ChangedRa
             }
             Err(next) => {
                 let t = next.min(e);
-                out.hole_bytes += t - cur;
+                out.zero_bytes += t - cur;
                 cur = t;
             }
         }
@@ -295,7 +305,8 @@ fn compare_zero(s: u64, e: u64, clone: &[Extent], size: u64, out: &mut ChangedRa
 }
 
 /// `[s, e)` is payload of record `entry` in the parent: unchanged where the clone maps it to
-/// the device address the delta maps the payload to.
+/// the device address the delta maps the payload to, or where both read as zeros without a
+/// doubt (holes or unwritten extents on both sides: a record's zero tail cloned from a hole).
 fn compare_data(
     s: u64,
     e: u64,
@@ -305,31 +316,24 @@ fn compare_data(
     size: u64,
     out: &mut ChangedRanges,
 ) {
+    let zero = |x: Option<&Extent>| x.is_none_or(Extent::reads_as_zero);
     let mut cur = s;
     while cur < e {
-        let c = match find(clone, cur) {
-            Ok(c) => c,
-            Err(next) => {
-                // A hole where the parent has data: changed (it may have been zeroed).
-                let t = next.min(e);
-                out.push(cur, t, size);
-                cur = t;
-                continue;
-            }
-        };
-        let cend = c.end().min(e);
         let f = file_pos(entry, cur);
-        let (t, same) = match find(delta, f) {
-            Ok(d) => (
-                cend.min(cur.saturating_add(d.end() - f)),
-                same_place(c, cur, d, f),
-            ),
-            Err(next) => (cend.min(cur.saturating_add(next - f)), false),
+        let (c, c_end) = match find(clone, cur) {
+            Ok(c) => (Some(c), c.end()),
+            Err(next) => (None, next),
         };
-        if same {
-            out.shared_bytes += t - cur;
-        } else {
-            out.push(cur, t, size);
+        let (d, d_end) = match find(delta, f) {
+            Ok(d) => (Some(d), d.end()),
+            Err(next) => (None, next),
+        };
+        // The stretch where neither side's mapping changes.
+        let t = e.min(c_end).min(cur.saturating_add(d_end - f));
+        match (c, d) {
+            (Some(c), Some(d)) if same_place(c, cur, d, f) => out.shared_bytes += t - cur,
+            (c, d) if zero(c) && zero(d) => out.zero_bytes += t - cur,
+            _ => out.push(cur, t, size),
         }
         cur = t;
     }
@@ -339,7 +343,7 @@ fn compare_data(
 mod tests {
     use super::*;
     use crate::store::format::RecordKind;
-    use crate::sys::fiemap::{EXTENT_SHARED, EXTENT_UNWRITTEN};
+    use crate::sys::fiemap::{EXTENT_ENCODED, EXTENT_SHARED, EXTENT_UNWRITTEN};
 
     const K: u64 = 4096;
 
@@ -381,18 +385,56 @@ mod tests {
         let delta = vec![Some(vec![ext(0, 1000 * K, 32 * K, EXTENT_SHARED)])];
         // The clone: blocks 0..4 at the delta's place, block 4 rewritten elsewhere, 5..8
         // shared again, 8..12 a hole, 12..16 unwritten at the right place; then 16..20 data
-        // where the parent had nothing, 20..24 a hole where the parent had nothing.
+        // where the parent had nothing, 20..24 a hole where the parent had nothing, 24..26
+        // unwritten where the parent had nothing, 26..28 unwritten but also encoded.
         let clone = vec![
             ext(0, 1001 * K, 4 * K, EXTENT_SHARED),
             ext(4 * K, 5000 * K, K, 0),
             ext(5 * K, 1006 * K, 3 * K, EXTENT_SHARED),
             ext(12 * K, 1013 * K, 4 * K, EXTENT_SHARED | EXTENT_UNWRITTEN),
             ext(16 * K, 7000 * K, 4 * K, 0),
+            ext(24 * K, 8000 * K, 2 * K, EXTENT_UNWRITTEN),
+            ext(26 * K, 8002 * K, 2 * K, EXTENT_UNWRITTEN | EXTENT_ENCODED),
         ];
-        let out = run(24 * K, &layers, &clone, &delta);
-        assert_eq!(out.ranges, vec![4 * K..5 * K, 8 * K..20 * K], "{out:?}");
+        let out = run(28 * K, &layers, &clone, &delta);
+        assert_eq!(
+            out.ranges,
+            vec![4 * K..5 * K, 8 * K..20 * K, 26 * K..28 * K],
+            "{out:?}"
+        );
         assert_eq!(out.shared_bytes, 7 * K);
-        assert_eq!(out.hole_bytes, 4 * K);
+        assert_eq!(out.zero_bytes, 6 * K);
+    }
+
+    #[test]
+    fn zeros_on_both_sides_are_unchanged() {
+        // A 16 KiB record whose payload (file 4096..20480) is data, then a hole, then
+        // unwritten, then data again.
+        let layers = vec![vec![data(0, 4 * K, 4096 - RECORD_HEADER_LEN)]];
+        let delta = vec![Some(vec![
+            ext(0, 1000 * K, 2 * K, EXTENT_SHARED),
+            ext(3 * K, 1003 * K, K, EXTENT_UNWRITTEN),
+            ext(4 * K, 1004 * K, K, EXTENT_SHARED),
+        ])];
+        // Image block 0 is shared; block 1 a hole over the delta's hole (zero); block 2
+        // unwritten over the delta's unwritten extent (zero); block 3 a hole over the delta's
+        // data (changed: zeroed).
+        let clone = vec![
+            ext(0, 1001 * K, K, EXTENT_SHARED),
+            ext(2 * K, 50 * K, K, EXTENT_UNWRITTEN),
+        ];
+        let out = run(4 * K, &layers, &clone, &delta);
+        assert_eq!(out.ranges, vec![3 * K..4 * K], "{out:?}");
+        assert_eq!((out.shared_bytes, out.zero_bytes), (K, 2 * K));
+        // Data over the delta's hole is changed; holes over unwritten extents are zeros.
+        let clone = vec![ext(0, 1001 * K, K, EXTENT_SHARED), ext(K, 60 * K, K, 0)];
+        let delta = vec![Some(vec![
+            ext(0, 1000 * K, 2 * K, EXTENT_SHARED),
+            ext(3 * K, 1003 * K, 2 * K, EXTENT_UNWRITTEN),
+        ])];
+        let out = run(4 * K, &layers, &clone, &delta);
+        assert_eq!(out.ranges, vec![K..2 * K], "{out:?}");
+        assert_eq!(out.zero_bytes, 2 * K);
     }
 
     #[test]

@@ -101,6 +101,12 @@ impl Extent {
     pub fn is_unwritten(&self) -> bool {
         self.flags & EXTENT_UNWRITTEN != 0
     }
+    /// True when the extent is allocated but unwritten and otherwise plain (no flag but
+    /// `LAST`, `MERGED`, `SHARED` and `UNWRITTEN`): its bytes read as zeros.
+    pub fn reads_as_zero(&self) -> bool {
+        self.is_unwritten()
+            && self.flags & !(EXTENT_LAST | EXTENT_MERGED | EXTENT_SHARED | EXTENT_UNWRITTEN) == 0
+    }
     /// True when the extent has a known device location that its bytes map to one for one
     /// (offset `x` in the extent lies at `physical + x`) and holds written data: no flag but
     /// `LAST`, `MERGED` and `SHARED` (no delayed, unknown, encoded, encrypted, inline, tail,
