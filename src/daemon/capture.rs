@@ -3,7 +3,9 @@
 //!
 //! Writers are held only while the point-in-time image is made. Where the state dir is on a
 //! reflink filesystem (xfs, btrfs) that is one FICLONE of the backing image — milliseconds
-//! whatever the size — and the delta is streamed from the clone after the thaw. Elsewhere the
+//! whatever the size — and the delta is streamed from the clone after the thaw (an incremental
+//! reads only the blocks that no longer share extents with the parent's deltas, see
+//! `capture_clone`). Elsewhere the
 //! only honest option is to read the image while frozen, so `freeze_ms` grows with the data;
 //! `freeze_timeout` bounds it: a watchdog thaws and the job fails saying why.
 
@@ -222,7 +224,7 @@ impl Manager {
                 // The clone is the point-in-time image: let writers go, then stream it.
                 meta.freeze_ms = hold.release()?;
                 self.mark_taken(row, snapshot_time, meta.freeze_ms, consistency)?;
-                crate::store::capture(self.store(), meta, &clone.file, progress)?
+                self.capture_clone(meta, &clone.file, progress)?
             }
             None => {
                 // No reflink here: the image must be read while writers are held.
@@ -243,6 +245,50 @@ impl Manager {
         };
         drop(clone);
         self.finish_snapshot(row, &manifest, snapshot_time)
+    }
+
+    /// Captures a reflink clone of a loop volume's image. With a parent, shared extents between
+    /// the clone and the chain's deltas (which the full capture cloned from the image) tell
+    /// which blocks cannot have changed: only the rest is read and hashed
+    /// (`store::changed_by_sharing`, then `store::capture_extents`). Where that cannot tell —
+    /// no extent maps, the store on another filesystem, an odd parent — the whole clone is
+    /// read and hashed as before; the shortcut never fails a snapshot by itself.
+    fn capture_clone(
+        &self,
+        meta: SnapshotMeta,
+        clone: &File,
+        progress: &JobProgress,
+    ) -> Result<crate::store::Manifest, crate::store::StoreError> {
+        use crate::store::Sharing;
+        let store = self.store();
+        let Some(parent) = meta.parent.clone() else {
+            return crate::store::capture(store, meta, clone, progress);
+        };
+        let t0 = std::time::Instant::now();
+        let (id, size, bs) = (meta.id.clone(), meta.volume_size, meta.block_size);
+        match crate::store::changed_by_sharing(store, &parent, clone, size, bs) {
+            Ok(Sharing::Changed(changed)) => {
+                tracing::info!(
+                    snapshot = %id,
+                    parent = %parent,
+                    changed_bytes = changed.changed_bytes(),
+                    ranges = changed.ranges.len(),
+                    shared_bytes = changed.shared_bytes,
+                    zero_bytes = changed.zero_bytes,
+                    took = ?t0.elapsed(),
+                    "incremental from shared extents: reading only the blocks that may have changed"
+                );
+                crate::store::capture_extents(store, meta, clone, &changed.ranges, progress)
+            }
+            Ok(Sharing::Unsupported(why)) => {
+                tracing::info!(snapshot = %id, parent = %parent, reason = %why, "shared extents cannot tell what changed; reading the whole image");
+                crate::store::capture(store, meta, clone, progress)
+            }
+            Err(e) => {
+                tracing::info!(snapshot = %id, parent = %parent, error = %e, "comparing shared extents failed; reading the whole image");
+                crate::store::capture(store, meta, clone, progress)
+            }
+        }
     }
 
     /// Makes a captured snapshot `available` and the head of its volume's chain.

@@ -1,12 +1,14 @@
 //! The snapshot store: snapshots as manifests plus deltas of extent records over a `Backend`.
 //!
-//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), writing
+//! Owns the on-disk format (`format`), chains of snapshots, capture (`capture`), change
+//! detection from shared extents (`sharing`), writing
 //! (`writer`, `hashes`), restore and verify (`restore`), random-access reads for lazy
 //! restore (`reader`), delete-with-fold and crash recovery (`delete`), and the blob
 //! storage underneath (`backend`). It is fed bytes from a
 //! file and writes bytes to a file; it knows nothing of volumes as devices, HTTP, jobs or the
-//! catalog, and calls the kernel-wrapper layer only for writeback hints (`sys::writeback`;
-//! otherwise it uses `nix`'s safe calls). Every
+//! catalog, and calls the kernel-wrapper layer only for writeback hints (`sys::writeback`),
+//! reflinks (`sys::reflink`) and extent maps (`sys::fiemap`); otherwise it uses `nix`'s safe
+//! calls. Every
 //! operation is blocking. `recover` must run before other work (at daemon start). Memory does
 //! not grow with the volume: captures stream block-hash lists (`hashes`), restores hold the
 //! extent map (one entry per visible piece) and a few records.
@@ -22,13 +24,15 @@ pub mod format;
 mod hashes;
 mod reader;
 pub mod restore;
+pub mod sharing;
 mod writer;
 
-pub use backend::{Backend, BlobWriter, FsBackend, MemBackend, SharedMem};
+pub use backend::{Backend, BlobExtents, BlobWriter, FsBackend, MemBackend, SharedMem};
 pub use capture::{capture, capture_extents, capture_ranges, ImageSource};
 pub use delete::RecoveryReport;
 pub use reader::ChainReader;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
+pub use sharing::{changed_by_sharing, ChangedRanges, Sharing};
 pub use writer::{hash_block, BlockHashes, SnapshotWriter, ZERO_HASH};
 
 use crate::api::{ErrorKind, SnapshotId, VolumeId};

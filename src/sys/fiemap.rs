@@ -60,8 +60,22 @@ mod abi {
 pub const EXTENT_LAST: u32 = 0x1;
 /// Location not known yet (delayed allocation).
 pub const EXTENT_UNKNOWN: u32 = 0x2;
+/// Delayed allocation: no location yet.
+pub const EXTENT_DELALLOC: u32 = 0x4;
+/// Encoded (compressed, ...): offsets inside the extent do not map linearly to the device.
+pub const EXTENT_ENCODED: u32 = 0x8;
+/// Encrypted data.
+pub const EXTENT_DATA_ENCRYPTED: u32 = 0x80;
+/// Offsets are not block-aligned.
+pub const EXTENT_NOT_ALIGNED: u32 = 0x100;
+/// Data stored with the metadata (inline).
+pub const EXTENT_DATA_INLINE: u32 = 0x200;
+/// Data packed with other files' tails.
+pub const EXTENT_DATA_TAIL: u32 = 0x400;
 /// Allocated but unwritten: reads as zeroes.
 pub const EXTENT_UNWRITTEN: u32 = 0x800;
+/// The filesystem merged several extents into this one for the report.
+pub const EXTENT_MERGED: u32 = 0x1000;
 /// Shared with another file (a reflink or snapshot).
 pub const EXTENT_SHARED: u32 = 0x2000;
 
@@ -86,6 +100,19 @@ impl Extent {
     }
     pub fn is_unwritten(&self) -> bool {
         self.flags & EXTENT_UNWRITTEN != 0
+    }
+    /// True when the extent is allocated but unwritten and otherwise plain (no flag but
+    /// `LAST`, `MERGED`, `SHARED` and `UNWRITTEN`): its bytes read as zeros.
+    pub fn reads_as_zero(&self) -> bool {
+        self.is_unwritten()
+            && self.flags & !(EXTENT_LAST | EXTENT_MERGED | EXTENT_SHARED | EXTENT_UNWRITTEN) == 0
+    }
+    /// True when the extent has a known device location that its bytes map to one for one
+    /// (offset `x` in the extent lies at `physical + x`) and holds written data: no flag but
+    /// `LAST`, `MERGED` and `SHARED` (no delayed, unknown, encoded, encrypted, inline, tail,
+    /// unaligned or unwritten extents; unknown future flags count against it too).
+    pub fn is_plain(&self) -> bool {
+        self.flags & !(EXTENT_LAST | EXTENT_MERGED | EXTENT_SHARED) == 0 && self.physical != 0
     }
 }
 
