@@ -680,7 +680,7 @@ fn failed_freeze_journal_write_leaves_nothing_frozen() {
         d.failpoints = format!("{site}={mode}");
         d.restart();
         let log_before = d.log().len();
-        sh(&format!("echo {mode} > {m}/data && sync -f {m}/data"));
+        sh(&format!("echo '{mode}' > {m}/data && sync -f {m}/data"));
         let s = attempt(&d, &["create-snapshots", "-r", &vol]);
         eprintln!("{site}={mode}: {s:?}");
         if !s.ok {
