@@ -666,7 +666,7 @@ fn failed_freeze_journal_write_leaves_nothing_frozen() {
     let writable = |what: &str| {
         let ok = Command::new("timeout")
             .args(["5", "sh", "-c"])
-            .arg(format!("echo {what} > {m}/probe && sync -f {m}/probe"))
+            .arg(format!("echo '{what}' > {m}/probe && sync -f {m}/probe"))
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "{what}: the filesystem is not writable (left frozen?)");
