@@ -191,8 +191,9 @@ type WorkerResult = io::Result<Box<dyn BlobWriter>>;
 
 /// Bytes gathered before a buffer goes to the worker.
 const SEND_AT: usize = 1 << 20;
-/// Buffers queued for the worker at most.
-const QUEUED: usize = 16;
+/// Buffers queued for the worker at most. 16 showed no measurable gain over 4 and raised the
+/// daemon's peak RSS by ~12 MiB (the budget is 64 MiB).
+const QUEUED: usize = 4;
 
 /// What a finished delta looks like, for the manifest.
 pub(crate) struct DeltaSummary {
