@@ -372,6 +372,47 @@ fn written_records_are_changed_and_non_file_backends_are_unsupported() {
     ));
 }
 
+/// A loop volume of `size` on daemon `d` whose first `data` bytes are random (written through
+/// the device, direct), then a full snapshot of it. Returns (volume, device, full snapshot id).
+fn volume_with_full_snapshot(
+    d: &Daemon,
+    scratch: &Path,
+    size: &str,
+    data: usize,
+) -> (String, PathBuf, String) {
+    let vol = d.volume(size, "shared");
+    let dev = d.attach(&vol);
+    let file = scratch.join("data.bin");
+    std::fs::write(&file, random(data, 1)).unwrap();
+    sh(&format!(
+        "dd if={} of={} bs=1M oflag=direct status=none",
+        file.display(),
+        dev.display()
+    ));
+    let full = d.snapshot(&vol, true);
+    let full_id = full["snapshot_id"].as_str().unwrap().to_string();
+    (vol, dev, full_id)
+}
+
+/// Rewrites the 4 KiB blocks at `offsets` of `dev` with random bytes, durably.
+fn rewrite_blocks(dev: &Path, offsets: &[u64]) {
+    let dev_file = OpenOptions::new().write(true).open(dev).unwrap();
+    for (i, &off) in offsets.iter().enumerate() {
+        dev_file
+            .write_all_at(&random(K as usize, 500 + i as u64), off)
+            .unwrap();
+    }
+    dev_file.sync_all().unwrap();
+}
+
+/// The volume's image restores identically from snapshot `id`; then detaches the volume.
+fn restores_identically(d: &Daemon, vol: &str, id: &str) {
+    sh("sync");
+    let now = sha256(&d.image(vol));
+    assert_eq!(d.restore_sha(id), now);
+    d.ok(&["detach-volumes", "-v", vol]);
+}
+
 /// The daemon on an xfs state dir: a loop volume's incremental reads only the rewritten
 /// blocks, stores about their bytes and restores identically.
 #[test]
@@ -383,27 +424,10 @@ fn loop_incremental_on_a_reflink_state_dir_uses_shared_extents() {
     }
     let fs = ScratchFs::new("xfs", "1G");
     let d = Daemon::start_with_state_dir(&fs.path().join("state"), "");
-    let vol = d.volume("128M", "shared");
-    let dev = d.attach(&vol);
-    let data = fs.path().join("data.bin");
-    std::fs::write(&data, random(64 << 20, 1)).unwrap();
-    sh(&format!(
-        "dd if={} of={} bs=1M oflag=direct status=none",
-        data.display(),
-        dev.display()
-    ));
-    let full = d.snapshot(&vol, true);
-    let full_id = full["snapshot_id"].as_str().unwrap().to_string();
+    let (vol, dev, full_id) = volume_with_full_snapshot(&d, &fs.path(), "128M", 64 << 20);
     // 40 distinct 4 KiB blocks rewritten, spread over the data.
-    let dev_file = OpenOptions::new().write(true).open(&dev).unwrap();
     let blocks: Vec<u64> = (0..40u64).map(|i| i * 409 * K + (i % 7) * K).collect();
-    for (i, &off) in blocks.iter().enumerate() {
-        dev_file
-            .write_all_at(&random(K as usize, 500 + i as u64), off)
-            .unwrap();
-    }
-    dev_file.sync_all().unwrap();
-    drop(dev_file);
+    rewrite_blocks(&dev, &blocks);
     let inc = d.snapshot(&vol, false);
     let inc_id = inc["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(inc["parent_id"].as_str(), Some(full_id.as_str()), "{inc}");
@@ -419,10 +443,7 @@ fn loop_incremental_on_a_reflink_state_dir_uses_shared_extents() {
         stored >= rewritten && stored <= rewritten + 64 * K,
         "stored {stored} for {rewritten} rewritten bytes"
     );
-    sh("sync");
-    let now = sha256(&d.image(&vol));
-    assert_eq!(d.restore_sha(&inc_id), now);
-    d.ok(&["detach-volumes", "-v", &vol]);
+    restores_identically(&d, &vol, &inc_id);
 }
 
 /// The state dir on xfs but the store on ext4: the clone and the deltas are on different
@@ -444,22 +465,8 @@ fn store_on_another_filesystem_falls_back_to_reading_everything() {
             store.path().join("store").display()
         ),
     );
-    let vol = d.volume("64M", "fallback");
-    let dev = d.attach(&vol);
-    let data = state.path().join("data.bin");
-    std::fs::write(&data, random(16 << 20, 2)).unwrap();
-    sh(&format!(
-        "dd if={} of={} bs=1M oflag=direct status=none",
-        data.display(),
-        dev.display()
-    ));
-    d.snapshot(&vol, true);
-    let dev_file = OpenOptions::new().write(true).open(&dev).unwrap();
-    dev_file
-        .write_all_at(&random(K as usize, 3), 5 << 20)
-        .unwrap();
-    dev_file.sync_all().unwrap();
-    drop(dev_file);
+    let (vol, dev, _) = volume_with_full_snapshot(&d, &state.path(), "64M", 16 << 20);
+    rewrite_blocks(&dev, &[5 << 20]);
     let inc = d.snapshot(&vol, false);
     let inc_id = inc["snapshot_id"].as_str().unwrap().to_string();
     let log = d.log();
@@ -470,10 +477,7 @@ fn store_on_another_filesystem_falls_back_to_reading_everything() {
         "no fallback logged:\n{log}"
     );
     assert!(!log.contains("incremental from shared extents"), "{log}");
-    sh("sync");
-    let now = sha256(&d.image(&vol));
-    assert_eq!(d.restore_sha(&inc_id), now);
-    d.ok(&["detach-volumes", "-v", &vol]);
+    restores_identically(&d, &vol, &inc_id);
 }
 
 /// A large sparse volume: the comparison walks windows of extent maps, so time and memory
