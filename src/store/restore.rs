@@ -184,6 +184,37 @@ struct Fetched {
 /// Bytes of records read ahead at once (shared by the layers of a chain), and the least.
 const SPAN_BYTES: u64 = 4 << 20;
 const MIN_SPAN: u64 = 256 << 10;
+/// Span buffers the reader keeps for reuse once the checker and writer are done with them.
+const SPAN_POOL: usize = 8;
+
+/// The reader's span buffers: a buffer is reused once no stage holds it any more, so a
+/// restore does not allocate (and the allocator zero) a fresh span for every read.
+#[derive(Default)]
+struct SpanPool {
+    sent: Vec<Arc<Vec<u8>>>,
+}
+
+impl SpanPool {
+    /// A buffer of `len` bytes (contents unspecified: the caller overwrites all of it).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let free = self.sent.iter().position(|b| Arc::strong_count(b) == 1);
+        let mut buf = match free.map(|i| Arc::try_unwrap(self.sent.swap_remove(i))) {
+            Some(Ok(buf)) => buf,
+            // None free. (Unwrapping a free one cannot fail: the other stages only drop
+            // their references, they never clone them.)
+            Some(Err(_)) | None => Vec::new(),
+        };
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Remembers a buffer that was sent on, to be reused when the other stages drop it.
+    fn sent(&mut self, buf: &Arc<Vec<u8>>) {
+        if self.sent.len() < SPAN_POOL {
+            self.sent.push(Arc::clone(buf));
+        }
+    }
+}
 /// Writeback of the target starts every `WRITEBACK_STEP` bytes and is waited for
 /// `WRITEBACK_LAG` behind, so the final fsync is short.
 const WRITEBACK_STEP: u64 = 8 << 20;
@@ -740,6 +771,7 @@ impl Store {
         // Each layer keeps its current span alive in the checker: share one budget.
         let limit = (SPAN_BYTES / chain.len().max(1) as u64).max(MIN_SPAN);
         let mut have: Vec<Option<(usize, usize)>> = vec![None; layers.len()];
+        let mut pool = SpanPool::default();
         for p in pieces {
             if let Src::Data { layer, rec } = p.src {
                 if !have[layer].is_some_and(|(a, b)| (a..b).contains(&rec)) {
@@ -766,7 +798,7 @@ impl Store {
                     }
                     let m = &chain[layer];
                     let key = file_key(&m.id, &m.delta_file);
-                    let mut buf = vec![0u8; len as usize];
+                    let mut buf = pool.take(len as usize);
                     self.backend()
                         .read_at(&key, start, &mut buf)
                         .map_err(|err| match err.kind() {
@@ -779,12 +811,14 @@ impl Store {
                             _ => StoreError::backend(&key, err),
                         })?;
                     have[layer] = Some((rec, end));
+                    let buf = Arc::new(buf);
+                    pool.sent(&buf);
                     let span = Span {
                         layer,
                         first: rec,
                         end,
                         pos: start,
-                        buf: Arc::new(buf),
+                        buf,
                     };
                     if tx.send(Ok(Step::Span(span))).is_err() {
                         return Ok(());
