@@ -10,7 +10,10 @@
 # blocks, rounded up), XFS_IMG_GIB (16), TMPBASE (/var/tmp), BIN (target/release),
 # RESTIC (1; 0 skips the restic reference steps for quicker repeated runs), REPS (1: how many
 # times each filesystem's suite runs; with more, a summary of the medians follows the tables;
-# cold reads on a VM's virtual disk vary a lot from one minute to the next).
+# cold reads on a VM's virtual disk vary a lot from one minute to the next), XFS_DIO (1: the
+# loop device under the xfs state dir uses direct I/O, so reading it costs no second page-cache
+# copy in the loop driver's kworker, as on a real disk; 0: buffered, as runs before 2026-11-23
+# 11:00 UTC, where that copy took ~0.9 of the 2 cores during a full snapshot).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}
@@ -25,6 +28,7 @@ FREEZE_MIB=${FREEZE_MIB:-256}
 FREEZE_REPS=${FREEZE_REPS:-3}
 RESTIC=${RESTIC:-1}
 REPS=${REPS:-1}
+XFS_DIO=${XFS_DIO:-1}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in jq fio b3sum restic mkfs.xfs mkfs.ext4 losetup; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
@@ -129,7 +133,8 @@ run_suite() {
         mkdir -p "$base/mnt"
         truncate -s "${XFS_IMG_GIB}G" "$base/xfs.img"
         mkfs.xfs -q -m reflink=1 "$base/xfs.img"
-        XFS_LOOP=$(losetup -f --show "$base/xfs.img")
+        if [ "$XFS_DIO" = 1 ]; then dio=on; else dio=off; fi
+        XFS_LOOP=$(losetup -f --show --direct-io="$dio" "$base/xfs.img")
         mount "$XFS_LOOP" "$base/mnt"; MOUNTS+=("$base/mnt")
         sd="$base/mnt/state"
     else
@@ -139,7 +144,7 @@ run_suite() {
     start_daemon "$sd" "$rd"
     start_sampler "$rd/rss.txt"
     local rss="$rd/rss.txt"
-    echo "== [$fs] state dir $sd: $(findmnt -n -o FSTYPE,SOURCE -T "$sd" | tr -s ' ')   daemon pid $DAEMON_PID"
+    echo "== [$fs] state dir $sd: $(findmnt -n -o FSTYPE,SOURCE -T "$sd" | tr -s ' ')   daemon pid $DAEMON_PID${XFS_LOOP:+, loop direct-io $(cat /sys/block/$(basename "$XFS_LOOP")/loop/dio 2>/dev/null)}"
 
     local vol dev img
     vol=$(bs --wait create-volumes -s "$VOL_SIZE" -N bench | jq -r '.volumes[0]')
