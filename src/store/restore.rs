@@ -1144,6 +1144,32 @@ mod tests {
     }
 
     #[test]
+    fn span_buffers_are_reused_only_once_no_stage_holds_them() {
+        let mut pool = SpanPool::default();
+        let first = Arc::new(pool.take(4096));
+        pool.sent(&first);
+        let held = Arc::clone(&first);
+        drop(first);
+        // Still held by a stage: a new buffer.
+        let second = pool.take(100);
+        assert_ne!(second.as_ptr(), held.as_ptr());
+        assert_eq!(second.len(), 100);
+        let at = held.as_ptr();
+        drop(held);
+        // Free now: the same allocation, at the asked length.
+        let again = pool.take(1000);
+        assert_eq!(again.as_ptr(), at);
+        assert_eq!(again.len(), 1000);
+        // Taken out of the pool: not handed out twice.
+        assert_ne!(pool.take(10).as_ptr(), at);
+        // The pool keeps at most SPAN_POOL buffers.
+        for _ in 0..SPAN_POOL + 3 {
+            pool.sent(&Arc::new(vec![0u8; 8]));
+        }
+        assert_eq!(pool.sent.len(), SPAN_POOL);
+    }
+
+    #[test]
     fn newest_record_wins() {
         let root = vec![e(0, 100, RecordKind::Data)];
         let mid = vec![e(10, 10, RecordKind::Zero), e(50, 10, RecordKind::Data)];
