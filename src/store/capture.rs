@@ -123,25 +123,13 @@ fn stream_ranges<S: ImageSource + ?Sized>(
                     id: meta.id.clone(),
                 });
             }
-            let mut first_hash = 0usize;
-            for (&(off, len), piece) in batch.pieces.iter().zip(batch.slices()) {
+            for (span, hashes) in batch.spans(bs) {
+                let (off, end) = (span.off, span.off + span.buf.len() as u64);
                 // Everything between the previous piece and this one is a hole: zeros.
                 zero_span(&mut writer, &mut base, &mut new, pos, off, bs, size)?;
-                let n = piece.len().div_ceil(bs as usize);
-                record_scanned(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    Span {
-                        off,
-                        buf: piece,
-                        bs,
-                    },
-                    &batch.hashes[first_hash..first_hash + n],
-                )?;
-                first_hash += n;
-                progress.advance(off + len - pos);
-                pos = off + len;
+                record_scanned(&mut writer, &mut base, &mut new, span, hashes)?;
+                progress.advance(end - pos);
+                pos = end;
             }
             Ok(())
         },
@@ -223,29 +211,17 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
                     id: meta.id.clone(),
                 });
             }
-            let mut first_hash = 0usize;
-            for (&(off, len), piece) in batch.pieces.iter().zip(batch.slices()) {
-                let n = piece.len().div_ceil(bs as usize);
+            for (span, hashes) in batch.spans(bs) {
+                let (off, len) = (span.off, span.buf.len() as u64);
                 // Blocks outside the dirty set keep the parent's hash.
                 copy_hashes(&mut base, &mut new, off / bs)?;
-                record_hashed(
-                    &mut writer,
-                    &mut base,
-                    &mut new,
-                    Span {
-                        off,
-                        buf: piece,
-                        bs,
-                    },
-                    &batch.hashes[first_hash..first_hash + n],
-                    Pieces {
-                        // Every byte dirty: whole changed blocks, as a full scan stores.
-                        whole: parent_size.is_none() || covers(&fine, off, off + len),
-                        fine: &fine,
-                        until: pieces_until,
-                    },
-                )?;
-                first_hash += n;
+                let pieces = Pieces {
+                    // Every byte dirty: whole changed blocks, as a full scan stores.
+                    whole: parent_size.is_none() || covers(&fine, off, off + len),
+                    fine: &fine,
+                    until: pieces_until,
+                };
+                record_hashed(&mut writer, &mut base, &mut new, span, hashes, pieces)?;
                 progress.advance(len);
             }
             Ok(())
@@ -642,13 +618,19 @@ struct Batch {
 }
 
 impl Batch {
-    /// The bytes of each piece.
-    fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.pieces.iter().scan(0usize, move |at, &(_, len)| {
-            let piece = &self.buf[*at..*at + len as usize];
-            *at += len as usize;
-            Some(piece)
-        })
+    /// Each piece's bytes, with the hashes of its blocks (of `bs` bytes; a short last one).
+    fn spans(&self, bs: u64) -> impl Iterator<Item = (Span<'_>, &[[u8; HASH_LEN]])> {
+        let per_block = bs as usize;
+        self.pieces
+            .iter()
+            .scan((0usize, 0usize), move |(at, hashed), &(off, len)| {
+                let buf = &self.buf[*at..*at + len as usize];
+                let n = buf.len().div_ceil(per_block);
+                let hashes = &self.hashes[*hashed..*hashed + n];
+                *at += buf.len();
+                *hashed += n;
+                Some((Span { off, buf, bs }, hashes))
+            })
     }
 
     /// Reads the pieces and hashes their blocks.
@@ -667,8 +649,11 @@ impl Batch {
         }
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
-        for piece in self.slices() {
+        let mut at = 0usize;
+        for &(_, len) in &self.pieces {
+            let piece = &self.buf[at..at + len as usize];
             hashes.extend(piece.chunks(bs as usize).map(hash_block));
+            at += piece.len();
         }
         self.hashes = hashes;
         Ok(())
