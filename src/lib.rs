@@ -8,6 +8,7 @@
 //! control command itself (`api` and `client` only).
 
 pub mod api;
+pub mod buf;
 pub mod catalog;
 pub mod cli;
 pub mod client;

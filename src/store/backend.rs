@@ -10,11 +10,13 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::failpoint;
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 
 /// A streaming writer for one blob; nothing is visible under the key before `commit`.
 pub trait BlobWriter: Write + Send {
@@ -33,12 +35,49 @@ pub trait BlobWriter: Write + Send {
     }
 }
 
+/// A blob opened by `Backend::open_stream`.
+pub trait BlobStream: Send {
+    /// Reads exactly `buf.len()` bytes at `offset`; a short blob is `UnexpectedEof`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// `open_stream` of a backend without handles: every read is a `Backend::read_at`.
+struct KeyStream<'a, B: ?Sized> {
+    backend: &'a B,
+    key: String,
+}
+
+impl<B: Backend + ?Sized> BlobStream for KeyStream<'_, B> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.backend.read_at(&self.key, offset, buf)
+    }
+}
+
+/// A blob file of `FsBackend` opened once for a stream of reads.
+struct FsStream(File);
+
+impl BlobStream for FsStream {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+}
+
 /// The storage a `Store` sits on.
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Starts writing a blob that will replace `key` on commit.
     fn put(&self, key: &str) -> io::Result<Box<dyn BlobWriter>>;
     /// Reads exactly `buf.len()` bytes at `offset`; a short blob is `UnexpectedEof`.
     fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Opens blob `key` for a stream of reads in mostly ascending order (restore, verify):
+    /// one handle for all of them, so a filesystem keeps its read-ahead going between reads,
+    /// which separate `read_at` calls (each opening the blob afresh) cannot. The default reads
+    /// through `read_at`.
+    fn open_stream<'a>(&'a self, key: &str) -> io::Result<Box<dyn BlobStream + 'a>> {
+        Ok(Box::new(KeyStream {
+            backend: self,
+            key: key.to_string(),
+        }))
+    }
     /// The blob's length; `NotFound` when absent.
     fn size(&self, key: &str) -> io::Result<u64>;
     /// Every key starting with `prefix`, sorted; includes leftovers of unfinished writes
@@ -314,6 +353,18 @@ impl Backend for FsBackend {
 
     fn read_at(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         File::open(self.path(key)?)?.read_exact_at(buf, offset)
+    }
+
+    fn open_stream<'a>(&'a self, key: &str) -> io::Result<Box<dyn BlobStream + 'a>> {
+        let file = File::open(self.path(key)?)?;
+        // A larger read-ahead window; only a hint, so a refusal changes nothing.
+        let _ = posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
+        Ok(Box::new(FsStream(file)))
     }
 
     fn size(&self, key: &str) -> io::Result<u64> {

@@ -13,6 +13,7 @@ use super::format::HASH_LEN;
 use super::hashes::{HashReader, HashWriter};
 use super::writer::{hash_block, ZERO_HASH};
 use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
+use crate::buf::AlignedBuf;
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 use std::collections::BTreeMap;
@@ -613,7 +614,7 @@ impl Cutter<'_> {
 struct Batch {
     index: usize,
     pieces: Vec<(u64, u64)>,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     hashes: Vec<[u8; HASH_LEN]>,
 }
 
@@ -641,7 +642,7 @@ impl Batch {
         src_len: u64,
     ) -> Result<(), StoreError> {
         let total: u64 = self.pieces.iter().map(|&(_, len)| len).sum();
-        self.buf.resize(total as usize, 0);
+        self.buf.resize_for_overwrite(total as usize);
         let mut at = 0usize;
         for &(off, len) in &self.pieces {
             read_source(source, off, &mut self.buf[at..at + len as usize], src_len)?;

@@ -27,7 +27,7 @@ pub mod restore;
 pub mod sharing;
 mod writer;
 
-pub use backend::{Backend, BlobExtents, BlobWriter, FsBackend, MemBackend, SharedMem};
+pub use backend::{Backend, BlobExtents, BlobStream, BlobWriter, FsBackend, MemBackend, SharedMem};
 pub use capture::{capture, capture_extents, capture_ranges, ImageSource};
 pub use delete::RecoveryReport;
 pub use reader::ChainReader;

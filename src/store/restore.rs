@@ -11,6 +11,7 @@
 use super::format::{self, IndexEntry, RecordKind, RECORD_HEADER_LEN};
 use super::{file_key, Manifest, Progress, Store, StoreError};
 use crate::api::SnapshotId;
+use crate::buf::AlignedBuf;
 use crate::failpoint;
 use crate::sys::writeback::Streamer;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -166,7 +167,7 @@ struct Span {
     first: usize,
     end: usize,
     pos: u64,
-    buf: Arc<Vec<u8>>,
+    buf: Arc<AlignedBuf>,
 }
 
 /// What the reader stage hands the checker.
@@ -178,7 +179,7 @@ enum Step {
 /// A checked piece for the writer: for a data piece, the span buffer and where its bytes start.
 struct Fetched {
     piece: Piece,
-    data: Option<(Arc<Vec<u8>>, usize)>,
+    data: Option<(Arc<AlignedBuf>, usize)>,
 }
 
 /// Bytes of records read ahead at once (shared by the layers of a chain), and the least.
@@ -191,25 +192,25 @@ const SPAN_POOL: usize = 8;
 /// restore does not allocate (and the allocator zero) a fresh span for every read.
 #[derive(Default)]
 struct SpanPool {
-    sent: Vec<Arc<Vec<u8>>>,
+    sent: Vec<Arc<AlignedBuf>>,
 }
 
 impl SpanPool {
     /// A buffer of `len` bytes (contents unspecified: the caller overwrites all of it).
-    fn take(&mut self, len: usize) -> Vec<u8> {
+    fn take(&mut self, len: usize) -> AlignedBuf {
         let free = self.sent.iter().position(|b| Arc::strong_count(b) == 1);
         let mut buf = match free.map(|i| Arc::try_unwrap(self.sent.swap_remove(i))) {
             Some(Ok(buf)) => buf,
             // None free. (Unwrapping a free one cannot fail: the other stages only drop
             // their references, they never clone them.)
-            Some(Err(_)) | None => Vec::new(),
+            Some(Err(_)) | None => AlignedBuf::default(),
         };
-        buf.resize(len, 0);
+        buf.resize_for_overwrite(len);
         buf
     }
 
     /// Remembers a buffer that was sent on, to be reused when the other stages drop it.
-    fn sent(&mut self, buf: &Arc<Vec<u8>>) {
+    fn sent(&mut self, buf: &Arc<AlignedBuf>) {
         if self.sent.len() < SPAN_POOL {
             self.sent.push(Arc::clone(buf));
         }
@@ -772,6 +773,9 @@ impl Store {
         let limit = (SPAN_BYTES / chain.len().max(1) as u64).max(MIN_SPAN);
         let mut have: Vec<Option<(usize, usize)>> = vec![None; layers.len()];
         let mut pool = SpanPool::default();
+        // Each layer's delta stays open, so its read-ahead carries over from span to span.
+        let mut streams: Vec<Option<Box<dyn super::BlobStream>>> =
+            layers.iter().map(|_| None).collect();
         for p in pieces {
             if let Src::Data { layer, rec } = p.src {
                 if !have[layer].is_some_and(|(a, b)| (a..b).contains(&rec)) {
@@ -799,8 +803,16 @@ impl Store {
                     let m = &chain[layer];
                     let key = file_key(&m.id, &m.delta_file);
                     let mut buf = pool.take(len as usize);
-                    self.backend()
-                        .read_at(&key, start, &mut buf)
+                    let stream = match &mut streams[layer] {
+                        Some(stream) => stream,
+                        slot => slot.insert(
+                            self.backend()
+                                .open_stream(&key)
+                                .map_err(|err| StoreError::backend(&key, err))?,
+                        ),
+                    };
+                    stream
+                        .read_at(start, &mut buf)
                         .map_err(|err| match err.kind() {
                             std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
                                 &m.id,
@@ -961,12 +973,16 @@ impl Store {
         // Manifests since version 2 leave `delta_blake3` empty; a recorded one is compared.
         let mut hasher = (!m.delta_blake3.is_empty()).then(blake3::Hasher::new);
         let mut records = index.as_deref().map(|ix| RecordScan::new(m, ix));
-        let mut buf = vec![0u8; 4 << 20];
+        let mut buf = AlignedBuf::zeroed(4 << 20);
+        let mut stream = self
+            .backend()
+            .open_stream(&key)
+            .map_err(|e| StoreError::backend(&key, e))?;
         let mut pos = 0u64;
         while pos < len {
             let n = (buf.len() as u64).min(len - pos) as usize;
-            self.backend()
-                .read_at(&key, pos, &mut buf[..n])
+            stream
+                .read_at(pos, &mut buf[..n])
                 .map_err(|e| StoreError::backend(&key, e))?;
             if let Some(h) = &mut hasher {
                 h.update(&buf[..n]);
@@ -1147,6 +1163,8 @@ mod tests {
     fn span_buffers_are_reused_only_once_no_stage_holds_them() {
         let mut pool = SpanPool::default();
         let first = Arc::new(pool.take(4096));
+        // Page-aligned, so the kernel's copy into it runs at full speed.
+        assert_eq!(first.as_ptr() as usize % crate::buf::AlignedBuf::ALIGN, 0);
         pool.sent(&first);
         let held = Arc::clone(&first);
         drop(first);
@@ -1165,7 +1183,7 @@ mod tests {
         assert_ne!(other.as_ptr(), at);
         // The pool keeps at most SPAN_POOL buffers.
         for _ in 0..SPAN_POOL + 3 {
-            pool.sent(&Arc::new(vec![0u8; 8]));
+            pool.sent(&Arc::new(AlignedBuf::zeroed(8)));
         }
         assert_eq!(pool.sent.len(), SPAN_POOL);
     }

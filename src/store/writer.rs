@@ -12,6 +12,7 @@ use super::{
     HASHES_FILE,
 };
 use crate::api::SnapshotId;
+use crate::buf::AlignedBuf;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -212,7 +213,7 @@ fn append_range(
     offset: u64,
     len: u64,
     ok: &AtomicBool,
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
 ) -> io::Result<()> {
     if ok.load(Ordering::Relaxed) {
         match w.append_clone(src, offset, len) {
@@ -227,7 +228,7 @@ fn append_range(
     let mut pos = offset;
     while pos < offset + len {
         let n = (offset + len - pos).min(1 << 20) as usize;
-        buf.resize(n, 0);
+        buf.resize_for_overwrite(n);
         src.read_exact_at(buf, pos)?;
         w.write_all(buf)?;
         pos += n as u64;
@@ -255,7 +256,7 @@ impl DeltaWriter {
         let worker = thread::Builder::new()
             .name("delta-writer".into())
             .spawn(move || -> WorkerResult {
-                let mut scratch = Vec::new();
+                let mut scratch = AlignedBuf::default();
                 for chunk in rx {
                     match chunk {
                         Chunk::Bytes(buf) => {
