@@ -5,7 +5,7 @@
 //! from the page cache into user memory with `rep movsb`, and on the AMD EPYC hosts we
 //! measured that copy runs about five times slower into a destination that is not 32-byte
 //! aligned: 2 GiB of cached file took 1.15 s into a buffer at page offset 16 and 0.22 s at
-//! offset 0 or 32 (`bench/README.md`, "aligned reads"). Every bulk read of the store and of
+//! offset 0 or 32 (`bench/README.md`, "Aligned reads"). Every bulk read of the store and of
 //! images therefore lands in an `AlignedBuf`, whose first byte is 4 KiB aligned (which also
 //! suits `O_DIRECT`). Safe code only: the buffer is a slice of an over-allocated `Vec`.
 

@@ -35,10 +35,13 @@ pub trait BlobWriter: Write + Send {
     }
 }
 
-/// A blob opened by `Backend::open_stream`.
-pub trait BlobStream: Send {
+/// A blob opened by `Backend::open_stream`. It keeps reading the bytes it was opened on even
+/// if the key is deleted meanwhile (a fold's old delta generation), like an open file.
+pub trait BlobStream: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset`; a short blob is `UnexpectedEof`.
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// `Backend::clone_to` from this open blob (same rules and `Unsupported` meaning).
+    fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()>;
 }
 
 /// `open_stream` of a backend without handles: every read is a `Backend::read_at`.
@@ -48,8 +51,13 @@ struct KeyStream<'a, B: ?Sized> {
 }
 
 impl<B: Backend + ?Sized> BlobStream for KeyStream<'_, B> {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.backend.read_at(&self.key, offset, buf)
+    }
+
+    fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()> {
+        self.backend
+            .clone_to(&self.key, offset, len, dst, dst_offset)
     }
 }
 
@@ -57,8 +65,13 @@ impl<B: Backend + ?Sized> BlobStream for KeyStream<'_, B> {
 struct FsStream(File);
 
 impl BlobStream for FsStream {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+
+    fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()> {
+        crate::sys::reflink::ficlone_range(&self.0, offset, len, dst, dst_offset)
+            .map_err(reflink_io)
     }
 }
 

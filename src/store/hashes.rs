@@ -223,14 +223,14 @@ fn load(
     let mut hasher = blake3::Hasher::new();
     hasher.update(header);
     let mut first = 0u64;
-    let mut stream = match store.backend().open_stream(key) {
+    let stream = match store.backend().open_stream(key) {
         Ok(stream) => stream,
         Err(e) => {
             let _ = tx.send(Err(StoreError::backend(key, e)));
             return None;
         }
     };
-    let mut read = |at: u64, buf: &mut [u8]| {
+    let read = |at: u64, buf: &mut [u8]| {
         stream
             .read_at(at, buf)
             .map_err(|e| StoreError::backend(key, e))
