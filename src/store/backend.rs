@@ -40,11 +40,15 @@ pub trait BlobWriter: Write + Send {
 pub trait BlobStream: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset`; a short blob is `UnexpectedEof`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// `Backend::clone_to` from this open blob (same rules and `Unsupported` meaning).
+    /// Makes `len` bytes of `dst` at `dst_offset` share the extents of this blob at `offset`
+    /// (a reflink) instead of writing them; `dst`'s `fsync` makes them durable like a write.
+    /// Offsets must be multiples of 4 KiB, and `len` too unless the range ends the blob. Kind
+    /// `Unsupported` means nothing changed and the caller must write the bytes.
     fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()>;
 }
 
-/// `open_stream` of a backend without handles: every read is a `Backend::read_at`.
+/// `open_stream` of a backend without handles: every read is a `Backend::read_at`, and
+/// nothing can be shared.
 struct KeyStream<'a, B: ?Sized> {
     backend: &'a B,
     key: String,
@@ -55,9 +59,8 @@ impl<B: Backend + ?Sized> BlobStream for KeyStream<'_, B> {
         self.backend.read_at(&self.key, offset, buf)
     }
 
-    fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()> {
-        self.backend
-            .clone_to(&self.key, offset, len, dst, dst_offset)
+    fn clone_to(&self, _: u64, _: u64, _: &File, _: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -98,21 +101,6 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Removes a blob durably; an absent key is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
-
-    /// Makes `len` bytes of `dst` at `dst_offset` share the extents of blob `key` at `offset`
-    /// (a reflink) instead of writing them; `dst`'s `fsync` makes them durable like a write.
-    /// Offsets must be multiples of 4 KiB, and `len` too unless the range ends the blob. Kind
-    /// `Unsupported` means nothing changed and the caller must write the bytes (the default).
-    fn clone_to(
-        &self,
-        _key: &str,
-        _offset: u64,
-        _len: u64,
-        _dst: &File,
-        _dst_offset: u64,
-    ) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
 
     /// The extents of blob `key` overlapping `len` bytes at `offset`, after writing back any
     /// dirty data; `None` (the default) where blobs are not files of a local filesystem that
@@ -400,18 +388,6 @@ impl Backend for FsBackend {
         out.retain(|k| k.starts_with(prefix));
         out.sort();
         Ok(out)
-    }
-
-    fn clone_to(
-        &self,
-        key: &str,
-        offset: u64,
-        len: u64,
-        dst: &File,
-        dst_offset: u64,
-    ) -> io::Result<()> {
-        let src = File::open(self.path(key)?)?;
-        crate::sys::reflink::ficlone_range(&src, offset, len, dst, dst_offset).map_err(reflink_io)
     }
 
     fn extents(&self, key: &str, offset: u64, len: u64) -> io::Result<Option<BlobExtents>> {
