@@ -39,7 +39,7 @@ cleanup() {
     # loop devices backed by files under our work dir (the daemon's loop volumes)
     losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v w="$WORK" 'index($2, w) == 1 {print $1}' |
         while read -r d; do losetup -d "$d"; done
-    rm -rf "$WORK"
+    [ -n "${KEEP_LOG:-}" ] && cp "$RD/daemon.log" "$KEEP_LOG"; rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 

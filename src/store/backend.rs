@@ -33,6 +33,19 @@ pub trait BlobWriter: Write + Send {
     fn append_clone(&mut self, _src: &File, _src_offset: u64, _len: u64) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+
+    /// Appends `len` zero bytes. A backend that can leave them unwritten (a hole in a file)
+    /// does; the default writes them.
+    fn append_zeros(&mut self, len: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            self.write_all(&ZEROS[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A blob opened by `Backend::open_stream`. It keeps reading the bytes it was opened on even
@@ -292,6 +305,18 @@ impl BlobWriter for FsWriter {
         Ok(())
     }
 
+    fn append_zeros(&mut self, len: u64) -> io::Result<()> {
+        failpoint::check("store.blob.write")?;
+        let at = self.written;
+        let f = self.file()?;
+        f.flush()?;
+        // Past the end of the file: a hole, which reads as zeros (`commit` sets the length
+        // should the blob end in one).
+        f.get_mut().seek(SeekFrom::Start(at + len))?;
+        self.written += len;
+        Ok(())
+    }
+
     fn commit(mut self: Box<Self>) -> io::Result<()> {
         // On any error `Drop` removes the temporary: the data is lost either way.
         let file = self
@@ -299,6 +324,9 @@ impl BlobWriter for FsWriter {
             .take()
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
+        if file.metadata()?.len() < self.written {
+            file.set_len(self.written)?;
+        }
         failpoint::check("store.blob.fsync")?;
         // This fsync also makes extents shared by `append_clone` durable: FICLONERANGE first
         // writes back the source range (xfs and btrfs flush both ranges before remapping), the

@@ -10,7 +10,7 @@
 //! all the same (see `capture`).
 
 use super::format::HASH_LEN;
-use super::hashes::{HashReader, HashWriter};
+use super::hashes::{HashReader, HashWriter, STALE_HASH};
 use super::writer::{hash_block, ZERO_HASH};
 use super::{Manifest, Progress, SnapshotMeta, SnapshotWriter, Store, StoreError};
 use crate::buf::AlignedBuf;
@@ -143,13 +143,17 @@ fn stream_ranges<S: ImageSource + ?Sized>(
 }
 
 /// Captures a snapshot when the caller knows which byte ranges changed since the parent
-/// (e.g. a dirty bitmap kept in an NBD write path). The new block-hash list is the parent's
-/// with the blocks touching `dirty` re-hashed whole. Of a block whose hash changed, only the
-/// bytes inside `dirty` are stored (records need not be block-aligned): the rest of the block
-/// is, by the caller's promise, byte for byte the parent's, so the chain still assembles the
-/// whole block that was hashed. Blocks that became all zeros are zero records; blocks the
-/// parent did not hold whole (a grown volume) are stored whole. Without a parent, the base is
-/// an all-zero volume and `dirty` must cover every non-zero byte.
+/// (e.g. a dirty bitmap kept in an NBD write path): only `dirty` is read, not the blocks
+/// around it. A block that `dirty` covers whole is read, hashed and recorded as a full scan
+/// would (unchanged bytes are not stored; all zeros become a zero record). Of a block that
+/// `dirty` covers only in part, only the dirty bytes are read and stored (records need not
+/// be block-aligned): the rest of the block is, by the caller's promise, byte for byte the
+/// parent's, so the chain still assembles the whole block. Its hash cannot be computed from
+/// the bytes read, so the new block-hash list holds [`STALE_HASH`] for it ("not known"): a
+/// later full scan re-stores the block, and restore and verify check it by the CRC32s of its
+/// records only. Blocks the parent did not hold whole (a grown volume) are read and stored
+/// whole. Without a parent, the base is an all-zero volume and `dirty` must cover every
+/// non-zero byte.
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture_extents<S: ImageSource + ?Sized>(
     store: &Store,
@@ -164,11 +168,10 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
     let mut writer = SnapshotWriter::begin(store, meta.clone())?;
     let mut new = writer.hash_writer()?;
     let mut base = Base::open(store, &meta)?;
-    let parent_size = base.parent_size;
     let bs = u64::from(meta.block_size);
     let size = meta.volume_size;
     let src_len = source.image_len()?.min(size);
-    // The byte-exact dirty set (what changed blocks store), clipped, sorted and merged.
+    // The byte-exact dirty set, clipped, sorted and merged.
     let fine = merge_ranges(
         dirty
             .iter()
@@ -176,31 +179,16 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
             .map(|r| r.start..r.end.min(size))
             .collect(),
     );
-    // The blocks to re-hash: the dirty set widened to whole blocks.
-    let mut blocks: Vec<Range<u64>> = fine
-        .iter()
-        .map(|r| (r.start / bs * bs)..(r.end.div_ceil(bs) * bs).min(size))
-        .collect();
-    // A short last block of the parent that the volume has outgrown has no valid hash (see
-    // `hashes::STALE_HASH`): re-hash it.
-    if let Some(ps) = parent_size {
-        if ps % bs != 0 && size > ps {
-            let start = ps / bs * bs;
-            blocks.push(start..(start + bs).min(size));
-        }
-    }
-    let merged = merge_ranges(blocks);
-    // Blocks ending at or before this were held whole by the parent: only their dirty bytes
-    // need storing. Without a parent every changed block is stored whole, as before.
-    let pieces_until = parent_size.unwrap_or(0);
-    progress.set_total(merged.iter().map(|r| r.end - r.start).sum());
+    let reads = plan_reads(&fine, bs, size, base.parent_size);
+    progress.set_total(reads.iter().map(|r| r.end - r.start).sum());
     let chunk = SCATTERED_CHUNK.div_ceil(bs) * bs;
     let opened = t0.elapsed();
     let read_ahead = ReadAhead::default();
+    let mut copying = std::time::Duration::ZERO;
     let waited = read_and_hash(
         source,
         Batches {
-            ranges: &merged,
+            ranges: &reads,
             chunk,
             bs,
             src_len,
@@ -215,32 +203,107 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
             for (span, hashes) in batch.spans(bs) {
                 let (off, len) = (span.off, span.buf.len() as u64);
                 // Blocks outside the dirty set keep the parent's hash.
+                let t = std::time::Instant::now();
                 copy_hashes(&mut base, &mut new, off / bs)?;
-                let pieces = Pieces {
-                    // Every byte dirty: whole changed blocks, as a full scan stores.
-                    whole: parent_size.is_none() || covers(&fine, off, off + len),
-                    fine: &fine,
-                    until: pieces_until,
-                };
-                record_hashed(&mut writer, &mut base, &mut new, span, hashes, pieces)?;
+                copying += t.elapsed();
+                // `plan_reads` reads whole blocks as runs starting at a block boundary and
+                // spanning whole blocks (or reaching the end); a part of a block never does.
+                if off % bs == 0 && (len % bs == 0 || off + len == size) {
+                    record_scanned(&mut writer, &mut base, &mut new, span, hashes)?;
+                } else {
+                    record_part(&mut writer, &mut new, span)?;
+                }
                 progress.advance(len);
             }
             Ok(())
         },
     )?;
+    let t = std::time::Instant::now();
     copy_hashes(&mut base, &mut new, size.div_ceil(bs))?;
     base.finish()?;
+    copying += t.elapsed();
     let streamed = t0.elapsed();
     let manifest = writer.commit_streamed(new)?;
     tracing::debug!(
-        ranges = merged.len(),
+        ranges = reads.len(),
         ?opened,
         ?waited,
+        ?copying,
         ?streamed,
         total = ?t0.elapsed(),
         "captured the dirty blocks"
     );
     Ok(manifest)
+}
+
+/// What an incremental reads of the sorted, merged byte-exact dirty set `fine` of a volume
+/// of `size` bytes in blocks of `bs`: sorted, disjoint ranges, each either a run of whole
+/// blocks (block-aligned; the last may end at `size`) or the dirty part of one block. A
+/// block is read whole when `fine` covers all of it, when there is no parent, or when the
+/// parent (of `parent_size` bytes) did not hold it whole — including the parent's short last
+/// block once the volume has outgrown it, dirty or not: its stored hash is stale (see
+/// `hashes::STALE_HASH`) and it is re-hashed.
+pub(super) fn plan_reads(
+    fine: &[Range<u64>],
+    bs: u64,
+    size: u64,
+    parent_size: Option<u64>,
+) -> Vec<Range<u64>> {
+    // Blocks ending past this were not held whole by the parent.
+    let held = parent_size.unwrap_or(0);
+    let mut touched: Vec<Range<u64>> = fine.to_vec();
+    if held % bs != 0 && size > held {
+        let start = held / bs * bs;
+        touched.push(start..start + 1);
+    }
+    let touched = merge_ranges(touched);
+    let mut reads: Vec<Range<u64>> = Vec::new();
+    // Where the last run of whole blocks ends (reads after it are parts of blocks).
+    let mut whole_end = None;
+    for r in &touched {
+        let mut b = r.start / bs;
+        while b * bs < r.end {
+            let (start, end) = (b * bs, ((b + 1) * bs).min(size));
+            b += 1;
+            if end > held || covers(fine, start, end) {
+                match (reads.last_mut(), whole_end) {
+                    // Already read whole (an earlier range touched this block).
+                    (Some(_), Some(e)) if e >= end => {}
+                    (Some(last), Some(e)) if e == start => {
+                        last.end = end;
+                        whole_end = Some(end);
+                    }
+                    _ => {
+                        reads.push(start..end);
+                        whole_end = Some(end);
+                    }
+                }
+            } else {
+                reads.push(r.start.max(start)..r.end.min(end));
+                whole_end = None;
+            }
+        }
+    }
+    reads
+}
+
+/// Records the dirty part of a block read by itself (see [`plan_reads`]): a zero record if
+/// it reads as zeros, else its bytes; the block's hash becomes [`STALE_HASH`], not known.
+fn record_part(
+    w: &mut SnapshotWriter,
+    new: &mut HashWriter,
+    span: Span<'_>,
+) -> Result<(), StoreError> {
+    let Span { off, buf, bs } = span;
+    // Several parts of one block: the first pushed its hash.
+    if new.written() == off / bs {
+        new.push(&[STALE_HASH])?;
+    }
+    if buf.iter().all(|&b| b == 0) {
+        w.add_zero(off, buf.len() as u64)
+    } else {
+        w.add_data(off, buf)
+    }
 }
 
 /// Sorts ranges and merges overlapping or touching ones.
@@ -552,9 +615,10 @@ impl ReadAhead {
     }
 }
 
-/// What [`read_and_hash`] reads: sorted, disjoint, block-aligned `ranges` (the last may end
-/// at the volume's end), in batches of at most `chunk` bytes (a multiple of `bs`); bytes
-/// past `src_len` read as zeros.
+/// What [`read_and_hash`] reads: sorted, disjoint `ranges`, each block-aligned (the last may
+/// end at the volume's end) or within one block, in batches of about `chunk` bytes (a
+/// multiple of `bs`); bytes past `src_len` read as zeros. A range within one block is hashed
+/// as if it were a block (the hash is of no use).
 struct Batches<'a> {
     ranges: &'a [Range<u64>],
     chunk: u64,
@@ -566,6 +630,7 @@ struct Batches<'a> {
 struct Cutter<'a> {
     ranges: &'a [Range<u64>],
     chunk: u64,
+    bs: u64,
     /// The range and the offset in it where the next batch starts.
     ri: usize,
     pos: u64,
@@ -591,7 +656,11 @@ impl Cutter<'_> {
                 break;
             }
             self.pos = self.pos.max(r.start);
-            let len = (self.chunk - total).min(r.end - self.pos);
+            // A run of whole blocks is cut at a block boundary (the batch's parts of blocks
+            // may have left a room that is not whole blocks); a part of a block is never
+            // cut, so a batch may exceed `chunk` by less than a block.
+            let room = ((self.chunk - total) / self.bs * self.bs).max(self.bs);
+            let len = room.min(r.end - self.pos);
             pieces.push((self.pos, len));
             total += len;
             self.pos += len;
@@ -693,6 +762,7 @@ where
     let cutter = Mutex::new(Cutter {
         ranges,
         chunk,
+        bs,
         ri: 0,
         pos: 0,
         next: 0,
@@ -841,53 +911,4 @@ pub fn capture_ranges<S: ImageSource + ?Sized>(
         src_len,
         progress,
     )
-}
-
-/// What of a changed block `record_hashed` stores.
-struct Pieces<'a> {
-    /// Store changed blocks whole.
-    whole: bool,
-    /// Otherwise, of a block ending at or before `until`, only its intersection with `fine`
-    /// (sorted, merged); blocks past `until` whole.
-    fine: &'a [Range<u64>],
-    until: u64,
-}
-
-/// Records the blocks of `span`, whose hashes are already computed, that differ from the
-/// base: all-zero blocks as zero records, other changed blocks whole (as
-/// [`record_scanned`] does) or, of a block ending at or before `what.until`, only its
-/// intersection with `what.fine` (its hash is still that of the whole block). Appends
-/// `hashes` to `new`.
-fn record_hashed(
-    w: &mut SnapshotWriter,
-    base: &mut Base,
-    new: &mut HashWriter,
-    span: Span<'_>,
-    hashes: &[[u8; HASH_LEN]],
-    what: Pieces<'_>,
-) -> Result<(), StoreError> {
-    let Span { off, buf, bs } = span;
-    let first = off / bs;
-    for (i, block) in buf.chunks(bs as usize).enumerate() {
-        let idx = first + i as u64;
-        let h = hashes[i];
-        if h == base.get(idx)? {
-            continue;
-        }
-        let start = idx * bs;
-        let end = start + block.len() as u64;
-        if h == ZERO_HASH {
-            w.add_zero(start, block.len() as u64)?;
-        } else if what.whole || end > what.until {
-            w.add_data(start, block)?;
-        } else {
-            // Only the dirty bytes; the writer coalesces adjacent pieces into one record.
-            let from = what.fine.partition_point(|r| r.end <= start);
-            for r in what.fine[from..].iter().take_while(|r| r.start < end) {
-                let (s, e) = (r.start.max(start), r.end.min(end));
-                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
-            }
-        }
-    }
-    new.push(hashes)
 }

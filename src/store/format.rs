@@ -49,7 +49,8 @@
 //! header 48 B : magic "BSNPHSH1" | version u32 = 1 | block size u32 | volume size u64
 //!               | block count u64 | snapshot id 16 B
 //! hashes      : block count × 32 B BLAKE3 of the block's bytes (the last block may be short);
-//!               32 zero bytes mark an all-zero block
+//!               32 zero bytes mark an all-zero block; 32 0xff bytes a block whose hash
+//!               is not known (an incremental stored only the dirty part of it)
 //! trailer 32 B: BLAKE3 of everything before it
 //! ```
 //!

@@ -18,8 +18,10 @@ const BATCH: u64 = 32 * 1024;
 /// Batches the loader thread reads ahead of the reader.
 const AHEAD: usize = 4;
 
-/// Marks a block whose stored hash is stale (a short last block the volume has outgrown): it
-/// never equals a real hash, so the block is always re-examined.
+/// Marks a block whose hash is not known: a short last block the volume has outgrown (as a
+/// reader sees the list), or, in a stored list, a block an incremental stored only part of
+/// (`capture_extents`). It never equals a real hash, so a capture always re-examines the
+/// block, and restore checks it by its records' CRC32s alone.
 pub const STALE_HASH: [u8; HASH_LEN] = [0xff; HASH_LEN];
 
 /// What the loader thread sends: the next batch of the list's bytes, or why it stopped.
@@ -262,6 +264,8 @@ pub(crate) struct HashWriter {
     count: u64,
     written: u64,
     bytes: Vec<u8>,
+    /// Bytes of the file so far (header and hashes).
+    file_pos: u64,
 }
 
 impl HashWriter {
@@ -284,6 +288,7 @@ impl HashWriter {
             count,
             written: 0,
             bytes: Vec::with_capacity(1 << 20),
+            file_pos: 0,
         };
         let header = format::encode_hashes_header(id, block_size, volume_size, count);
         hw.raw(&header)?;
@@ -292,6 +297,7 @@ impl HashWriter {
 
     fn raw(&mut self, b: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(b);
+        self.file_pos += b.len() as u64;
         self.w
             .write_all(b)
             .map_err(|e| StoreError::backend(&self.key, e))
@@ -328,12 +334,49 @@ impl HashWriter {
         Ok(())
     }
 
+    /// Writes the buffered hashes. Whole 4 KiB pages of the file that hold only zero hashes
+    /// (128 blocks reading as zeros: the empty part of a volume) are left as holes where the
+    /// backend can: nothing to write back, nothing to read later.
     fn flush(&mut self) -> Result<(), StoreError> {
         let bytes = std::mem::take(&mut self.bytes);
-        let r = self.raw(&bytes);
+        let r = self.write_sparse(&bytes);
         self.bytes = bytes;
         self.bytes.clear();
         r
+    }
+
+    fn write_sparse(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        const PAGE: usize = 4096;
+        self.hasher.update(bytes);
+        let err = |key: &str, e| StoreError::backend(key, e);
+        // Up to the first page boundary of the file, then page by page: runs of data pages
+        // are written at once, runs of zero pages skipped at once.
+        let mut at = (PAGE - (self.file_pos % PAGE as u64) as usize) % PAGE;
+        at = at.min(bytes.len());
+        let (mut run_start, mut run_zero) = (0usize, false);
+        while at < bytes.len() {
+            let end = (at + PAGE).min(bytes.len());
+            let zero = end - at == PAGE && bytes[at..end].iter().all(|&b| b == 0);
+            if zero != run_zero && at > run_start {
+                self.emit(&bytes[run_start..at], run_zero)
+                    .map_err(|e| err(&self.key, e))?;
+                run_start = at;
+            }
+            run_zero = zero;
+            at = end;
+        }
+        self.emit(&bytes[run_start..], run_zero)
+            .map_err(|e| err(&self.key, e))
+    }
+
+    fn emit(&mut self, bytes: &[u8], zero: bool) -> std::io::Result<()> {
+        if zero {
+            self.w.append_zeros(bytes.len() as u64)?;
+        } else {
+            self.w.write_all(bytes)?;
+        }
+        self.file_pos += bytes.len() as u64;
+        Ok(())
     }
 
     /// Blocks written so far.
@@ -411,6 +454,45 @@ mod tests {
         let (_, _, got) = format::decode_hashes(&bytes, &sid(2)).unwrap();
         assert_eq!(got.len(), want.len());
         assert!(got == want, "copied hashes differ from get()");
+    }
+
+    #[test]
+    fn zero_hashes_of_an_empty_region_are_holes_in_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // 4 KiB blocks: data at the start and at 300 MiB of a 400 MiB volume, the rest empty.
+        let size = 400 * MIB;
+        let img = sparse(dir.path(), "img", size);
+        scribble(&img, 0, 3 * MIB as usize, 1);
+        scribble(&img, 300 * MIB + 5, 10_000, 2);
+        let m = capture(&store, meta(&sid(1), None, size, 4096), &img, &NoProgress).unwrap();
+        let path = dir.path().join("snapshots/ss-00000001/hashes");
+        let md = std::fs::metadata(&path).unwrap();
+        // 102,400 hashes: 3.2 MiB long, of which about 24 KiB hold data.
+        assert_eq!(md.len(), format::hashes_file_len(size / 4096).unwrap());
+        assert!(
+            md.blocks() * 512 < 256 << 10,
+            "{} bytes allocated",
+            md.blocks() * 512
+        );
+        // It reads back whole, checksum and all; an incremental copies it faithfully.
+        let hashes = store.block_hashes(&m).unwrap().hashes;
+        assert_eq!(hashes.len(), 102_400);
+        assert_eq!(hashes.iter().filter(|h| **h != ZERO_HASH).count(), 768 + 3);
+        scribble(&img, 200 * MIB, 4096, 3);
+        let dirty = std::slice::from_ref(&(200 * MIB..200 * MIB + 4096));
+        let m2 = capture_extents(
+            &store,
+            meta(&sid(2), Some(&sid(1)), size, 4096),
+            &img,
+            dirty,
+            &NoProgress,
+        )
+        .unwrap();
+        let got = store.block_hashes(&m2).unwrap().hashes;
+        assert_eq!(got.iter().filter(|h| **h != ZERO_HASH).count(), 768 + 3 + 1);
+        assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
     }
 
     #[test]

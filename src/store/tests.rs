@@ -109,29 +109,113 @@ fn full_and_incrementals_round_trip_on_the_filesystem() {
     assert!(again.verify(&sid(7), &NoProgress).unwrap().is_ok());
 }
 
+/// An image source that logs every read (offset, length).
+struct LoggedReads<'a>(&'a File, std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl ImageSource for LoggedReads<'_> {
+    fn image_len(&self) -> Result<u64, StoreError> {
+        self.0.image_len()
+    }
+    fn read_image_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.1.lock().unwrap().push((off, buf.len() as u64));
+        self.0.read_image_at(buf, off)
+    }
+}
+
 #[test]
-fn capture_extents_matches_a_full_scan() {
+fn capture_extents_reads_only_the_dirty_bytes_and_marks_partial_blocks() {
+    use super::hashes::STALE_HASH;
     let (store, _) = mem_store();
+    let bs = u64::from(BS);
     let mut c = Chain::new(8 * MIB);
     scribble(&c.img, 0, 5 * MIB as usize, 1);
     c.snap(&store, 1).unwrap();
-    scribble(&c.img, 100_000, 5000, 2);
-    scribble(&c.img, 7 * MIB, 4096, 3);
-    let dirty = [100_000..105_000, 7 * MIB..7 * MIB + 4096];
+    // Parts of blocks: two pieces of block 1, one of block 112, zeros over data in block 79;
+    // then whole blocks 2..=21 (1.25 MiB: more than one batch, after a part of a block).
+    let parts = [
+        bs + 4096..bs + 8192,
+        bs + 20_000..bs + 25_000,
+        7 * MIB..7 * MIB + 4096,
+    ];
+    for (i, r) in parts.iter().enumerate() {
+        scribble(&c.img, r.start, (r.end - r.start) as usize, 10 + i as u64);
+    }
+    use std::os::unix::fs::FileExt;
+    c.img.write_all_at(&[0u8; 4096], 5 * MIB - 4096).unwrap();
+    scribble(&c.img, 2 * bs, 20 * bs as usize, 20);
+    let mut dirty = parts.to_vec();
+    dirty.push(5 * MIB - 4096..5 * MIB);
+    dirty.push(2 * bs..22 * bs);
+    let src = LoggedReads(&c.img, Default::default());
     let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
-    let got = capture_extents(&store, m, &c.img, &dirty, &NoProgress).unwrap();
-    assert_eq!(got.record_count, 1 + 1);
+    let got = capture_extents(&store, m, &src, &dirty, &NoProgress).unwrap();
+    // Exactly the dirty bytes were read, each once; the whole blocks in runs of whole blocks.
+    let mut reads = src.1.into_inner().unwrap();
+    reads.sort();
+    let read: u64 = reads.iter().map(|r| r.1).sum();
+    assert_eq!(read, 4096 + 5000 + 4096 + 4096 + 20 * bs, "{reads:?}");
+    assert!(reads
+        .iter()
+        .all(|&(off, len)| (off >= 2 * bs && off + len <= 22 * bs && off % bs == 0) || len < bs));
+    // Three data parts, one zero part, one run of whole blocks.
+    assert_eq!(got.stored_bytes, 4096 + 5000 + 4096 + 20 * bs);
     c.ids.push(sid(2));
     c.digests.insert(sid(2), digest(&c.img));
     c.check_all(&store);
-    let scan = store.block_hashes(&got).unwrap();
-    c.snap(&store, 3).unwrap();
+    assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
+    // The hashes of partly stored blocks are not known; the others are a full scan's.
+    let partial = [1u64, 79, 112];
+    let incremental = store.block_hashes(&got).unwrap().hashes;
+    let scanned = c.snap(&store, 3).unwrap();
+    let truth = store.block_hashes(&scanned).unwrap().hashes;
+    for (i, (h, t)) in incremental.iter().zip(&truth).enumerate() {
+        if partial.contains(&(i as u64)) {
+            assert_eq!(*h, STALE_HASH, "block {i}");
+        } else {
+            assert_eq!(h, t, "block {i}");
+        }
+    }
+    // A full scan re-stores the blocks whose hash was not known (and nothing else).
+    assert_eq!(scanned.record_count, 3);
+    assert_eq!(scanned.stored_bytes, 3 * bs);
+    c.check_all(&store);
+}
+
+#[test]
+fn plan_reads_reads_parts_of_blocks_only_where_the_parent_holds_the_rest() {
+    use super::capture::plan_reads;
+    let bs = 16u64;
+    // Covered whole (0..32), a part (36..40), two parts of one block (49..50, 60..62), a
+    // whole block next to a part (64..80 covered, 80..84 a part).
+    let fine = [0..32, 36..40, 49..50, 60..62, 64..84];
     assert_eq!(
-        scan.hashes,
-        store
-            .block_hashes(&store.manifest(&sid(3)).unwrap())
-            .unwrap()
-            .hashes
+        plan_reads(&fine, bs, 200, Some(200)),
+        vec![0..32, 36..40, 49..50, 60..62, 64..80, 80..84]
+    );
+    // Without a parent, or past what it held, blocks are read whole.
+    assert_eq!(plan_reads(&fine, bs, 200, None), vec![0..96]);
+    assert_eq!(
+        plan_reads(&fine, bs, 200, Some(48)),
+        vec![0..32, 36..40, 48..96]
+    );
+    // The parent's short last block (96..104 of 96..112) is re-read whole once outgrown,
+    // dirty or not; so is every block past it.
+    assert_eq!(
+        plan_reads(&[33..34, 190..200], bs, 200, Some(104)),
+        vec![33..34, 96..112, 176..200]
+    );
+    assert_eq!(
+        plan_reads(std::slice::from_ref(&(150..151)), bs, 200, Some(104)),
+        vec![96..112, 144..160]
+    );
+    // The volume's short last block (192..200): a part, or whole when covered.
+    assert_eq!(
+        plan_reads(&[150..151, 194..200], bs, 200, Some(200)),
+        vec![150..151, 194..200]
+    );
+    assert_eq!(
+        plan_reads(std::slice::from_ref(&(192..200)), bs, 200, Some(200)),
+        vec![192..200]
     );
 }
 
