@@ -10,7 +10,8 @@
 # Knobs (env): VOL_SIZE (4G), DATA_MIB (2048), RW_BLOCKS (5243 = 1% of DATA_MIB in 4 KiB
 # blocks, rounded up), REPS (2), BACKENDS ("nbd loop"), COLD (1: drop the page cache before
 # each timed snapshot; 0: keep it, as on a live system where recent writes are cached),
-# TMPBASE (/var/tmp), BIN (target/release).
+# TMPBASE (/var/tmp), BIN (target/release), KEEP_LOG (a path: keep the daemon's log there; with
+# BLOCKSNAP_LOG=blocksnap=debug it has each capture's phases).
 set -euo pipefail
 
 BIN=${BIN:-$(pwd)/target/release}

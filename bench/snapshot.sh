@@ -140,6 +140,8 @@ run_suite() {
     else
         sd="$base/state"
     fi
+    # cp's copies go to the state dir's filesystem, where a restore writes its volume
+    local cpdst; cpdst="$(dirname "$sd")/cp-copy.img"
     mkdir -p "$rd"
     start_daemon "$sd" "$rd"
     start_sampler "$rd/rss.txt"
@@ -161,11 +163,11 @@ run_suite() {
     local t_full=$T rss_full; rss_full=$(max_rss_between "$rss" "$T0" "$T1")
     local used_full; used_full=$(( $(fs_used "$sd") - used0 ))
     local ss_full; ss_full=$(bs describe-snapshots -r "$vol" | jq -r '.snapshot_set[] | select(.snapshot_name=="full") | .snapshot_id')
-    timed cp --sparse=always --reflink=never "$img" "$base/cp-copy.img"
-    local t_cp=$T; rm -f "$base/cp-copy.img"
+    timed cp --sparse=always --reflink=never "$img" "$cpdst"
+    local t_cp=$T; rm -f "$cpdst"
     # the same copy made durable (our snapshot fsyncs what it stores; plain cp does not)
-    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$base/cp-copy.img"
-    local t_cps=$T; rm -f "$base/cp-copy.img"
+    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$cpdst"
+    local t_cps=$T; rm -f "$cpdst"
     timed b3sum --no-names "$img" >/dev/null
     local t_b3_1=$T
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$base/restic-cache"
@@ -204,10 +206,10 @@ run_suite() {
     local img2="$sd/volumes/$vol2.img"
     timed cmp "$img" "$img2"
     local t_cmp=$T
-    timed cp --sparse=always --reflink=never "$img" "$base/cp-copy.img"
-    local t_cp2=$T; rm -f "$base/cp-copy.img"
-    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$base/cp-copy.img"
-    local t_cps2=$T; rm -f "$base/cp-copy.img"
+    timed cp --sparse=always --reflink=never "$img" "$cpdst"
+    local t_cp2=$T; rm -f "$cpdst"
+    timed sh -c 'cp --sparse=always --reflink=never "$1" "$2" && sync -f "$2"' cp "$img" "$cpdst"
+    local t_cps2=$T; rm -f "$cpdst"
 
     local js; js=$(bs describe-snapshots -r "$vol")
     local sz_full sz_inc inc_type

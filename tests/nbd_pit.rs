@@ -141,7 +141,10 @@ fn store_sub_block_records_restore_verify_and_fold() {
     assert_eq!(m5.stored_bytes, 4 * KIB, "{m5:?}");
     let m6 = capture(&store, meta(6, Some(5), size), &img, &NoProgress).unwrap();
     assert_eq!((m6.record_count, m6.stored_bytes), (1, 16 * KIB), "{m6:?}");
-    assert_eq!(restored(&store, dir.path(), &sid(6)).unwrap(), digest_file(&img));
+    assert_eq!(
+        restored(&store, dir.path(), &sid(6)).unwrap(),
+        digest_file(&img)
+    );
     assert!(store.verify(&sid(6), &NoProgress).unwrap().is_ok());
     store.delete(&sid(6), &NoProgress).unwrap();
     store.delete(&sid(5), &NoProgress).unwrap();

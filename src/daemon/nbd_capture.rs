@@ -6,10 +6,11 @@
 //! write path, so the snapshot equals the image at the switch while writes go on. With a
 //! trusted dirty set (it was tracked since the parent snapshot) only the dirty blocks are
 //! read; otherwise every block that held data at the switch is read (holes at the switch are
-//! not, even if a writer fills them meanwhile) and compared by hash with the parent's. The
-//! dirty set is widened to whole store blocks for reading and hashing, but an incremental
-//! stores only the 4 KiB pieces that were written. Blocks go from the epoch straight into the
-//! store (no scratch copy).
+//! not, even if a writer fills them meanwhile) and compared by hash with the parent's. An
+//! incremental reads and stores only the 4 KiB pieces that were written; of a store block
+//! written only in part, the block's hash is recorded as not known (`capture_extents`).
+//! Copy-before-write protects the dirty set widened to whole store blocks, a superset of
+//! what is read. Blocks go from the epoch straight into the store (no scratch copy).
 
 use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
@@ -111,9 +112,9 @@ impl Manager {
         let snapshot_time = now();
         let t0 = std::time::Instant::now();
         // freeze_ms is how long writers were held: the switch itself, not the flush before
-        // it (writes go on during the flush). The protected ranges the switch returns are
-        // what the capture below reads: the dirty set widened to store blocks (Dirty), or
-        // everything (All).
+        // it (writes go on during the flush). The protected ranges the switch returns hold
+        // all the capture below may read: the dirty set widened to store blocks (Dirty; a
+        // block the parent did not hold whole is read whole), or everything (All).
         let (_protected, held) = tracker
             .start_epoch_timed(scope, &spill, u64::from(block_size))
             .map_err(|e| {
@@ -140,12 +141,11 @@ impl Manager {
                 freeze_ms,
                 consistency: "crash".into(),
             };
-            // Read straight from the epoch into the store: whole store blocks at their
-            // point in time (each block's hash needs all of it).
+            // Read straight from the epoch into the store, at the point in time.
             let src = tracker.as_ref();
             match scope {
                 // Of an incremental only the 4 KiB pieces written since the parent are
-                // stored: the rest of each block is the parent's.
+                // read and stored: the rest of each block is the parent's.
                 EpochScope::Dirty => {
                     let fine = tracker.epoch_dirty_ranges().map_err(|e| {
                         nbd_err(&format!("cannot read the dirty set of volume {}", v.id), e)

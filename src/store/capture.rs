@@ -116,6 +116,7 @@ fn stream_ranges<S: ImageSource + ?Sized>(
             chunk,
             bs,
             src_len,
+            parts_of: None,
         },
         None,
         |batch| {
@@ -192,6 +193,7 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
             chunk,
             bs,
             src_len,
+            parts_of: Some(size),
         },
         Some(&read_ahead),
         |batch| {
@@ -208,7 +210,7 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
                 copying += t.elapsed();
                 // `plan_reads` reads whole blocks as runs starting at a block boundary and
                 // spanning whole blocks (or reaching the end); a part of a block never does.
-                if off % bs == 0 && (len % bs == 0 || off + len == size) {
+                if whole_blocks(off, len, bs, size) {
                     record_scanned(&mut writer, &mut base, &mut new, span, hashes)?;
                 } else {
                     record_part(&mut writer, &mut new, span)?;
@@ -617,13 +619,21 @@ impl ReadAhead {
 
 /// What [`read_and_hash`] reads: sorted, disjoint `ranges`, each block-aligned (the last may
 /// end at the volume's end) or within one block, in batches of about `chunk` bytes (a
-/// multiple of `bs`); bytes past `src_len` read as zeros. A range within one block is hashed
-/// as if it were a block (the hash is of no use).
+/// multiple of `bs`); bytes past `src_len` read as zeros.
 struct Batches<'a> {
     ranges: &'a [Range<u64>],
     chunk: u64,
     bs: u64,
     src_len: u64,
+    /// `Some(volume size)`: `ranges` may hold parts of blocks ([`plan_reads`]), which are
+    /// not hashed; a range is a part unless [`whole_blocks`] says otherwise.
+    parts_of: Option<u64>,
+}
+
+/// Whether the range `[off, off + len)` of a volume of `size` bytes is a run of whole blocks
+/// of `bs` bytes (the last may be short, at the end) rather than a part of one block.
+fn whole_blocks(off: u64, len: u64, bs: u64, size: u64) -> bool {
+    off % bs == 0 && (len % bs == 0 || off + len == size)
 }
 
 /// Cuts [`Batches`] into batches, in order; shared by the workers.
@@ -703,12 +713,13 @@ impl Batch {
             })
     }
 
-    /// Reads the pieces and hashes their blocks.
+    /// Reads the pieces and hashes their blocks (not parts of blocks: see [`Batches`]).
     fn fill<S: ImageSource + ?Sized>(
         &mut self,
         source: &S,
         bs: u64,
         src_len: u64,
+        parts_of: Option<u64>,
     ) -> Result<(), StoreError> {
         let total: u64 = self.pieces.iter().map(|&(_, len)| len).sum();
         self.buf.resize_for_overwrite(total as usize);
@@ -720,9 +731,13 @@ impl Batch {
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
         let mut at = 0usize;
-        for &(_, len) in &self.pieces {
+        for &(off, len) in &self.pieces {
             let piece = &self.buf[at..at + len as usize];
-            hashes.extend(piece.chunks(bs as usize).map(hash_block));
+            match parts_of {
+                // A part of a block: one slot of no meaning (the recorder ignores it).
+                Some(size) if !whole_blocks(off, len, bs, size) => hashes.push(ZERO_HASH),
+                _ => hashes.extend(piece.chunks(bs as usize).map(hash_block)),
+            }
             at += piece.len();
         }
         self.hashes = hashes;
@@ -758,6 +773,7 @@ where
         chunk,
         bs,
         src_len,
+        parts_of,
     } = what;
     let cutter = Mutex::new(Cutter {
         ranges,
@@ -807,7 +823,7 @@ where
                 if let Some(ra) = read_ahead {
                     ra.reached(first_range);
                 }
-                let res = batch.fill(source, bs, src_len).map(|()| batch);
+                let res = batch.fill(source, bs, src_len, parts_of).map(|()| batch);
                 let failed = res.is_err();
                 if done_tx.send(res).is_err() || failed {
                     return;
