@@ -40,7 +40,8 @@ cleanup() {
     # loop devices backed by files under our work dir (the daemon's loop volumes)
     losetup -l -n -O NAME,BACK-FILE 2>/dev/null | awk -v w="$WORK" 'index($2, w) == 1 {print $1}' |
         while read -r d; do losetup -d "$d"; done
-    [ -n "${KEEP_LOG:-}" ] && cp "$RD/daemon.log" "$KEEP_LOG"; rm -rf "$WORK"
+    if [ -n "${KEEP_LOG:-}" ] && [ -f "${RD:-}/daemon.log" ]; then cp "$RD/daemon.log" "$KEEP_LOG"; fi
+    rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 

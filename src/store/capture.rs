@@ -301,7 +301,7 @@ fn record_part(
     if new.written() == off / bs {
         new.push(&[STALE_HASH])?;
     }
-    if buf.iter().all(|&b| b == 0) {
+    if super::writer::is_zero(buf) {
         w.add_zero(off, buf.len() as u64)
     } else {
         w.add_data(off, buf)

@@ -6,7 +6,7 @@
 //! leaves out.
 
 use super::format::{self, HASHES_HEADER_LEN, HASH_LEN};
-use super::writer::ZERO_HASH;
+use super::writer::{is_zero, ZERO_HASH};
 use super::{file_key, BlobWriter, Manifest, Store, StoreError, HASHES_FILE};
 use crate::api::SnapshotId;
 use std::io::Write;
@@ -348,7 +348,6 @@ impl HashWriter {
     fn write_sparse(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         const PAGE: usize = 4096;
         self.hasher.update(bytes);
-        let err = |key: &str, e| StoreError::backend(key, e);
         // Up to the first page boundary of the file, then page by page: runs of data pages
         // are written at once, runs of zero pages skipped at once.
         let mut at = (PAGE - (self.file_pos % PAGE as u64) as usize) % PAGE;
@@ -356,25 +355,24 @@ impl HashWriter {
         let (mut run_start, mut run_zero) = (0usize, false);
         while at < bytes.len() {
             let end = (at + PAGE).min(bytes.len());
-            let zero = end - at == PAGE && bytes[at..end].iter().all(|&b| b == 0);
+            let zero = end - at == PAGE && is_zero(&bytes[at..end]);
             if zero != run_zero && at > run_start {
-                self.emit(&bytes[run_start..at], run_zero)
-                    .map_err(|e| err(&self.key, e))?;
+                self.emit(&bytes[run_start..at], run_zero)?;
                 run_start = at;
             }
             run_zero = zero;
             at = end;
         }
         self.emit(&bytes[run_start..], run_zero)
-            .map_err(|e| err(&self.key, e))
     }
 
-    fn emit(&mut self, bytes: &[u8], zero: bool) -> std::io::Result<()> {
-        if zero {
-            self.w.append_zeros(bytes.len() as u64)?;
+    fn emit(&mut self, bytes: &[u8], zero: bool) -> Result<(), StoreError> {
+        let written = if zero {
+            self.w.append_zeros(bytes.len() as u64)
         } else {
-            self.w.write_all(bytes)?;
-        }
+            self.w.write_all(bytes)
+        };
+        written.map_err(|e| StoreError::backend(&self.key, e))?;
         self.file_pos += bytes.len() as u64;
         Ok(())
     }

@@ -578,12 +578,22 @@ impl BlockCheck {
         )
     }
 
-    /// Compares the assembled block and moves on.
-    fn complete(&mut self) -> Result<(), StoreError> {
-        let want = self.expected()?;
-        if want != STALE_HASH && super::writer::hash_block(&self.buf) != want {
+    /// Compares the hash of the block at `start` (computed by `got`, only when the recorded
+    /// hash is known) with the one recorded at capture.
+    fn check(
+        &mut self,
+        got: impl FnOnce(&Self) -> [u8; super::format::HASH_LEN],
+    ) -> Result<(), StoreError> {
+        let recorded = self.expected()?;
+        if recorded != STALE_HASH && got(self) != recorded {
             return Err(self.mismatch());
         }
+        Ok(())
+    }
+
+    /// Compares the assembled block and moves on.
+    fn complete(&mut self) -> Result<(), StoreError> {
+        self.check(|c| super::writer::hash_block(&c.buf))?;
         self.start += self.block_len();
         self.buf.clear();
         Ok(())
@@ -632,10 +642,7 @@ impl BlockCheck {
         super::writer::hash_blocks(&blocks, &mut hashed);
         let mut compare = || -> Result<(), StoreError> {
             for (h, b) in hashed.iter().zip(&blocks) {
-                let want = self.expected()?;
-                if *h != want && want != STALE_HASH {
-                    return Err(self.mismatch());
-                }
+                self.check(|_| *h)?;
                 self.start += b.len() as u64;
             }
             Ok(())
@@ -656,10 +663,7 @@ impl BlockCheck {
             let want = self.block_len() - self.buf.len() as u64;
             if self.buf.is_empty() && end - self.start >= want {
                 // A whole zero block: recorded as the zero sentinel, no hashing needed.
-                let recorded = self.expected()?;
-                if recorded != super::writer::ZERO_HASH && recorded != STALE_HASH {
-                    return Err(self.mismatch());
-                }
+                self.check(|_| super::writer::ZERO_HASH)?;
                 self.start += want;
                 continue;
             }
