@@ -14,7 +14,7 @@
 
 use super::jobs::JobProgress;
 use super::manager::{message_chain, Manager};
-use crate::api::{ApiError, SnapshotId, VolumeId};
+use crate::api::{ApiError, ErrorKind, SnapshotId, VolumeId};
 use crate::catalog::{now, SnapshotRow, VolumeRow};
 use crate::nbd::{DirtyRange, EpochScope, FileExport, TrackedExport};
 use crate::store::SnapshotMeta;
@@ -56,11 +56,19 @@ fn write_base(state_dir: &Path, id: &str, generation: u64, ss: &str) -> std::io:
     File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }
 
-/// Forgets the tracked dirty set of a volume whose image was rewritten behind the export
-/// (rollback): the next snapshot rescans.
-pub fn forget_tracking(state_dir: &Path, id: &str) {
-    let _ = std::fs::remove_file(bitmap_path(state_dir, id));
-    let _ = std::fs::remove_file(base_path(state_dir, id));
+/// Forgets the tracked dirty set of a volume whose image is rewritten behind the export
+/// (rollback; call it before the first byte changes): the next snapshot rescans. The
+/// tracking base goes first and durably: without it the bitmap is never trusted, while a
+/// bitmap removed first could be made anew (generation 0 again) under a surviving base.
+pub fn forget_tracking(state_dir: &Path, id: &str) -> std::io::Result<()> {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    let base = base_path(state_dir, id);
+    gone(std::fs::remove_file(&base))?;
+    File::open(base.parent().unwrap_or(Path::new("/")))?.sync_all()?;
+    gone(std::fs::remove_file(bitmap_path(state_dir, id)))
 }
 
 /// Opens the tracked export of a volume's image; a bitmap that cannot be used (damaged, or
@@ -74,13 +82,28 @@ pub fn open_tracker(state_dir: &Path, id: &str, image: &Path) -> Result<Tracker,
         Ok(t) => Ok(t),
         Err(e) => {
             tracing::warn!(volume = id, error = %message_chain(&e), "dirty bitmap unusable; starting a new one (the next snapshot rescans)");
-            forget_tracking(state_dir, id);
+            forget_tracking(state_dir, id).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Io,
+                    format!("cannot remove the dirty bitmap of volume {id}: {e}"),
+                )
+            })?;
             open().map_err(|e| nbd_err(&format!("cannot open the export of volume {id}"), e))
         }
     }
 }
 
 impl Manager {
+    /// [`forget_tracking`] of a volume, as an API error naming it.
+    pub(super) fn forget_tracking(&self, volume_id: &str) -> Result<(), ApiError> {
+        forget_tracking(&self.state_dir(), volume_id).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Io,
+                format!("cannot forget the dirty bitmap of volume {volume_id}: {e}"),
+            )
+        })
+    }
+
     /// Snapshot of an attached NBD volume through its tracked export.
     pub(super) fn take_nbd_snapshot(
         &self,
@@ -191,7 +214,9 @@ impl Manager {
                     .map_err(|e| nbd_err("cannot close the snapshot epoch", e))?;
                 if let Err(e) = write_base(&state_dir, &v.id, generation, &row.id) {
                     // Without the marker the next snapshot rescans: slower, never wrong.
+                    // An older marker must not survive either: it names an older parent.
                     tracing::warn!(volume = %v.id, error = %e, "cannot record the tracking base");
+                    let _ = std::fs::remove_file(base_path(&state_dir, &v.id));
                 }
                 tracing::debug!(volume = %v.id, elapsed = ?t0.elapsed(), "epoch closed");
                 let done = self.finish_snapshot(row, &manifest, snapshot_time);

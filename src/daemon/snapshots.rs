@@ -649,6 +649,8 @@ impl Manager {
             plans.push((s, v));
         }
         for (_, v) in &plans {
+            // Before the job can rewrite any of them (see `apply_snapshot`).
+            self.forget_tracking(&v.id)?;
             self.update_volume(&v.id, |r| r.transition_status = "restoring".into())?;
         }
         let ids: Vec<String> = plans.iter().map(|(s, _)| s.id.clone()).collect();
@@ -682,6 +684,9 @@ impl Manager {
         let v = self.live_volume(&s.volume_id)?;
         let image = volume::image_path(&self.state_dir(), &v.id);
         let result = (|| {
+            // The image is rewritten behind any dirty bitmap: the next NBD snapshot must
+            // rescan, whatever becomes of this job (forgotten before the first byte changes).
+            self.forget_tracking(&v.id)?;
             let snapshot: api::SnapshotId = sid.parse().map_err(ApiError::bad)?;
             let file = volume::open_image(&image).map_err(|e| ApiError::from_volume(e, &v.id))?;
             self.store()
@@ -701,8 +706,6 @@ impl Manager {
             }
             Ok(())
         })();
-        // The image was rewritten behind any dirty bitmap: the next NBD snapshot rescans.
-        super::nbd_capture::forget_tracking(&self.state_dir(), &v.id);
         if result.is_err() && progress.is_cancelled() {
             return result;
         }

@@ -395,10 +395,10 @@ impl Manager {
             }
         }
         for v in rows {
+            self.forget_tracking(&v.id)?;
             super::lazy::forget(&self.state_dir(), &v.id);
             let image = volume::image_path(&self.state_dir(), &v.id);
             volume::remove_image(&image).map_err(|e| ApiError::from_volume(e, &v.id))?;
-            super::nbd_capture::forget_tracking(&self.state_dir(), &v.id);
             // The row stays (as `deleted`) so that its snapshots still name their volume.
             self.update_volume(&v.id, |r| {
                 r.status = "deleted".into();

@@ -299,6 +299,8 @@ struct Epoch {
 struct Tracking {
     dirty: Arc<Bits>,
     epoch: Option<Arc<Epoch>>,
+    /// `close` has written the exact dirty set: later writes are refused (see `close`).
+    closed: bool,
 }
 
 /// An export whose writes are tracked for incremental snapshots; see the module docs.
@@ -474,6 +476,7 @@ impl<E: Export> TrackedExport<E> {
             state: RwLock::new(Tracking {
                 dirty: Arc::new(dirty),
                 epoch: None,
+                closed: false,
             }),
             intent,
             bitmap_path: bitmap.path.clone(),
@@ -599,6 +602,9 @@ impl<E: Export> TrackedExport<E> {
         // Under the read lock, so a commit (which shrinks the intent) cannot slip between
         // "intent is durable" and "block is marked dirty".
         let state = self.read_state();
+        if state.closed {
+            return Err(closed_err());
+        }
         self.persist_intent(offset, len)?;
         if len == 0 {
             return Ok(state);
@@ -835,7 +841,8 @@ impl<E: Export> TrackedExport<E> {
     /// (from the request for the state lock until they may resume).
     ///
     /// Writers are held only for in-memory work; the bitmap file is written around it:
-    /// 1. (commit) the new generation is made durable, writers running;
+    /// 1. (commit) the image is flushed, then the new generation is made durable, writers
+    ///    running;
     /// 2. writers held: the epoch is closed and, on commit, the in-memory intent shrinks to
     ///    the regions dirty since the switch (exact: no write is in flight);
     /// 3. (commit) the region section is rewritten from the in-memory intent, writers
@@ -850,9 +857,12 @@ impl<E: Export> TrackedExport<E> {
     /// superset. The intent never shrinks on disk before step 1 is durable: a bitmap whose
     /// regions no longer cover the epoch's blocks never carries the generation that a
     /// tracking base (`<generation> <parent>`) written before this epoch names. If step 1
-    /// fails the intent is left as it was; if step 1 or 3 fails the generation has still
-    /// moved on in memory (the next snapshot rescans) and the epoch's dirty set is merged
-    /// back.
+    /// fails the intent is left as it was and the epoch's dirty set is merged back; past
+    /// the flush the generation has moved on in memory all the same (the next snapshot
+    /// rescans), and so it has if step 3 fails. A failed flush leaves the generation: the
+    /// merged set is still the one relative to the tracking base, whose snapshot stays
+    /// the parent (the failed one is discarded). The flush is also what makes the
+    /// snapshot's view durable: see the comment in the code.
     pub fn finish_epoch_timed(
         &self,
         committed: bool,
@@ -861,8 +871,16 @@ impl<E: Export> TrackedExport<E> {
         if self.read_state().epoch.is_none() {
             return Err(NbdError::NoEpoch);
         }
+        // Every write of the epoch's dirty set returned before the switch, but one that
+        // returned while `start_epoch` flushed may not be durable yet, and the snapshot
+        // holds it. It must be before the intent forgets it: a power loss could otherwise
+        // leave the image without a write that the snapshot has and the next dirty set
+        // lacks. A failed flush fails the commit (nothing shrinks; the set is merged back).
         let generation = if committed {
-            self.advance_generation()
+            self.inner
+                .flush()
+                .map_err(|source| NbdError::Epoch { offset: 0, source })
+                .and_then(|()| self.advance_generation())
         } else {
             Ok(self.generation())
         };
@@ -955,12 +973,15 @@ impl<E: Export> TrackedExport<E> {
     #[cfg(not(test))]
     fn step(&self, _step: FinishStep) {}
 
-    /// Persists the exact dirty set and marks the bitmap clean. Call after the last writer
-    /// is gone (the server has stopped serving this export); a later write makes it
-    /// unclean again.
+    /// Persists the exact dirty set and marks the bitmap clean. Call once the server has
+    /// stopped serving this export. Writes after it fail (`ESHUTDOWN`): a connection still
+    /// draining requests it had read could otherwise change the image and mark the bitmap
+    /// behind the back of the next tracker of the same volume, which trusts the clean
+    /// file it opened.
     pub fn close(&self) -> Result<(), NbdError> {
         let _switch = self.lock_switch();
-        let state = self.write_state();
+        let mut state = self.write_state();
+        state.closed = true;
         let dirty = Bits::new(blocks_of(self.size));
         dirty.or_from(&state.dirty);
         if let Some(epoch) = &state.epoch {
@@ -977,6 +998,12 @@ impl<E: Export> TrackedExport<E> {
         self.clean_on_disk.store(true, Ordering::Release);
         Ok(())
     }
+}
+
+/// What a write to a closed tracker fails with: NBD_ESHUTDOWN to the client (the export
+/// is going away: the volume is being detached, or the daemon stops).
+fn closed_err() -> io::Error {
+    io::Error::from_raw_os_error(libc::ESHUTDOWN)
 }
 
 impl<E: Export> Export for TrackedExport<E> {
@@ -1010,8 +1037,10 @@ impl<E: Export> Export for TrackedExport<E> {
             .collect();
         // As in `before_mutation`: a commit must not shrink the intent meanwhile. A
         // failure here is met again, and reported, by the writes.
-        let _state = self.read_state();
-        let _ = self.persist_regions(&spans);
+        let state = self.read_state();
+        if !state.closed {
+            let _ = self.persist_regions(&spans);
+        }
     }
 
     fn write_needs_sync(&self, offset: u64, len: u64) -> bool {
@@ -1419,6 +1448,153 @@ mod tests {
         let crashed = reopen(&dir);
         assert_eq!(crashed.generation(), 0);
         assert_eq!(dirty_regions(&crashed), vec![0, 2]);
+    }
+
+    /// An image in memory whose durable copy is what the last flush saw: a power loss
+    /// keeps only that. `on_flush` runs once, inside the next flush, after the copy (a
+    /// write that returns while a flush is under way); `fail_flush` makes flushes fail.
+    type FlushHook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+    struct VolatileExport {
+        image: Mutex<Vec<u8>>,
+        durable: Arc<Mutex<Vec<u8>>>,
+        on_flush: FlushHook,
+        fail_flush: Arc<AtomicBool>,
+    }
+
+    impl VolatileExport {
+        fn new(image: Vec<u8>) -> VolatileExport {
+            VolatileExport {
+                durable: Arc::new(Mutex::new(image.clone())),
+                image: Mutex::new(image),
+                on_flush: Arc::default(),
+                fail_flush: Arc::default(),
+            }
+        }
+    }
+
+    impl Export for VolatileExport {
+        fn size(&self) -> u64 {
+            self.image.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let image = self.image.lock().unwrap();
+            buf.copy_from_slice(&image[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+            let mut image = self.image.lock().unwrap();
+            image[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            if self.fail_flush.load(Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let copy = self.image.lock().unwrap().clone();
+            *self.durable.lock().unwrap() = copy;
+            let hook = self.on_flush.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> io::Result<()> {
+            self.write_at(&vec![0; len as usize], offset, false)
+        }
+        fn block_status(&self, _: u64, len: u64) -> io::Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                len,
+                hole: false,
+                zero: false,
+            }])
+        }
+    }
+
+    #[test]
+    fn a_write_that_returns_during_the_switch_flush_survives_a_power_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * REGION;
+        let inner = VolatileExport::new(vec![0; size as usize]);
+        let (durable, on_flush) = (Arc::clone(&inner.durable), Arc::clone(&inner.on_flush));
+        let t = Arc::new(TrackedExport::open(inner, &dir.path().join("cbt")).unwrap());
+        let x = 2 * REGION;
+        let weak = Arc::downgrade(&t);
+        *on_flush.lock().unwrap() = Some(Box::new(move || {
+            let t = weak.upgrade().unwrap();
+            t.write_at(&[0x5a; 4096], x, false).unwrap();
+        }));
+        t.start_epoch(EpochScope::All, &dir.path().join("spill"))
+            .unwrap();
+        // The write returned before the switch: the snapshot holds it.
+        assert!(t.read_snapshot_block(x).unwrap().iter().all(|&b| b == 0x5a));
+        assert_eq!(t.finish_epoch(true).unwrap(), 1);
+        // Power loss: only what was flushed is left, with the bitmap as written.
+        let image = durable.lock().unwrap().clone();
+        drop(t);
+        let t = TrackedExport::open(VolatileExport::new(image.clone()), &dir.path().join("cbt"))
+            .unwrap();
+        assert_eq!(t.generation(), 1);
+        let kept = image[x as usize..(x + 4096) as usize]
+            .iter()
+            .all(|&b| b == 0x5a);
+        let dirty = t.dirty_ranges();
+        assert!(
+            kept || dirty.iter().any(|d| d.range().contains(&x)),
+            "the snapshot holds a write at {x} that the image lost and the dirty set {dirty:?} lacks"
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_fails_the_commit_and_keeps_the_dirty_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = VolatileExport::new(vec![0; 4 * REGION as usize]);
+        let fail = Arc::clone(&inner.fail_flush);
+        let t = TrackedExport::open(inner, &dir.path().join("cbt")).unwrap();
+        t.write_at(&[1; 4096], REGION, false).unwrap();
+        t.start_epoch(EpochScope::Dirty, &dir.path().join("spill"))
+            .unwrap();
+        t.read_snapshot_block(REGION).unwrap();
+        fail.store(true, Ordering::Relaxed);
+        assert!(t.finish_epoch(true).is_err());
+        assert_eq!(t.generation(), 0);
+        assert_eq!(t.dirty_ranges(), vec![r(REGION, 4096)]);
+        assert!(!dir.path().join("spill").exists());
+    }
+
+    #[test]
+    fn a_closed_tracker_refuses_writes_so_a_reopened_bitmap_misses_none() {
+        let (dir, t1) = setup(4 * REGION);
+        t1.write_at(&[1; 4096], 0, false).unwrap();
+        // Detach: closed while a connection may still be draining requests.
+        t1.close().unwrap();
+        let t2 = reopen(&dir);
+        assert_eq!(t2.recovery(), Recovery::Clean);
+        let late = REGION + 8192;
+        let err = t1.write_at(&[2; 4096], late, false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESHUTDOWN));
+        assert_eq!(
+            t1.write_zeroes(late, 4096, true)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ESHUTDOWN)
+        );
+        assert!(t1.trim(late, 4096).is_err());
+        t1.prepare_writes(&[(late, 4096)]);
+        drop(t1);
+        t2.write_at(&[3; 4096], 3 * REGION, false).unwrap();
+        t2.close().unwrap();
+        drop(t2);
+        // The image is unchanged where the late write was refused, and every write that
+        // was accepted is in the dirty set.
+        let t3 = reopen(&dir);
+        let mut buf = vec![0u8; 4096];
+        t3.read_at(&mut buf, late).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(t3.dirty_ranges(), vec![r(0, 4096), r(3 * REGION, 4096)]);
     }
 
     #[test]
