@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 /// How the restore target is prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,10 +171,113 @@ struct Span {
     buf: Arc<AlignedBuf>,
 }
 
-/// What the reader stage hands the checker.
+/// What the reader stage hands the checker, in image order. A span may still be being read
+/// by a read worker: its bytes arrive on the receiver.
 enum Step {
-    Span(Span),
+    Span(mpsc::Receiver<Result<Span, StoreError>>),
     Piece(Piece),
+}
+
+/// A span to read: `len` bytes of layer `layer`'s delta from `start`, holding records
+/// `first..end` of its index.
+struct SpanPlan {
+    layer: usize,
+    first: usize,
+    end: usize,
+    start: u64,
+    len: usize,
+}
+
+/// A span read handed to a read worker, with the buffer to read into; the result goes to
+/// `done`.
+struct ReadJob {
+    plan: SpanPlan,
+    buf: AlignedBuf,
+    done: mpsc::SyncSender<Result<Span, StoreError>>,
+}
+
+/// Threads that read spans, so that reads overlap each other (a deeper disk queue, and the
+/// kernel's copies out of the page cache on both cores) as well as the checking.
+const READ_WORKERS: usize = 2;
+/// Bytes of spans read (or being read) ahead of the checker, at least two spans.
+const READ_AHEAD: u64 = 8 << 20;
+
+/// The spans a restore reads, in the order the checker needs them, and for each the index
+/// of the first piece that reads from it. A span runs over consecutive records of one layer
+/// that pieces need, up to the span budget (shared by the layers: each keeps its current
+/// span alive in the checker).
+fn plan_spans(layers: &[Vec<IndexEntry>], pieces: &[Piece]) -> (Vec<SpanPlan>, Vec<usize>) {
+    // Which records some piece reads: only those are fetched.
+    let mut needed: Vec<Vec<bool>> = layers.iter().map(|l| vec![false; l.len()]).collect();
+    for p in pieces {
+        if let Src::Data { layer, rec } = p.src {
+            needed[layer][rec] = true;
+        }
+    }
+    let limit = (SPAN_BYTES / layers.len().max(1) as u64).max(MIN_SPAN);
+    let mut have: Vec<Option<(usize, usize)>> = vec![None; layers.len()];
+    let (mut plans, mut starts) = (Vec::new(), Vec::new());
+    for (i, p) in pieces.iter().enumerate() {
+        let Src::Data { layer, rec } = p.src else {
+            continue;
+        };
+        if have[layer].is_some_and(|(a, b)| (a..b).contains(&rec)) {
+            continue;
+        }
+        let index = &layers[layer];
+        // Records lie in file order, with alignment gaps between some (delta version 2): a
+        // span runs from the first header to the last payload's end. The read starts where
+        // the previous record ends, so that the alignment gap before the first record is
+        // read and checked too.
+        let rec_end = |e: &IndexEntry| e.file_pos + RECORD_HEADER_LEN + e.payload_len();
+        let start = match rec.checked_sub(1) {
+            Some(prev) => rec_end(&index[prev]),
+            None => format::DELTA_HEADER_LEN,
+        };
+        let mut len = rec_end(&index[rec]) - start;
+        let mut end = rec + 1;
+        while let Some(e) = index.get(end) {
+            let grown = rec_end(e) - start;
+            if !needed[layer][end] || grown > limit {
+                break;
+            }
+            len = grown;
+            end += 1;
+        }
+        have[layer] = Some((rec, end));
+        plans.push(SpanPlan {
+            layer,
+            first: rec,
+            end,
+            start,
+            len: len as usize,
+        });
+        starts.push(i);
+    }
+    (plans, starts)
+}
+
+/// Reads a planned span into `buf` (which holds `plan.len` bytes).
+fn read_span(
+    chain: &[Manifest],
+    layers: &[Vec<IndexEntry>],
+    streams: &[Option<Box<dyn BlobStream + '_>>],
+    plan: &SpanPlan,
+    buf: &mut [u8],
+) -> Result<(), StoreError> {
+    let m = &chain[plan.layer];
+    let index = &layers[plan.layer];
+    stream(streams, plan.layer)?
+        .read_at(plan.start, buf)
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
+                &m.id,
+                &m.delta_file,
+                (index[plan.first].offset, index[plan.end - 1].end()),
+                "record is truncated",
+            ),
+            _ => StoreError::backend(&file_key(&m.id, &m.delta_file), err),
+        })
 }
 
 /// A checked piece for the writer: for a data piece, the span buffer and where its bytes start.
@@ -265,7 +368,10 @@ fn check_steps(
     let mut spans: Vec<Option<Span>> = layers.iter().map(|_| None).collect();
     for step in rx {
         match step? {
-            Step::Span(span) => {
+            Step::Span(read) => {
+                let span = read.recv().map_err(|_| {
+                    StoreError::Invalid("restore: a span read was abandoned".into())
+                })??;
                 check_span(&chain[span.layer], &layers[span.layer], &span)?;
                 let layer = span.layer;
                 spans[layer] = Some(span);
@@ -772,10 +878,11 @@ impl Store {
             pending: Vec::new(),
         };
         let mut pos = 0u64;
-        // Three stages, so reading, checking and writing overlap: a reader thread issues large
-        // preads of runs of needed records, a checker thread checks each record's header and
-        // CRC32 and every assembled block's BLAKE3 (hashing on two threads), and this thread
-        // writes the checked bytes. Nothing reaches the writer before it has been checked.
+        // Three stages, so reading, checking and writing overlap: a reader stage issues large
+        // preads of runs of needed records (planned up front, read ahead by two threads), a
+        // checker thread checks each record's header and CRC32 and every assembled block's
+        // BLAKE3 (hashing on two threads), and this thread writes the checked bytes. Nothing
+        // reaches the writer before it has been checked.
         std::thread::scope(|s| -> Result<(), StoreError> {
             let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
             let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(4);
@@ -835,7 +942,9 @@ impl Store {
     }
 
     /// The reader stage of `assemble`: sends, in image order, each piece, preceded by the span
-    /// of records it reads from when that span is not the last one sent for its layer.
+    /// of records it reads from when that span is not the last one sent for its layer. The
+    /// spans are planned first and read ahead of the pieces by [`READ_WORKERS`] threads, at
+    /// most [`READ_AHEAD`] bytes of them waiting for the checker.
     fn read_spans(
         &self,
         chain: &[Manifest],
@@ -844,75 +953,82 @@ impl Store {
         streams: &[Option<Box<dyn BlobStream + '_>>],
         tx: &mpsc::SyncSender<Result<Step, StoreError>>,
     ) -> Result<(), StoreError> {
-        // Which records some piece reads: only those are fetched.
-        let mut needed: Vec<Vec<bool>> = layers.iter().map(|l| vec![false; l.len()]).collect();
-        for p in pieces {
-            if let Src::Data { layer, rec } = p.src {
-                needed[layer][rec] = true;
-            }
-        }
-        // Each layer keeps its current span alive in the checker: share one budget.
-        let limit = (SPAN_BYTES / chain.len().max(1) as u64).max(MIN_SPAN);
-        let mut have: Vec<Option<(usize, usize)>> = vec![None; layers.len()];
-        let mut pool = SpanPool::default();
-        for p in pieces {
-            if let Src::Data { layer, rec } = p.src {
-                if !have[layer].is_some_and(|(a, b)| (a..b).contains(&rec)) {
-                    let index = &layers[layer];
-                    let first = &index[rec];
-                    let mut end = rec + 1;
-                    // Records lie in file order, with alignment gaps between some (delta
-                    // version 2): a span runs from the first header to the last payload's end.
-                    // The read starts where the previous record ends, so that the alignment
-                    // gap before the first record is read and checked too.
-                    let rec_end = |e: &IndexEntry| e.file_pos + RECORD_HEADER_LEN + e.payload_len();
-                    let start = match rec.checked_sub(1) {
-                        Some(prev) => rec_end(&index[prev]),
-                        None => format::DELTA_HEADER_LEN,
-                    };
-                    let mut len = rec_end(first) - start;
-                    while let Some(e) = index.get(end) {
-                        let grown = rec_end(e) - start;
-                        if !needed[layer][end] || grown > limit {
-                            break;
-                        }
-                        len = grown;
-                        end += 1;
+        let (plans, starts) = plan_spans(layers, pieces);
+        let limit = plans.iter().map(|p| p.len).max().unwrap_or(0) as u64;
+        let ahead = (READ_AHEAD / limit.max(1)).max(2) as usize;
+        let pool = Mutex::new(SpanPool::default());
+        let (slot_tx, slot_rx) =
+            mpsc::sync_channel::<mpsc::Receiver<Result<Span, StoreError>>>(ahead);
+        let (job_tx, job_rx) = mpsc::sync_channel::<ReadJob>(0);
+        let job_rx = Mutex::new(job_rx);
+        std::thread::scope(|s| {
+            let pool = &pool;
+            // The dispatcher: a slot for each span, in order (bounded: the read-ahead), then
+            // the read itself to whichever worker is free.
+            s.spawn(move || {
+                for plan in plans {
+                    let (done, result) = mpsc::sync_channel(1);
+                    if slot_tx.send(result).is_err() {
+                        return;
                     }
-                    let m = &chain[layer];
-                    let key = file_key(&m.id, &m.delta_file);
-                    let mut buf = pool.take(len as usize);
-                    stream(streams, layer)?
-                        .read_at(start, &mut buf)
-                        .map_err(|err| match err.kind() {
-                            std::io::ErrorKind::UnexpectedEof => StoreError::corrupt(
-                                &m.id,
-                                &m.delta_file,
-                                (first.offset, index[end - 1].end()),
-                                "record is truncated",
-                            ),
-                            _ => StoreError::backend(&key, err),
-                        })?;
-                    have[layer] = Some((rec, end));
-                    let buf = Arc::new(buf);
-                    pool.sent(&buf);
-                    let span = Span {
-                        layer,
-                        first: rec,
-                        end,
-                        pos: start,
-                        buf,
+                    let buf = pool
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take(plan.len);
+                    let job = ReadJob { plan, buf, done };
+                    if job_tx.send(job).is_err() {
+                        return;
+                    }
+                }
+            });
+            for _ in 0..READ_WORKERS {
+                let job_rx = &job_rx;
+                s.spawn(move || loop {
+                    let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(ReadJob {
+                        plan,
+                        mut buf,
+                        done,
+                    }) = job
+                    else {
+                        return;
                     };
-                    if tx.send(Ok(Step::Span(span))).is_err() {
+                    let read = read_span(chain, layers, streams, &plan, &mut buf).map(|()| {
+                        let buf = Arc::new(buf);
+                        pool.lock().unwrap_or_else(|p| p.into_inner()).sent(&buf);
+                        Span {
+                            layer: plan.layer,
+                            first: plan.first,
+                            end: plan.end,
+                            pos: plan.start,
+                            buf,
+                        }
+                    });
+                    // The receiver may be gone (the restore stopped): nothing to do.
+                    let _ = done.send(read);
+                });
+            }
+            // Pieces in order, each new span's slot before the first piece that reads it. On
+            // the way out the slots are dropped, which stops the dispatcher and the workers.
+            let slots = slot_rx;
+            let mut starts = starts.into_iter().peekable();
+            for (i, p) in pieces.iter().enumerate() {
+                if starts.next_if_eq(&i).is_some() {
+                    let Ok(result) = slots.recv() else {
+                        return Err(StoreError::Invalid(
+                            "restore: the span reader stopped".into(),
+                        ));
+                    };
+                    if tx.send(Ok(Step::Span(result))).is_err() {
                         return Ok(());
                     }
                 }
+                if tx.send(Ok(Step::Piece(*p))).is_err() {
+                    return Ok(());
+                }
             }
-            if tx.send(Ok(Step::Piece(*p))).is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Re-reads every byte of the chain ending at `id` and checks every checksum.
@@ -1257,6 +1373,55 @@ mod tests {
             pool.sent(&Arc::new(AlignedBuf::zeroed(8)));
         }
         assert_eq!(pool.sent.len(), SPAN_POOL);
+    }
+
+    #[test]
+    fn spans_run_over_needed_records_in_the_order_pieces_read_them() {
+        // Layer 0: five 768 KiB data records back to back; record 2 is hidden by layer 1.
+        let rlen = 768u64 << 10;
+        let rec = |i: u64, file_pos: u64| IndexEntry {
+            file_pos,
+            ..e(i * rlen, rlen, RecordKind::Data)
+        };
+        let stride = RECORD_HEADER_LEN + rlen;
+        let root: Vec<IndexEntry> = (0..5)
+            .map(|i| rec(i, format::DELTA_HEADER_LEN + i * stride))
+            .collect();
+        let top = vec![rec(2, format::DELTA_HEADER_LEN)];
+        let layers = vec![root, top];
+        let pieces = extent_map(&layers, 5 * rlen);
+        let (plans, starts) = plan_spans(&layers, &pieces);
+        let got: Vec<(usize, usize, usize, u64)> = plans
+            .iter()
+            .map(|p| (p.layer, p.first, p.end, p.start))
+            .collect();
+        let limit = (SPAN_BYTES / 2).max(MIN_SPAN);
+        assert!(
+            2 * stride <= limit && 3 * stride > limit,
+            "the test assumes 2 records fit"
+        );
+        assert_eq!(
+            got,
+            vec![
+                // Records 0 and 1 (the budget holds two of them), from the header's end.
+                (0, 0, 2, format::DELTA_HEADER_LEN),
+                // Layer 1's record, then 3 and 4 from where record 2 ends (its alignment gap).
+                (1, 0, 1, format::DELTA_HEADER_LEN),
+                (0, 3, 5, format::DELTA_HEADER_LEN + 3 * stride),
+            ]
+        );
+        for (p, &i) in plans.iter().zip(&starts) {
+            let end = |r: usize| {
+                let x = &layers[p.layer][r];
+                x.file_pos + RECORD_HEADER_LEN + x.payload_len()
+            };
+            assert_eq!(p.len as u64, end(p.end - 1) - p.start);
+            // Each span is sent before the first piece that reads from it.
+            assert!(
+                matches!(pieces[i].src, Src::Data { layer, rec } if layer == p.layer && rec == p.first)
+            );
+        }
+        assert_eq!(starts.len(), 3);
     }
 
     #[test]
