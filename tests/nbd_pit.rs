@@ -10,8 +10,8 @@ mod nbd_support;
 use blocksnap::api::SnapshotId;
 use blocksnap::nbd::{DirtyRange, EpochScope, Export, FileExport, TrackedExport};
 use blocksnap::store::{
-    capture, capture_extents, capture_ranges, NoProgress, RestoreMode, SnapshotMeta, Store,
-    StoreError,
+    capture, capture_extents, capture_ranges, DirtySet, NoProgress, RestoreMode, SnapshotMeta,
+    Store, StoreError,
 };
 use common::{have_tool, qemu_io, root_or_skip, sh, Daemon};
 use nbd_support::{sid, snapshot_meta};
@@ -94,7 +94,15 @@ fn store_sub_block_records_restore_verify_and_fold() {
         2 * MIB..2 * MIB + 16 * KIB,
         3 * MIB + 12 * KIB..3 * MIB + 20 * KIB,
     ];
-    let m2 = capture_extents(&store, meta(2, Some(1), size), &img, &dirty, &NoProgress).unwrap();
+    let m2 = capture_extents(
+        &store,
+        meta(2, Some(1), size),
+        &img,
+        &dirty,
+        DirtySet::Exact,
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(m2.stored_bytes, 4096 + 1904 + 8192, "{m2:?}");
     assert_eq!(m2.record_count, 4, "{m2:?}");
     assert!(m2.stored_bytes < full.stored_bytes / 100);
@@ -106,7 +114,15 @@ fn store_sub_block_records_restore_verify_and_fold() {
     scribble(&img, MIB, 4 * KIB, 5);
     scribble(&img, MIB + 5000, 2000, 6);
     let dirty = [MIB..MIB + 4 * KIB, MIB + 4 * KIB..MIB + 8 * KIB];
-    let m3 = capture_extents(&store, meta(3, Some(2), size), &img, &dirty, &NoProgress).unwrap();
+    let m3 = capture_extents(
+        &store,
+        meta(3, Some(2), size),
+        &img,
+        &dirty,
+        DirtySet::Exact,
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(m3.stored_bytes, 8192, "{m3:?}");
     let d3 = digest_file(&img);
     assert_eq!(restored(&store, dir.path(), &sid(3)).unwrap(), d3);
@@ -135,6 +151,7 @@ fn store_sub_block_records_restore_verify_and_fold() {
         meta(5, Some(4), size),
         &img,
         std::slice::from_ref(&only_the_first),
+        DirtySet::Exact,
         &NoProgress,
     )
     .unwrap();

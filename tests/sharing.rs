@@ -7,8 +7,8 @@ mod common;
 
 use blocksnap::api::SnapshotId;
 use blocksnap::store::{
-    capture, capture_extents, changed_by_sharing, ChangedRanges, NoProgress, RestoreMode, Sharing,
-    SnapshotMeta, Store,
+    capture, capture_extents, changed_by_sharing, ChangedRanges, DirtySet, NoProgress, RestoreMode,
+    Sharing, SnapshotMeta, Store,
 };
 use common::{have_tool, root_or_skip, sh, sha256, Daemon, ScratchFs};
 use std::fs::{File, OpenOptions};
@@ -225,6 +225,7 @@ fn rewritten_zeroed_and_punched(fstype: &str) {
         meta(&inc, Some(&full), size),
         &c2,
         &c.ranges,
+        DirtySet::Superset,
         &NoProgress,
     )
     .unwrap();
@@ -248,6 +249,7 @@ fn rewritten_zeroed_and_punched(fstype: &str) {
         meta(&inc2, Some(&inc), grown),
         &c3,
         &c.ranges,
+        DirtySet::Superset,
         &NoProgress,
     )
     .unwrap();
@@ -302,6 +304,7 @@ fn a_chain_through_sharing_and_a_merge_restores_identically() {
             meta(&id, Some(&parent), size),
             &c,
             &ch.ranges,
+            DirtySet::Superset,
             &NoProgress,
         )
         .unwrap();
@@ -327,6 +330,64 @@ fn a_chain_through_sharing_and_a_merge_restores_identically() {
     }
 }
 
+/// Pieces an incremental stored from shared extents are written, not cloned, so the next
+/// comparison cannot prove them unchanged: they must be re-hashed, not stored again (each
+/// later incremental would otherwise store every such piece again, and mark its block's
+/// hash not known).
+#[test]
+fn pieces_stored_by_an_incremental_are_not_stored_again_when_unchanged() {
+    if !root_or_skip("pieces_stored_by_an_incremental_are_not_stored_again_when_unchanged")
+        || !have_tool("mkfs.xfs")
+    {
+        return;
+    }
+    let fs = ScratchFs::new("xfs", "512M");
+    let dir = fs.path();
+    let store = Store::open(&dir.join("store")).unwrap();
+    let size = 8u64 << 20;
+    let (path, img) = image(&dir, size, 0..size);
+    let c1 = clone_of(&img, &dir.join("clone1"));
+    capture(&store, meta(&sid(1), None, size), &c1, &NoProgress).unwrap();
+    drop(c1);
+    let mut stored = Vec::new();
+    for n in 2..6u32 {
+        // New 4 KiB inside a 64 KiB block before snapshots 2 and 3, nothing after.
+        match n {
+            2 => img.write_all_at(&random(K as usize, 5), 100 << 10).unwrap(),
+            3 => img
+                .write_all_at(&random(K as usize, 6), (640 << 10) + 8 * K)
+                .unwrap(),
+            _ => {}
+        }
+        img.sync_all().unwrap();
+        let c = clone_of(&img, &dir.join(format!("clone{n}")));
+        let ch = changed(&store, &sid(n - 1), &c, size);
+        let m = capture_extents(
+            &store,
+            meta(&sid(n), Some(&sid(n - 1)), size),
+            &c,
+            &ch.ranges,
+            DirtySet::Superset,
+            &NoProgress,
+        )
+        .unwrap();
+        stored.push(m.stored_bytes);
+        // Every block's real hash is known: none is recorded as not known.
+        let hashes = store.block_hashes(&m).unwrap().hashes;
+        assert!(hashes.iter().all(|h| *h != [0xff; 32]), "snapshot {n}");
+        assert_eq!(
+            restored_sha(&store, &dir, &sid(n)),
+            sha256(&path),
+            "snapshot {n}"
+        );
+    }
+    assert_eq!(
+        stored,
+        vec![K, K, 0, 0],
+        "unchanged pieces were stored again"
+    );
+}
+
 #[test]
 fn written_records_are_changed_and_non_file_backends_are_unsupported() {
     if !root_or_skip("written_records_are_changed_and_non_file_backends_are_unsupported") {
@@ -349,6 +410,7 @@ fn written_records_are_changed_and_non_file_backends_are_unsupported() {
         meta(&sid(2), Some(&sid(1)), size),
         &img,
         &c.ranges,
+        DirtySet::Superset,
         &NoProgress,
     )
     .unwrap();
@@ -518,6 +580,7 @@ fn a_large_sparse_volume_compares_by_its_extents() {
         big(&sid(2), Some(&sid(1))),
         &c2,
         &c.ranges,
+        DirtySet::Superset,
         &NoProgress,
     )
     .unwrap();

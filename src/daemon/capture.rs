@@ -249,8 +249,8 @@ impl Manager {
 
     /// Captures a reflink clone of a loop volume's image. With a parent, shared extents between
     /// the clone and the chain's deltas (which the full capture cloned from the image) tell
-    /// which blocks cannot have changed: only the rest is read and hashed
-    /// (`store::changed_by_sharing`, then `store::capture_extents`). Where that cannot tell —
+    /// which blocks cannot have changed: only the blocks around the rest are read and hashed
+    /// (`store::changed_by_sharing`, then `store::capture_extents` with a superset). Where that cannot tell —
     /// no extent maps, the store on another filesystem, an odd parent — the whole clone is
     /// read and hashed as before; the shortcut never fails a snapshot by itself.
     fn capture_clone(
@@ -278,7 +278,14 @@ impl Manager {
                     took = ?t0.elapsed(),
                     "incremental from shared extents: reading only the blocks that may have changed"
                 );
-                crate::store::capture_extents(store, meta, clone, &changed.ranges, progress)
+                crate::store::capture_extents(
+                    store,
+                    meta,
+                    clone,
+                    &changed.ranges,
+                    crate::store::DirtySet::Superset,
+                    progress,
+                )
             }
             Ok(Sharing::Unsupported(why)) => {
                 tracing::info!(snapshot = %id, parent = %parent, reason = %why, "shared extents cannot tell what changed; reading the whole image");

@@ -136,8 +136,9 @@ impl Manager {
         let t0 = std::time::Instant::now();
         // freeze_ms is how long writers were held: the switch itself, not the flush before
         // it (writes go on during the flush). The protected ranges the switch returns hold
-        // all the capture below may read: the dirty set widened to store blocks (Dirty; a
-        // block the parent did not hold whole is read whole), or everything (All).
+        // all the capture below may read: the dirty set widened to store blocks (Dirty: the
+        // volume has its parent's size, as a resize starts a new bitmap, so no block outside
+        // the dirty set is read), or everything (All).
         let (_protected, held) = tracker
             .start_epoch_timed(scope, &spill, u64::from(block_size))
             .map_err(|e| {
@@ -179,6 +180,7 @@ impl Manager {
                         meta,
                         src,
                         &dirty,
+                        crate::store::DirtySet::Exact,
                         progress,
                     )?)
                 }

@@ -143,24 +143,43 @@ fn stream_ranges<S: ImageSource + ?Sized>(
     writer.commit_streamed(new)
 }
 
+/// How far [`capture_extents`] may trust the byte ranges it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtySet {
+    /// Exactly the bytes written since the parent (an NBD write-intent bitmap): of a block
+    /// they cover only in part, only those bytes are read and stored, and the block's hash
+    /// is recorded as not known.
+    Exact,
+    /// A superset of the bytes that may differ from the parent (extents the image no longer
+    /// shares with the chain): every block they touch is read and hashed whole, and only a
+    /// block whose hash changed is stored (just its bytes inside the ranges) with its real
+    /// hash. Bytes that were stored before but did not change are not stored again.
+    Superset,
+}
+
 /// Captures a snapshot when the caller knows which byte ranges changed since the parent
-/// (e.g. a dirty bitmap kept in an NBD write path): only `dirty` is read, not the blocks
-/// around it. A block that `dirty` covers whole is read, hashed and recorded as a full scan
-/// would (unchanged bytes are not stored; all zeros become a zero record). Of a block that
-/// `dirty` covers only in part, only the dirty bytes are read and stored (records need not
-/// be block-aligned): the rest of the block is, by the caller's promise, byte for byte the
-/// parent's, so the chain still assembles the whole block. Its hash cannot be computed from
-/// the bytes read, so the new block-hash list holds [`STALE_HASH`] for it ("not known"): a
-/// later full scan re-stores the block, and restore and verify check it by the CRC32s of its
-/// records only. Blocks the parent did not hold whole (a grown volume) are read and stored
-/// whole. Without a parent, the base is an all-zero volume and `dirty` must cover every
-/// non-zero byte.
+/// (a dirty bitmap kept in an NBD write path, or extents no longer shared with the chain).
+/// Everything outside `dirty` is, by the caller's promise, byte for byte the parent's.
+/// A block that `dirty` covers whole is read, hashed and recorded as a full scan would
+/// (unchanged bytes are not stored; all zeros become a zero record). Of a block that `dirty`
+/// covers only in part:
+/// - [`DirtySet::Exact`]: only the dirty bytes are read and stored (records need not be
+///   block-aligned): the rest of the block is the parent's, so the chain still assembles
+///   the whole block. Its hash cannot be computed from the bytes read, so the new
+///   block-hash list holds [`STALE_HASH`] for it ("not known"): a later full scan re-stores
+///   the block, and restore and verify check it by the CRC32s of its records only.
+/// - [`DirtySet::Superset`]: the whole block is read and hashed; if its hash differs from
+///   the parent's, its bytes inside `dirty` are stored, and its real hash is recorded.
+///
+/// Blocks the parent did not hold whole (a grown volume) are read and stored whole. Without
+/// a parent, the base is an all-zero volume and `dirty` must cover every non-zero byte.
 #[tracing::instrument(skip_all, fields(snapshot = %meta.id))]
 pub fn capture_extents<S: ImageSource + ?Sized>(
     store: &Store,
     meta: SnapshotMeta,
     source: &S,
     dirty: &[Range<u64>],
+    trust: DirtySet,
     progress: &dyn Progress,
 ) -> Result<Manifest, StoreError> {
     let t0 = std::time::Instant::now();
@@ -180,7 +199,18 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
             .map(|r| r.start..r.end.min(size))
             .collect(),
     );
-    let reads = plan_reads(&fine, bs, size, base.parent_size);
+    let held = base.parent_size;
+    let reads = match trust {
+        DirtySet::Exact => plan_reads(&fine, bs, size, held),
+        // Every touched block whole: `plan_reads` of the set widened to whole blocks.
+        DirtySet::Superset => {
+            let widened: Vec<Range<u64>> = fine
+                .iter()
+                .map(|r| (r.start / bs * bs)..(r.end.div_ceil(bs) * bs).min(size))
+                .collect();
+            plan_reads(&merge_ranges(widened), bs, size, held)
+        }
+    };
     progress.set_total(reads.iter().map(|r| r.end - r.start).sum());
     let chunk = SCATTERED_CHUNK.div_ceil(bs) * bs;
     let opened = t0.elapsed();
@@ -210,10 +240,13 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
                 copying += t.elapsed();
                 // `plan_reads` reads whole blocks as runs starting at a block boundary and
                 // spanning whole blocks (or reaching the end); a part of a block never does.
-                if whole_blocks(off, len, bs, size) {
-                    record_scanned(&mut writer, &mut base, &mut new, span, hashes)?;
-                } else {
+                if !whole_blocks(off, len, bs, size) {
                     record_part(&mut writer, &mut new, span)?;
+                } else if let (DirtySet::Superset, Some(held)) = (trust, held) {
+                    let only = Only { fine: &fine, held };
+                    record_hashed(&mut writer, &mut base, &mut new, span, hashes, only)?;
+                } else {
+                    record_scanned(&mut writer, &mut base, &mut new, span, hashes)?;
                 }
                 progress.advance(len);
             }
@@ -287,6 +320,51 @@ pub(super) fn plan_reads(
         }
     }
     reads
+}
+
+/// What of a changed block [`record_hashed`] stores: of a block ending at or before `held`
+/// (the parent held it whole), its bytes inside `fine` (sorted, merged); other blocks whole.
+struct Only<'a> {
+    fine: &'a [Range<u64>],
+    held: u64,
+}
+
+/// Records the blocks of `span`, whose hashes are already computed, that differ from the
+/// base, as [`record_scanned`] does, except that of a changed data block the parent held
+/// whole only its bytes inside `only.fine` are stored (the rest is the parent's, by the
+/// caller's promise); its hash is still that of the whole block. Appends `hashes` to `new`.
+fn record_hashed(
+    w: &mut SnapshotWriter,
+    base: &mut Base,
+    new: &mut HashWriter,
+    span: Span<'_>,
+    hashes: &[[u8; HASH_LEN]],
+    only: Only<'_>,
+) -> Result<(), StoreError> {
+    let Span { off, buf, bs } = span;
+    let first = off / bs;
+    for (i, block) in buf.chunks(bs as usize).enumerate() {
+        let idx = first + i as u64;
+        let h = hashes[i];
+        if h == base.get(idx)? {
+            continue;
+        }
+        let start = idx * bs;
+        let end = start + block.len() as u64;
+        if h == ZERO_HASH {
+            w.add_zero(start, block.len() as u64)?;
+        } else if end > only.held {
+            w.add_data(start, block)?;
+        } else {
+            // The writer coalesces adjacent pieces into one record.
+            let from = only.fine.partition_point(|r| r.end <= start);
+            for r in only.fine[from..].iter().take_while(|r| r.start < end) {
+                let (s, e) = (r.start.max(start), r.end.min(end));
+                w.add_data(s, &buf[(s - off) as usize..(e - off) as usize])?;
+            }
+        }
+    }
+    new.push(hashes)
 }
 
 /// Records the dirty part of a block read by itself (see [`plan_reads`]): a zero record if

@@ -5,11 +5,13 @@
 //! changing a byte means a new version number.
 //!
 //! # `format` (store root)
-//! The ASCII text `blocksnap-store\nversion 3\n`. A store still marked `version 1` or
-//! `version 2` is opened and its marker rewritten to version 3 (every older file stays
-//! readable); a directory holding anything else is refused. So a binary that knows only
-//! version 1 or 2 refuses a version-3 store ("unknown format file") instead of misreading its
-//! version-2 deltas (store version 2 brought manifest version 2, store version 3 delta version 2).
+//! The ASCII text `blocksnap-store\nversion 4\n`. A store still marked `version 1`, `2` or
+//! `3` is opened and its marker rewritten to version 4 (every older file stays readable); a
+//! directory holding anything else is refused. So a binary that knows only an older version
+//! refuses a newer store ("unknown format file") instead of misreading what it holds: store
+//! version 2 brought manifest version 2, version 3 delta version 2 (alignment gaps), version 4
+//! "not known" entries in block-hash files (which an older binary would take for mismatches
+//! and report as corruption).
 //!
 //! # Delta file `snapshots/<id>/delta.<generation>`
 //! ```text
@@ -66,10 +68,11 @@
 
 use crate::api::SnapshotId;
 
-pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 3\n";
-/// The markers of version-1 and version-2 stores: opened, and upgraded to `FORMAT_FILE_CONTENT`.
+pub const FORMAT_FILE_CONTENT: &[u8] = b"blocksnap-store\nversion 4\n";
+/// The markers of version-1 to version-3 stores: opened, and upgraded to `FORMAT_FILE_CONTENT`.
 pub const FORMAT_FILE_V1: &[u8] = b"blocksnap-store\nversion 1\n";
 pub const FORMAT_FILE_V2: &[u8] = b"blocksnap-store\nversion 2\n";
+pub const FORMAT_FILE_V3: &[u8] = b"blocksnap-store\nversion 3\n";
 
 pub const DELTA_MAGIC: &[u8; 8] = b"BSNPDLT1";
 pub const RECORD_MAGIC: &[u8; 4] = b"BREC";

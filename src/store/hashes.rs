@@ -403,7 +403,7 @@ impl HashWriter {
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
-    use super::super::{capture, capture_extents, format, NoProgress};
+    use super::super::{capture, capture_extents, format, DirtySet, NoProgress};
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -485,6 +485,7 @@ mod tests {
             meta(&sid(2), Some(&sid(1)), size, 4096),
             &img,
             dirty,
+            DirtySet::Exact,
             &NoProgress,
         )
         .unwrap();
@@ -515,6 +516,7 @@ mod tests {
             meta(&sid(2), Some(&sid(1)), size, 4096),
             &img,
             &dirty,
+            DirtySet::Exact,
             &NoProgress,
         )
         .unwrap_err();

@@ -28,7 +28,7 @@ pub mod sharing;
 mod writer;
 
 pub use backend::{Backend, BlobExtents, BlobStream, BlobWriter, FsBackend, MemBackend, SharedMem};
-pub use capture::{capture, capture_extents, capture_ranges, ImageSource};
+pub use capture::{capture, capture_extents, capture_ranges, DirtySet, ImageSource};
 pub use delete::RecoveryReport;
 pub use reader::ChainReader;
 pub use restore::{RestoreMode, VerifyProblem, VerifyReport};
@@ -281,10 +281,15 @@ impl Store {
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
         match backend::read_all(backend.as_ref(), FORMAT_KEY, 4096) {
             Ok(bytes) if bytes == format::FORMAT_FILE_CONTENT => {}
-            Ok(bytes) if bytes == format::FORMAT_FILE_V1 || bytes == format::FORMAT_FILE_V2 => {
+            Ok(bytes)
+                if bytes == format::FORMAT_FILE_V1
+                    || bytes == format::FORMAT_FILE_V2
+                    || bytes == format::FORMAT_FILE_V3 =>
+            {
                 // Older files stay readable; mark the store so that a binary knowing only an
-                // older version refuses it rather than misreading the manifests (version 2) and
-                // deltas (delta version 2, alignment gaps) written from now on.
+                // older version refuses it rather than misreading the manifests (version 2),
+                // deltas (delta version 2, alignment gaps) and block-hash lists ("not known"
+                // entries) written from now on.
                 write_format(backend.as_ref())?;
             }
             Ok(_) => return Err(StoreError::Invalid("unknown format file".into())),

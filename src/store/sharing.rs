@@ -16,7 +16,8 @@
 //! its map is taken after a writeback, so no write can be pending on it). Everything else —
 //! written (not cloned) records, unwritten or delayed extents where the parent has data,
 //! anything not mapped — is *changed*, which only costs a read: the caller captures
-//! the changed ranges with `capture_extents`, which re-hashes them and stores what differs.
+//! the changed ranges with `capture_extents` (`DirtySet::Superset`), which re-hashes the blocks
+//! around them and stores what differs.
 //!
 //! The comparison walks the image in windows of `WINDOW` bytes: per window one extent map of
 //! the clone and one of each delta's file range that the window's pieces come from, so memory

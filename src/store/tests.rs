@@ -148,7 +148,7 @@ fn capture_extents_reads_only_the_dirty_bytes_and_marks_partial_blocks() {
     dirty.push(2 * bs..22 * bs);
     let src = LoggedReads(&c.img, Default::default());
     let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
-    let got = capture_extents(&store, m, &src, &dirty, &NoProgress).unwrap();
+    let got = capture_extents(&store, m, &src, &dirty, DirtySet::Exact, &NoProgress).unwrap();
     // Exactly the dirty bytes were read, each once; the whole blocks in runs of whole blocks.
     let mut reads = src.1.into_inner().unwrap();
     reads.sort();
@@ -666,6 +666,14 @@ fn golden_store() -> (Store, Arc<MemBackend>) {
     let mut man = capture(&store, m, &img, &NoProgress).unwrap();
     man.create_time = 1_700_000_002;
     store.write_manifest(&man).unwrap();
+    // An incremental from an exact dirty set covering part of block 5 only: a short record
+    // and a block hash recorded as not known (store version 4).
+    scribble(&img, 5 * 4096 + 10, 100, 6);
+    let m = meta(&sid(3), Some(&sid(2)), GOLDEN_SIZE, 4096);
+    let dirty = std::slice::from_ref(&(5 * 4096 + 10..5 * 4096 + 110));
+    let mut man = capture_extents(&store, m, &img, dirty, DirtySet::Exact, &NoProgress).unwrap();
+    man.create_time = 1_700_000_003;
+    store.write_manifest(&man).unwrap();
     (store, mem)
 }
 
@@ -677,6 +685,9 @@ const GOLDEN: &[&str] = &[
     "snapshots/ss-00000002/manifest",
     "snapshots/ss-00000002/delta.0",
     "snapshots/ss-00000002/hashes",
+    "snapshots/ss-00000003/manifest",
+    "snapshots/ss-00000003/delta.0",
+    "snapshots/ss-00000003/hashes",
 ];
 
 fn fixture_dir() -> std::path::PathBuf {
@@ -708,9 +719,48 @@ fn golden_format_is_unchanged() {
     let d = tempfile::tempdir().unwrap();
     copy_tree(&fixture_dir(), d.path());
     let store = Store::open(d.path()).unwrap();
+    assert_eq!(store.list().unwrap().len(), 3);
+    assert!(store.verify(&sid(3), &NoProgress).unwrap().is_ok());
+    restored(&store, d.path(), &sid(3)).unwrap();
+    // Snapshot 3's list holds the block it stored in part as "not known".
+    let m = store.manifest(&sid(3)).unwrap();
+    let hashes = store.block_hashes(&m).unwrap().hashes;
+    let stale: Vec<usize> = (0..hashes.len())
+        .filter(|&i| hashes[i] == super::hashes::STALE_HASH)
+        .collect();
+    assert_eq!(stale, vec![5]);
+}
+
+/// A store written by version 3 (block-hash lists without "not known" entries) opens, is
+/// marked version 4, verifies and restores; an incremental on it works.
+#[test]
+fn version_3_fixtures_still_read() {
+    let d = tempfile::tempdir().unwrap();
+    copy_tree(&fixture_dir().join("v3"), d.path());
+    assert_eq!(
+        std::fs::read(d.path().join("format")).unwrap(),
+        format::FORMAT_FILE_V3
+    );
+    let store = Store::open(d.path()).unwrap();
+    assert_eq!(
+        std::fs::read(d.path().join("format")).unwrap(),
+        format::FORMAT_FILE_CONTENT
+    );
     assert_eq!(store.list().unwrap().len(), 2);
     assert!(store.verify(&sid(2), &NoProgress).unwrap().is_ok());
-    restored(&store, d.path(), &sid(2)).unwrap();
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = sparse(img_dir.path(), "img", 0);
+    store
+        .restore(&sid(2), &img, RestoreMode::Fresh, &NoProgress)
+        .unwrap();
+    assert_eq!(restored(&store, d.path(), &sid(2)).unwrap(), digest(&img));
+    scribble(&img, 4096 + 7, 50, 9);
+    let size = img.metadata().unwrap().len();
+    let m = meta(&sid(3), Some(&sid(2)), size, 4096);
+    let dirty = std::slice::from_ref(&(4096 + 7..4096 + 57));
+    capture_extents(&store, m, &img, dirty, DirtySet::Exact, &NoProgress).unwrap();
+    assert!(store.verify(&sid(3), &NoProgress).unwrap().is_ok());
+    assert_eq!(restored(&store, d.path(), &sid(3)).unwrap(), digest(&img));
 }
 
 /// The golden delta of the full snapshot really holds an alignment gap: the layout the
@@ -738,7 +788,7 @@ fn golden_delta_has_an_aligned_record_after_a_zero_gap() {
 }
 
 /// A store written by version 2 (deltas of version 1, records back to back, manifests without
-/// the whole-delta BLAKE3) opens, is marked version 3, verifies and restores; deleting its
+/// the whole-delta BLAKE3) opens, is marked version 4, verifies and restores; deleting its
 /// full snapshot folds it into a version-2 delta of the incremental.
 #[test]
 fn version_2_fixtures_still_read() {
@@ -773,21 +823,22 @@ fn version_2_fixtures_still_read() {
     assert_eq!(restored(&store, d.path(), &sid(2)).unwrap(), want);
 }
 
-/// A binary that knows only store version 2 compares the marker byte for byte: the version-3
-/// marker is not one it accepts, so it refuses the store ("unknown format file").
+/// A binary that knows only an older store version compares the marker byte for byte: the
+/// current marker is not one it accepts, so it refuses the store ("unknown format file").
 #[test]
 fn the_store_marker_changed_with_the_delta_layout() {
+    assert_ne!(format::FORMAT_FILE_CONTENT, format::FORMAT_FILE_V3);
     assert_ne!(format::FORMAT_FILE_CONTENT, format::FORMAT_FILE_V2);
     assert_ne!(format::FORMAT_FILE_CONTENT, format::FORMAT_FILE_V1);
     let (store, mem) = mem_store();
     drop(store);
-    mem.set("format", b"blocksnap-store\nversion 4\n".to_vec());
+    mem.set("format", b"blocksnap-store\nversion 5\n".to_vec());
     let err = Store::with_backend(Arc::new(SharedMem(mem))).unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 }
 
 /// A store written by version 1 (manifests with the delta's whole-file BLAKE3) opens, is
-/// marked version 3, verifies (comparing that BLAKE3) and restores; damage to the recorded
+/// marked version 4, verifies (comparing that BLAKE3) and restores; damage to the recorded
 /// BLAKE3 is still reported, and a version-1 manifest cannot drop it.
 #[test]
 fn version_1_fixtures_still_read() {
@@ -1024,7 +1075,7 @@ fn capture_extents_after_growth_rehashes_the_short_last_block() {
     c.size = 2 * MIB;
     c.img.set_len(c.size).unwrap();
     let m = meta(&sid(2), Some(&sid(1)), c.size, BS);
-    let got = capture_extents(&store, m, &c.img, &[], &NoProgress).unwrap();
+    let got = capture_extents(&store, m, &c.img, &[], DirtySet::Exact, &NoProgress).unwrap();
     c.ids.push(sid(2));
     c.digests.insert(sid(2), digest(&c.img));
     c.check_all(&store);

@@ -499,7 +499,8 @@ enum Pending {
 ///
 /// For a writer that knows its dirty set (an NBD write path), the hash list to commit is the
 /// parent's (`Store::block_hashes(..).resized(..)`) with each dirty block replaced by
-/// `hash_block` of its new bytes; `capture_extents` does exactly that, streaming.
+/// `hash_block` of its new bytes, or by `STALE_HASH` where only part of the block was read;
+/// `capture_extents` does exactly that, streaming.
 pub struct SnapshotWriter {
     store: Store,
     meta: SnapshotMeta,
