@@ -200,6 +200,14 @@ pub fn capture_extents<S: ImageSource + ?Sized>(
             .collect(),
     );
     let held = base.parent_size;
+    if let Some(parent_size) = held.filter(|&p| p > size) {
+        // The parent's hash of a block that became the short last one would be kept.
+        return Err(StoreError::Invalid(format!(
+            "snapshot {}: an incremental cannot shrink the volume ({parent_size} bytes in the \
+             parent, {size} now)",
+            meta.id
+        )));
+    }
     let reads = match trust {
         DirtySet::Exact => plan_reads(&fine, bs, size, held),
         // Every touched block whole: `plan_reads` of the set widened to whole blocks.

@@ -1088,6 +1088,19 @@ fn capture_extents_after_growth_rehashes_the_short_last_block() {
     );
 }
 
+#[test]
+fn capture_extents_refuses_to_shrink_the_volume() {
+    let (store, _) = mem_store();
+    let mut c = Chain::new(2 * MIB);
+    scribble(&c.img, 0, MIB as usize, 1);
+    c.snap(&store, 1).unwrap();
+    let m = meta(&sid(2), Some(&sid(1)), MIB + 1000, BS);
+    let err = capture_extents(&store, m, &c.img, &[], DirtySet::Exact, &NoProgress).unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("shrink"), "{err}");
+    assert_eq!(store.list().unwrap().len(), 1);
+}
+
 /// Counts bytes read through a backend (a decorator, as an object-store cache would be).
 #[derive(Debug)]
 struct Counting(SharedMem, std::sync::atomic::AtomicU64);
