@@ -585,6 +585,75 @@ fn nbd_and_lazy_sites() {
     matrix("nbd_and_lazy_sites", &["nbd.", "lazy."]);
 }
 
+/// A rollback rewrites the image behind the change tracking, so the tracking base must be
+/// gone before the first byte changes: a daemon killed in the middle of the rewrite (whose
+/// resumed job may then fail) must not leave a base the next snapshot would trust.
+#[test]
+fn rollback_forgets_change_tracking_before_rewriting_the_image() {
+    if !root_or_skip("rollback_forgets_change_tracking_before_rewriting_the_image")
+        || !have_tool("qemu-io")
+    {
+        return;
+    }
+    let mut d = Daemon::start("");
+    let n = d.job(&["create-volumes", "-s", "16M", "--backend", "nbd"])["volumes"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.ok(&["attach-volumes", "-v", &n]);
+    let uri = d.describe_volume(&n)["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    assert!(ok, "{out}");
+    let s1 = d.job(&["create-snapshots", "-r", &n, "-F", "1"])["snapshots"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, out) = qemu_io(&uri, &["write -P 0x22 4M 1M"]);
+    assert!(ok, "{out}");
+    let base = d.state_dir.join("volumes").join(format!("{n}.cbt-base"));
+    assert!(base.exists(), "no tracking base after a snapshot");
+    d.ok(&["detach-volumes", "-v", &n]);
+    // Killed at the first write of the rollback into the image.
+    d.failpoints = "restore.target.write=return(kill)".into();
+    d.restart();
+    let apply = d.call(&["apply-snapshots", "-s", &s1]);
+    let apply = apply["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("apply-snapshots started no job: {apply}"))
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while d.exited().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon was not killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !base.exists(),
+        "the tracking base outlived the start of the rollback"
+    );
+    // The resumed rollback completes; the next snapshot rescans and restores exactly.
+    d.failpoints.clear();
+    d.kill9();
+    d.spawn();
+    let j = d.wait_job(&apply);
+    assert_eq!(j["status"], "successful", "{j}");
+    d.ok(&["attach-volumes", "-v", &n]);
+    let (ok, out) = qemu_io(&uri, &["read -P 0x11 0 1M", "read -P 0 4M 1M"]);
+    assert!(ok, "the rolled-back image is not the snapshot's: {out}");
+    let s2 = d.job(&["create-snapshots", "-r", &n, "-F", "0"])["snapshots"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.job(&["verify-snapshots", "-s", &s2]);
+    let s2 = d.describe_snapshot(&s2);
+    assert_eq!(s2["parent_id"], s1.as_str(), "{s2}");
+}
+
 /// fsyncgate: once an fsync of an NBD export failed, no later FLUSH or FUA write of it may
 /// succeed (the kernel may have dropped the pages), nor a snapshot of the volume, until the
 /// export is re-opened (detach + attach).
