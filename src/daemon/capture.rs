@@ -250,9 +250,10 @@ impl Manager {
     /// Captures a reflink clone of a loop volume's image. With a parent, shared extents between
     /// the clone and the chain's deltas (which the full capture cloned from the image) tell
     /// which blocks cannot have changed: only the blocks around the rest are read and hashed
-    /// (`store::changed_by_sharing`, then `store::capture_extents` with a superset). Where that cannot tell —
-    /// no extent maps, the store on another filesystem, an odd parent — the whole clone is
-    /// read and hashed as before; the shortcut never fails a snapshot by itself.
+    /// (`store::changed_by_sharing`, then `store::capture_extents` with a superset). Where
+    /// that cannot tell — no extent maps, the store on another filesystem, an odd parent —
+    /// the whole clone is read and hashed as before; the shortcut never fails a snapshot by
+    /// itself.
     fn capture_clone(
         &self,
         meta: SnapshotMeta,

@@ -71,6 +71,16 @@ pub fn forget_tracking(state_dir: &Path, id: &str) -> std::io::Result<()> {
     gone(std::fs::remove_file(bitmap_path(state_dir, id)))
 }
 
+/// [`forget_tracking`], as an API error naming the volume.
+fn forget_tracking_api(state_dir: &Path, id: &str) -> Result<(), ApiError> {
+    forget_tracking(state_dir, id).map_err(|e| {
+        ApiError::new(
+            ErrorKind::Io,
+            format!("cannot forget the dirty bitmap of volume {id}: {e}"),
+        )
+    })
+}
+
 /// Opens the tracked export of a volume's image; a bitmap that cannot be used (damaged, or
 /// of another size after a resize) is replaced by a new one, which forces a rescan.
 pub fn open_tracker(state_dir: &Path, id: &str, image: &Path) -> Result<Tracker, ApiError> {
@@ -82,12 +92,7 @@ pub fn open_tracker(state_dir: &Path, id: &str, image: &Path) -> Result<Tracker,
         Ok(t) => Ok(t),
         Err(e) => {
             tracing::warn!(volume = id, error = %message_chain(&e), "dirty bitmap unusable; starting a new one (the next snapshot rescans)");
-            forget_tracking(state_dir, id).map_err(|e| {
-                ApiError::new(
-                    ErrorKind::Io,
-                    format!("cannot remove the dirty bitmap of volume {id}: {e}"),
-                )
-            })?;
+            forget_tracking_api(state_dir, id)?;
             open().map_err(|e| nbd_err(&format!("cannot open the export of volume {id}"), e))
         }
     }
@@ -96,12 +101,7 @@ pub fn open_tracker(state_dir: &Path, id: &str, image: &Path) -> Result<Tracker,
 impl Manager {
     /// [`forget_tracking`] of a volume, as an API error naming it.
     pub(super) fn forget_tracking(&self, volume_id: &str) -> Result<(), ApiError> {
-        forget_tracking(&self.state_dir(), volume_id).map_err(|e| {
-            ApiError::new(
-                ErrorKind::Io,
-                format!("cannot forget the dirty bitmap of volume {volume_id}: {e}"),
-            )
-        })
+        forget_tracking_api(&self.state_dir(), volume_id)
     }
 
     /// Snapshot of an attached NBD volume through its tracked export.

@@ -857,12 +857,11 @@ impl<E: Export> TrackedExport<E> {
     /// superset. The intent never shrinks on disk before step 1 is durable: a bitmap whose
     /// regions no longer cover the epoch's blocks never carries the generation that a
     /// tracking base (`<generation> <parent>`) written before this epoch names. If step 1
-    /// fails the intent is left as it was and the epoch's dirty set is merged back; past
-    /// the flush the generation has moved on in memory all the same (the next snapshot
-    /// rescans), and so it has if step 3 fails. A failed flush leaves the generation: the
-    /// merged set is still the one relative to the tracking base, whose snapshot stays
-    /// the parent (the failed one is discarded). The flush is also what makes the
-    /// snapshot's view durable: see the comment in the code.
+    /// fails the intent is left as it was and the epoch's dirty set is merged back. If the
+    /// flush fails the generation stays too (the merged set is still relative to the
+    /// tracking base); if the generation's write or step 3 fails it has moved on in memory
+    /// all the same (the next snapshot rescans). The flush makes durable every write the
+    /// snapshot holds before the intent forgets it (see the comment in the code).
     pub fn finish_epoch_timed(
         &self,
         committed: bool,
@@ -1450,11 +1449,11 @@ mod tests {
         assert_eq!(dirty_regions(&crashed), vec![0, 2]);
     }
 
+    type FlushHook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
     /// An image in memory whose durable copy is what the last flush saw: a power loss
     /// keeps only that. `on_flush` runs once, inside the next flush, after the copy (a
     /// write that returns while a flush is under way); `fail_flush` makes flushes fail.
-    type FlushHook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
-
     struct VolatileExport {
         image: Mutex<Vec<u8>>,
         durable: Arc<Mutex<Vec<u8>>>,
