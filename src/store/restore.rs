@@ -21,6 +21,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// How the restore target is prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,11 +173,16 @@ struct Span {
 }
 
 /// What the reader stage hands the checker, in image order. A span may still be being read
-/// by a read worker: its bytes arrive on the receiver.
+/// by a read worker: its bytes arrive on the receiver. Pieces go in runs (indexes into the
+/// restore's pieces) so that a chain's many small pieces cost few hand-offs between threads.
 enum Step {
     Span(mpsc::Receiver<Result<Span, StoreError>>),
-    Piece(Piece),
+    Pieces(std::ops::Range<usize>),
 }
+
+/// Pieces handed on at once, at most: between the stages, a message per piece made a chain
+/// with thousands of small pieces wait on thread wake-ups (each a futex round trip).
+const PIECE_RUN: usize = 256;
 
 /// A span to read: `len` bytes of layer `layer`'s delta from `start`, holding records
 /// `first..end` of its index.
@@ -356,56 +362,84 @@ fn check_span(m: &Manifest, index: &[IndexEntry], span: &Span) -> Result<(), Sto
     Ok(())
 }
 
+/// Where the checker stage of a restore waited (logged at debug level): for the next step
+/// from the reader, for a span's bytes, and for room to hand checked pieces to the writer.
+#[derive(Debug, Default)]
+struct CheckerWaits {
+    steps: Duration,
+    spans: Duration,
+    writer: Duration,
+}
+
 /// The checker stage of `assemble`: checks spans and assembled blocks, forwards checked pieces.
 fn check_steps(
     chain: &[Manifest],
     layers: &[Vec<IndexEntry>],
+    pieces: &[Piece],
     size: u64,
     check: &mut BlockCheck,
     rx: mpsc::Receiver<Result<Step, StoreError>>,
-    tx: &mpsc::SyncSender<Result<Fetched, StoreError>>,
-) -> Result<(), StoreError> {
+    tx: &mpsc::SyncSender<Result<Vec<Fetched>, StoreError>>,
+) -> Result<CheckerWaits, StoreError> {
+    let mut waits = CheckerWaits::default();
     let mut spans: Vec<Option<Span>> = layers.iter().map(|_| None).collect();
-    for step in rx {
+    loop {
+        let t = Instant::now();
+        let Ok(step) = rx.recv() else { break };
+        waits.steps += t.elapsed();
         match step? {
             Step::Span(read) => {
+                let t = Instant::now();
                 let span = read.recv().map_err(|_| {
                     StoreError::Invalid("restore: a span read was abandoned".into())
                 })??;
+                waits.spans += t.elapsed();
                 check_span(&chain[span.layer], &layers[span.layer], &span)?;
                 let layer = span.layer;
                 spans[layer] = Some(span);
             }
-            Step::Piece(p) => {
-                check.zero_until(p.offset)?;
-                let data = match p.src {
-                    Src::Zero => {
-                        check.zero(p.offset, p.len)?;
-                        None
-                    }
-                    Src::Data { layer, rec } => {
-                        let span = spans[layer]
-                            .as_ref()
-                            .filter(|sp| (sp.first..sp.end).contains(&rec))
-                            .ok_or_else(|| {
-                                StoreError::Invalid(format!("restore: record {rec} was not read"))
-                            })?;
-                        let e = &layers[layer][rec];
-                        let from = (e.file_pos - span.pos + RECORD_HEADER_LEN + p.offset - e.offset)
-                            as usize;
-                        check.data(p.offset, &span.buf[from..from + p.len as usize])?;
-                        Some((span.buf.clone(), from))
-                    }
-                };
-                if tx.send(Ok(Fetched { piece: p, data })).is_err() {
-                    return Ok(());
+            Step::Pieces(run) => {
+                let mut checked = Vec::with_capacity(run.len());
+                let run = pieces.get(run).ok_or_else(|| {
+                    StoreError::Invalid("restore: a run of pieces out of range".into())
+                })?;
+                for &p in run {
+                    check.zero_until(p.offset)?;
+                    let data = match p.src {
+                        Src::Zero => {
+                            check.zero(p.offset, p.len)?;
+                            None
+                        }
+                        Src::Data { layer, rec } => {
+                            let span = spans[layer]
+                                .as_ref()
+                                .filter(|sp| (sp.first..sp.end).contains(&rec))
+                                .ok_or_else(|| {
+                                    StoreError::Invalid(format!(
+                                        "restore: record {rec} was not read"
+                                    ))
+                                })?;
+                            let e = &layers[layer][rec];
+                            let from = (e.file_pos - span.pos + RECORD_HEADER_LEN + p.offset
+                                - e.offset) as usize;
+                            check.data(p.offset, &span.buf[from..from + p.len as usize])?;
+                            Some((span.buf.clone(), from))
+                        }
+                    };
+                    checked.push(Fetched { piece: p, data });
                 }
+                let t = Instant::now();
+                if tx.send(Ok(checked)).is_err() {
+                    return Ok(waits);
+                }
+                waits.writer += t.elapsed();
             }
         }
     }
     // The end of the image, and the hash list's own checksum.
     check.zero_until(size)?;
-    check.finish()
+    check.finish()?;
+    Ok(waits)
 }
 
 /// Coalesces contiguous writes into large pwrites; shares extents with the delta where it can.
@@ -561,7 +595,8 @@ impl Out<'_> {
     fn pwrite(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
         if let Some(t) = self.target {
             pwrite(t, off, data)?;
-            self.writeback.wrote(t, off + data.len() as u64);
+            self.writeback
+                .wrote_at(t, off + data.len() as u64, data.len() as u64);
         }
         Ok(())
     }
@@ -571,7 +606,9 @@ impl Out<'_> {
         self.flush()?;
         if let Some(t) = self.target {
             zero_range(t, block_dev, off, len)?;
-            self.writeback.wrote(t, off + len);
+            // Only a block device gets zeros written; a file gets a hole punched.
+            let written = if block_dev { len } else { 0 };
+            self.writeback.wrote_at(t, off + len, written);
         }
         Ok(())
     }
@@ -878,14 +915,15 @@ impl Store {
             pending: Vec::new(),
         };
         let mut pos = 0u64;
+        let (started, mut writer_waited) = (Instant::now(), Duration::ZERO);
         // Three stages, so reading, checking and writing overlap: a reader stage issues large
         // preads of runs of needed records (planned up front, read ahead by two threads), a
         // checker thread checks each record's header and CRC32 and every assembled block's
         // BLAKE3 (hashing on two threads), and this thread writes the checked bytes. Nothing
         // reaches the writer before it has been checked.
-        std::thread::scope(|s| -> Result<(), StoreError> {
+        let checker_waits = std::thread::scope(|s| -> Result<CheckerWaits, StoreError> {
             let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
-            let (tx, rx) = mpsc::sync_channel::<Result<Fetched, StoreError>>(4);
+            let (tx, rx) = mpsc::sync_channel::<Result<Vec<Fetched>, StoreError>>(4);
             let (chain, layers, pieces, streams) = (&chain, &layers, &pieces, &streams);
             s.spawn(move || {
                 if let Err(e) = self.read_spans(chain, layers, pieces, streams, &span_tx) {
@@ -893,45 +931,63 @@ impl Store {
                 }
             });
             let check = &mut check;
-            s.spawn(move || {
-                if let Err(e) = check_steps(chain, layers, size, check, span_rx, &tx) {
-                    let _ = tx.send(Err(e));
+            let checker = s.spawn(move || {
+                match check_steps(chain, layers, pieces, size, check, span_rx, &tx) {
+                    Ok(waits) => waits,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        CheckerWaits::default()
+                    }
                 }
             });
-            for msg in rx {
-                let Fetched { piece: p, data } = msg?;
-                if progress.cancelled() {
-                    return Err(StoreError::Cancelled { id: id.clone() });
-                }
-                if p.offset > pos && mode == RestoreMode::Overwrite {
-                    out.zero(block_dev, pos, p.offset - pos)?;
-                }
-                match data {
-                    None => {
-                        if mode == RestoreMode::Overwrite {
-                            out.zero(block_dev, p.offset, p.len)?;
-                        }
+            loop {
+                let t = Instant::now();
+                let Ok(run) = rx.recv() else { break };
+                writer_waited += t.elapsed();
+                for Fetched { piece: p, data } in run? {
+                    if progress.cancelled() {
+                        return Err(StoreError::Cancelled { id: id.clone() });
                     }
-                    Some((buf, from)) => {
-                        let bytes = &buf[from..from + p.len as usize];
-                        match p.src {
-                            Src::Data { layer, rec } => {
-                                let e = &layers[layer][rec];
-                                let file_off =
-                                    e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
-                                out.write_record(p.offset, bytes, layer, file_off)?;
+                    if p.offset > pos && mode == RestoreMode::Overwrite {
+                        out.zero(block_dev, pos, p.offset - pos)?;
+                    }
+                    match data {
+                        None => {
+                            if mode == RestoreMode::Overwrite {
+                                out.zero(block_dev, p.offset, p.len)?;
                             }
-                            Src::Zero => out.write(p.offset, bytes)?,
+                        }
+                        Some((buf, from)) => {
+                            let bytes = &buf[from..from + p.len as usize];
+                            match p.src {
+                                Src::Data { layer, rec } => {
+                                    let e = &layers[layer][rec];
+                                    let file_off =
+                                        e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
+                                    out.write_record(p.offset, bytes, layer, file_off)?;
+                                }
+                                Src::Zero => out.write(p.offset, bytes)?,
+                            }
                         }
                     }
+                    progress.advance(p.offset + p.len - pos);
+                    pos = p.offset + p.len;
                 }
-                progress.advance(p.offset + p.len - pos);
-                pos = p.offset + p.len;
             }
-            Ok(())
+            // Only a panic makes the join fail, and the scope passes that on anyway.
+            Ok(checker.join().unwrap_or_default())
         })?;
         out.flush()?;
+        let streamed = started.elapsed();
         out.clone_pending()?;
+        tracing::debug!(
+            ?streamed,
+            cloned = ?started.elapsed() - streamed,
+            ?writer_waited,
+            checker_waited = ?checker_waits,
+            pieces = pieces.len(),
+            "restore streamed"
+        );
         progress.advance(size - pos);
         let Some(target) = target else { return Ok(()) };
         if pos < size && mode == RestoreMode::Overwrite {
@@ -941,8 +997,9 @@ impl Store {
         target.sync_all().map_err(target_err(0, size))
     }
 
-    /// The reader stage of `assemble`: sends, in image order, each piece, preceded by the span
-    /// of records it reads from when that span is not the last one sent for its layer. The
+    /// The reader stage of `assemble`: sends, in image order, runs of pieces, each piece
+    /// preceded by the span of records it reads from when that span is not the last one sent
+    /// for its layer. The
     /// spans are planned first and read ahead of the pieces by [`READ_WORKERS`] threads, at
     /// most [`READ_AHEAD`] bytes of them waiting for the checker.
     fn read_spans(
@@ -1012,7 +1069,8 @@ impl Store {
             // the way out the slots are dropped, which stops the dispatcher and the workers.
             let slots = slot_rx;
             let mut starts = starts.into_iter().peekable();
-            for (i, p) in pieces.iter().enumerate() {
+            let mut i = 0;
+            while i < pieces.len() {
                 if starts.next_if_eq(&i).is_some() {
                     let Ok(result) = slots.recv() else {
                         return Err(StoreError::Invalid(
@@ -1023,9 +1081,16 @@ impl Store {
                         return Ok(());
                     }
                 }
-                if tx.send(Ok(Step::Piece(*p))).is_err() {
+                // A run ends before the next piece that needs a new span.
+                let end = starts
+                    .peek()
+                    .copied()
+                    .unwrap_or(pieces.len())
+                    .min(i + PIECE_RUN);
+                if tx.send(Ok(Step::Pieces(i..end))).is_err() {
                     return Ok(());
                 }
+                i = end;
             }
             Ok(())
         })

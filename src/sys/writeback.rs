@@ -4,6 +4,7 @@
 //! `sync_file_range` makes nothing durable (no metadata, no disk cache flush): it only starts
 //! writeback sooner and bounds how much dirty data piles up. Callers still `fsync` at the end.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd};
 
 /// Starts writeback of `[offset, offset + len)` of `file` without waiting for it.
@@ -39,17 +40,25 @@ fn range(file: impl AsFd, offset: u64, len: u64, flags: libc::c_uint) -> std::io
     }
 }
 
-/// Keeps writeback running behind a sequential writer: every `step` bytes it starts
-/// writeback of the newest stretch and waits for the stretch `lag` bytes behind, so dirty
-/// pages stay bounded and the disk writes while the caller is still producing data.
+/// Keeps writeback running behind a writer: every `step` bytes written it starts writeback
+/// of what was written since the last start, and waits for the writeback started `lag` bytes
+/// earlier, so dirty pages stay bounded and the disk writes while the caller is still
+/// producing data. Writes must move forward through the file; they may skip ranges
+/// (`wrote_at`), which then cost nothing.
 #[derive(Debug)]
 pub struct Streamer {
     step: u64,
     lag: u64,
-    /// Writeback started up to here.
+    /// Writeback started up to this position, when `started_bytes` bytes had been written.
     started: u64,
-    /// Written back (waited for) up to here.
+    started_bytes: u64,
+    /// Written back (waited for) up to this position.
     waited: u64,
+    /// Bytes written so far.
+    bytes: u64,
+    /// Positions up to which writeback was started and not yet waited for, each with the
+    /// bytes written by then (at most `lag / step + 1` of them).
+    marks: VecDeque<(u64, u64)>,
     /// Set when the file refused the call (e.g. a pipe): then it is never tried again.
     off: bool,
 }
@@ -60,31 +69,53 @@ impl Streamer {
             step,
             lag,
             started: 0,
+            started_bytes: 0,
             waited: 0,
+            bytes: 0,
+            marks: VecDeque::new(),
             off: false,
         }
     }
 
-    /// Tells the streamer that everything before `end` has been written to `file`.
-    /// Errors are not fatal to the write (the final fsync reports real I/O errors), so
-    /// failures only switch the streamer off.
+    /// Tells a sequential writer's streamer that everything before `end` has been written
+    /// to `file`. Errors are not fatal to the write (the final fsync reports real I/O
+    /// errors), so failures only switch the streamer off.
     pub fn wrote(&mut self, file: impl AsFd, end: u64) {
-        if self.off || end < self.started + self.step {
+        self.bytes = self.bytes.max(end);
+        self.advance(file.as_fd(), end);
+    }
+
+    /// Tells the streamer that `len` more bytes were written to `file`, all of them before
+    /// `end`, for a writer that skips ranges (a restore that clones most of its target).
+    pub fn wrote_at(&mut self, file: impl AsFd, end: u64, len: u64) {
+        self.bytes += len;
+        self.advance(file.as_fd(), end);
+    }
+
+    fn advance(&mut self, fd: std::os::fd::BorrowedFd<'_>, end: u64) {
+        if self.off || self.bytes < self.started_bytes + self.step || end <= self.started {
             return;
         }
-        let fd = file.as_fd();
         if start(fd, self.started, end - self.started).is_err() {
             self.off = true;
             return;
         }
-        self.started = end;
-        let behind = end.saturating_sub(self.lag);
-        if behind > self.waited {
-            if wait(fd, self.waited, behind - self.waited).is_err() {
+        self.marks.push_back((end, self.bytes));
+        (self.started, self.started_bytes) = (end, self.bytes);
+        let mut behind = None;
+        while let Some(&(pos, bytes)) = self.marks.front() {
+            if bytes + self.lag > self.bytes {
+                break;
+            }
+            behind = Some(pos);
+            self.marks.pop_front();
+        }
+        if let Some(pos) = behind {
+            if wait(fd, self.waited, pos - self.waited).is_err() {
                 self.off = true;
                 return;
             }
-            self.waited = behind;
+            self.waited = pos;
         }
     }
 }
@@ -92,22 +123,46 @@ impl Streamer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+
+    const STEP: u64 = 8 << 20;
+    const LAG: u64 = 64 << 20;
 
     #[test]
-    fn streams_a_file_and_refuses_nothing_on_a_regular_file() {
-        let mut f = tempfile::tempfile().unwrap();
-        let mut s = Streamer::new(1 << 16, 1 << 18);
-        let block = vec![7u8; 1 << 15];
-        let mut end = 0u64;
-        for _ in 0..64 {
-            f.write_all(&block).unwrap();
-            end += block.len() as u64;
-            s.wrote(&f, end);
+    fn a_scattered_writer_starts_writeback_by_bytes_written_not_by_position() {
+        let f = tempfile::tempfile().unwrap();
+        let mut s = Streamer::new(STEP, LAG);
+        // A restore that clones most of its target: 4 KiB written every 64 MiB.
+        for i in 1..=100u64 {
+            s.wrote_at(&f, i * (64 << 20), 4096);
         }
-        assert!(!s.off);
-        assert!(s.started > 0 && s.waited > 0 && s.waited <= s.started);
-        assert!(wait(&f, 0, end).is_ok());
-        assert!(start(&f, 0, 0).is_ok());
+        assert_eq!(
+            (s.started, s.waited),
+            (0, 0),
+            "400 KiB written: no writeback yet"
+        );
+        s.wrote_at(&f, 101 * (64 << 20), STEP);
+        assert_eq!(s.started, 101 * (64 << 20));
+        // Holes punched (nothing written) start nothing either.
+        s.wrote_at(&f, 200 * (64 << 20), 0);
+        assert_eq!(s.started, 101 * (64 << 20));
+    }
+
+    #[test]
+    fn a_sequential_writer_waits_for_the_writeback_lag_bytes_behind() {
+        let f = tempfile::tempfile().unwrap();
+        let mut s = Streamer::new(STEP, LAG);
+        for k in 1..=20u64 {
+            s.wrote(&f, k * STEP);
+            assert_eq!(s.started, k * STEP);
+            assert_eq!(
+                s.waited,
+                k.saturating_sub(LAG / STEP) * STEP,
+                "after {k} steps"
+            );
+            assert!(s.marks.len() as u64 <= LAG / STEP + 1);
+        }
+        // Less than a step more: nothing new.
+        s.wrote(&f, 20 * STEP + 4096);
+        assert_eq!(s.started, 20 * STEP);
     }
 }
