@@ -10,7 +10,9 @@
 # is started on the same state dir, the page cache dropped, `create-volume-from-snapshot
 # --wait` timed, the new volume deleted, the daemon stopped; then `cp --sparse=always
 # --reflink=never` of the image into the same filesystem is timed.
-# Knobs (env): ROUNDS (3), DATA_MIB (2048), VOL_SIZE (4G), TMPBASE (/var/tmp).
+# Knobs (env): ROUNDS (3), DATA_MIB (2048), VOL_SIZE (4G), TMPBASE (/var/tmp), INCREMENTALS
+# (0; N: after the full, N rounds of 1 % random 4 KiB writes each followed by an incremental,
+# and the newest incremental is restored: a chain whose pieces interleave).
 set -euo pipefail
 
 BINS=${BINS:?set BINS to the release directories to compare}
@@ -84,10 +86,16 @@ dev=$(bs describe-volumes -v "$vol" | jq -r '.volume_set[0].device')
 head -c $((DATA_MIB * 1048576)) /dev/urandom |
     dd of="$dev" bs=4M conv=fsync status=none iflag=fullblock
 ss=$(bs --wait create-snapshots -r "$vol" -F 1 -N ab-full | jq -r '.snapshots[0]')
+for i in $(seq "${INCREMENTALS:-0}"); do
+    fio --name=ab-rewrite --filename="$dev" --rw=randwrite --bs=4k --size="${DATA_MIB}M" \
+        --io_size=$(( (DATA_MIB * 256 + 99) / 100 * 4096 )) --direct=1 --refill_buffers \
+        --randrepeat=0 --output=/dev/null
+    ss=$(bs --wait create-snapshots -r "$vol" -F 0 -N "ab-inc$i" | jq -r '.snapshots[0]')
+done
 img="$SD/volumes/$vol.img"
 stop
 
-echo "date $(date -u +%FT%TZ), ${DATA_MIB} MiB of random data in a $VOL_SIZE volume, snapshot $ss"
+echo "date $(date -u +%FT%TZ), ${DATA_MIB} MiB of random data in a $VOL_SIZE volume, snapshot $ss (${INCREMENTALS:-0} incrementals on the full)"
 for r in $(seq "$ROUNDS"); do
     for B in $BINS; do
         start "$B"
