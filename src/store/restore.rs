@@ -173,7 +173,7 @@ struct Span {
 }
 
 /// What the reader stage hands the checker, in image order. A span may still be being read
-/// by a read worker: its bytes arrive on the receiver. Pieces go in runs (indexes into the
+/// by a read worker: its bytes, with every record checked, arrive on the receiver. Pieces go in runs (indexes into the
 /// restore's pieces) so that a chain's many small pieces cost few hand-offs between threads.
 enum Step {
     Span(mpsc::Receiver<Result<Span, StoreError>>),
@@ -371,9 +371,9 @@ struct CheckerWaits {
     writer: Duration,
 }
 
-/// The checker stage of `assemble`: checks spans and assembled blocks, forwards checked pieces.
+/// The checker stage of `assemble`: takes the checked spans in order, checks the assembled
+/// blocks, forwards checked pieces.
 fn check_steps(
-    chain: &[Manifest],
     layers: &[Vec<IndexEntry>],
     pieces: &[Piece],
     size: u64,
@@ -394,7 +394,6 @@ fn check_steps(
                     StoreError::Invalid("restore: a span read was abandoned".into())
                 })??;
                 waits.spans += t.elapsed();
-                check_span(&chain[span.layer], &layers[span.layer], &span)?;
                 let layer = span.layer;
                 spans[layer] = Some(span);
             }
@@ -917,10 +916,10 @@ impl Store {
         let mut pos = 0u64;
         let (started, mut writer_waited) = (Instant::now(), Duration::ZERO);
         // Three stages, so reading, checking and writing overlap: a reader stage issues large
-        // preads of runs of needed records (planned up front, read ahead by two threads), a
-        // checker thread checks each record's header and CRC32 and every assembled block's
-        // BLAKE3 (hashing on two threads), and this thread writes the checked bytes. Nothing
-        // reaches the writer before it has been checked.
+        // preads of runs of needed records (planned up front, read ahead by two threads, each
+        // checking the header and CRC32 of every record it read), a checker thread checks
+        // every assembled block's BLAKE3 (hashing on two threads), and this thread writes the
+        // checked bytes. Nothing reaches the writer before it has been checked.
         let checker_waits = std::thread::scope(|s| -> Result<CheckerWaits, StoreError> {
             let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
             let (tx, rx) = mpsc::sync_channel::<Result<Vec<Fetched>, StoreError>>(4);
@@ -931,15 +930,16 @@ impl Store {
                 }
             });
             let check = &mut check;
-            let checker = s.spawn(move || {
-                match check_steps(chain, layers, pieces, size, check, span_rx, &tx) {
-                    Ok(waits) => waits,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        CheckerWaits::default()
-                    }
-                }
-            });
+            let checker =
+                s.spawn(
+                    move || match check_steps(layers, pieces, size, check, span_rx, &tx) {
+                        Ok(waits) => waits,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            CheckerWaits::default()
+                        }
+                    },
+                );
             loop {
                 let t = Instant::now();
                 let Ok(run) = rx.recv() else { break };
@@ -1050,16 +1050,20 @@ impl Store {
                     else {
                         return;
                     };
-                    let read = read_span(chain, layers, streams, &plan, &mut buf).map(|()| {
+                    // Each span's records are checked by the worker that read them, while
+                    // the bytes are still in its core's cache, and on both workers at once.
+                    let read = read_span(chain, layers, streams, &plan, &mut buf).and_then(|()| {
                         let buf = Arc::new(buf);
                         pool.lock().unwrap_or_else(|p| p.into_inner()).sent(&buf);
-                        Span {
+                        let span = Span {
                             layer: plan.layer,
                             first: plan.first,
                             end: plan.end,
                             pos: plan.start,
                             buf,
-                        }
+                        };
+                        check_span(&chain[span.layer], &layers[span.layer], &span)?;
+                        Ok(span)
                     });
                     // The receiver may be gone (the restore stopped): nothing to do.
                     let _ = done.send(read);
