@@ -170,6 +170,76 @@ struct Span {
     end: usize,
     pos: u64,
     buf: Arc<AlignedBuf>,
+    /// The hashes of the image blocks that lie wholly inside one data record of the span
+    /// (hashed by the read worker), record after record; `hashed[i]` is where record
+    /// `first + i`'s begin.
+    hashes: Vec<[u8; super::format::HASH_LEN]>,
+    hashed: Vec<usize>,
+}
+
+/// The restored image's blocks: `bs` bytes each, the last one short when `size` is not a
+/// multiple of it (the leaf snapshot's geometry, which `BlockCheck` checks).
+#[derive(Debug, Clone, Copy)]
+struct Blocks {
+    bs: u64,
+    size: u64,
+}
+
+impl Blocks {
+    /// The whole blocks inside the image range `[start, end)`: the first one's offset and
+    /// how many.
+    fn inside(self, start: u64, end: u64) -> (u64, usize) {
+        let first = start.next_multiple_of(self.bs);
+        let end = end.min(self.size);
+        if first >= end {
+            return (first, 0);
+        }
+        // Up to the image's end the short last block counts too.
+        let n = if end == self.size {
+            (end - first).div_ceil(self.bs)
+        } else {
+            (end - first) / self.bs
+        };
+        (first, n as usize)
+    }
+}
+
+impl Span {
+    /// The hashes the read worker computed for record `rec` (`e`) of this span.
+    fn known(&self, rec: usize, e: &IndexEntry, blocks: Blocks) -> Known<'_> {
+        let i = rec - self.first;
+        let from = self.hashed.get(i).copied().unwrap_or(self.hashes.len());
+        let to = self.hashed.get(i + 1).copied().unwrap_or(self.hashes.len());
+        Known {
+            first: blocks.inside(e.offset, e.end()).0,
+            hashes: self.hashes.get(from..to).unwrap_or_default(),
+        }
+    }
+}
+
+/// Hashes the whole blocks of every data record of a span whose records were checked (see
+/// [`Span::hashes`]).
+fn hash_span(index: &[IndexEntry], span: &mut Span, blocks: Blocks) -> Result<(), StoreError> {
+    span.hashes.clear();
+    span.hashed.clear();
+    for e in &index[span.first..span.end] {
+        span.hashed.push(span.hashes.len());
+        if e.kind != RecordKind::Data {
+            continue;
+        }
+        let (first, n) = blocks.inside(e.offset, e.end());
+        let payload = e.file_pos - span.pos + RECORD_HEADER_LEN;
+        for k in 0..n as u64 {
+            let at = first + k * blocks.bs;
+            let from = (payload + at - e.offset) as usize;
+            let len = blocks.bs.min(blocks.size - at) as usize;
+            let block = span.buf.get(from..from + len).ok_or_else(|| {
+                StoreError::Invalid(format!("restore: block at {at} lies outside its span"))
+            })?;
+            span.hashes.push(super::writer::hash_block(block));
+        }
+    }
+    Ok(())
 }
 
 /// What the reader stage hands the checker, in image order. A span may still be being read
@@ -376,7 +446,7 @@ struct CheckerWaits {
 fn check_steps(
     layers: &[Vec<IndexEntry>],
     pieces: &[Piece],
-    size: u64,
+    blocks: Blocks,
     check: &mut BlockCheck,
     rx: mpsc::Receiver<Result<Step, StoreError>>,
     tx: &mpsc::SyncSender<Result<Vec<Fetched>, StoreError>>,
@@ -421,7 +491,8 @@ fn check_steps(
                             let e = &layers[layer][rec];
                             let from = (e.file_pos - span.pos + RECORD_HEADER_LEN + p.offset
                                 - e.offset) as usize;
-                            check.data(p.offset, &span.buf[from..from + p.len as usize])?;
+                            let known = span.known(rec, e, blocks);
+                            check.data(p.offset, &span.buf[from..from + p.len as usize], known)?;
                             Some((span.buf.clone(), from))
                         }
                     };
@@ -436,7 +507,7 @@ fn check_steps(
         }
     }
     // The end of the image, and the hash list's own checksum.
-    check.zero_until(size)?;
+    check.zero_until(blocks.size)?;
     check.finish()?;
     Ok(waits)
 }
@@ -661,6 +732,25 @@ fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), 
     Ok(())
 }
 
+/// Hashes of whole blocks of one record that a read worker computed: block `first + k * bs`
+/// of the image has hash `hashes[k]`.
+#[derive(Clone, Copy, Default)]
+struct Known<'a> {
+    first: u64,
+    hashes: &'a [[u8; super::format::HASH_LEN]],
+}
+
+impl Known<'_> {
+    /// The hash of the whole block at image offset `start` (blocks of `bs` bytes), if known.
+    fn get(&self, start: u64, bs: u64) -> Option<[u8; super::format::HASH_LEN]> {
+        let k = start.checked_sub(self.first)?;
+        if k % bs != 0 {
+            return None;
+        }
+        self.hashes.get(usize::try_from(k / bs).ok()?).copied()
+    }
+}
+
 /// Checks a restored image block by block, in order, against the hashes its leaf snapshot
 /// recorded at capture time. Fed from the read-ahead thread, so hashing overlaps writing.
 /// A block recorded as [`STALE_HASH`] (its hash was not known: an incremental stored only
@@ -741,7 +831,7 @@ impl BlockCheck {
         Ok(())
     }
 
-    fn data(&mut self, offset: u64, mut bytes: &[u8]) -> Result<(), StoreError> {
+    fn data(&mut self, offset: u64, mut bytes: &[u8], known: Known<'_>) -> Result<(), StoreError> {
         if offset != self.pos() {
             return Err(StoreError::Invalid(format!(
                 "restore check out of order at {offset}"
@@ -750,7 +840,7 @@ impl BlockCheck {
         while !bytes.is_empty() {
             let want = (self.block_len() as usize) - self.buf.len();
             if self.buf.is_empty() && bytes.len() >= want {
-                bytes = self.whole_blocks(bytes)?;
+                bytes = self.whole_blocks(bytes, known)?;
                 continue;
             }
             let n = want.min(bytes.len());
@@ -764,9 +854,18 @@ impl BlockCheck {
     }
 
     /// Checks the whole blocks at the front of `bytes` (at least one; the buffer is empty),
-    /// hashing them on two threads; returns what is left.
-    fn whole_blocks<'b>(&mut self, bytes: &'b [u8]) -> Result<&'b [u8], StoreError> {
+    /// taking the hashes `known` has and hashing the others on two threads; returns what is
+    /// left.
+    fn whole_blocks<'b>(
+        &mut self,
+        bytes: &'b [u8],
+        known: Known<'_>,
+    ) -> Result<&'b [u8], StoreError> {
         let mut blocks: Vec<&[u8]> = Vec::new();
+        let mut hashed = std::mem::take(&mut self.hashed);
+        hashed.clear();
+        // The blocks whose hash is not known, and where each goes in `hashed`.
+        let (mut unknown, mut slots) = (Vec::new(), Vec::new());
         let mut at = 0usize;
         let mut start = self.start;
         while start < self.size {
@@ -774,14 +873,26 @@ impl BlockCheck {
             if bytes.len() - at < len {
                 break;
             }
-            blocks.push(&bytes[at..at + len]);
+            let block = &bytes[at..at + len];
+            blocks.push(block);
+            match known.get(start, self.block) {
+                Some(h) => hashed.push(h),
+                None => {
+                    slots.push(hashed.len());
+                    unknown.push(block);
+                    hashed.push(super::writer::ZERO_HASH);
+                }
+            }
             at += len;
             start += len as u64;
         }
-        let mut hashed = std::mem::take(&mut self.hashed);
-        hashed.clear();
-        hashed.resize(blocks.len(), super::writer::ZERO_HASH);
-        super::writer::hash_blocks(&blocks, &mut hashed);
+        if !unknown.is_empty() {
+            let mut computed = vec![super::writer::ZERO_HASH; unknown.len()];
+            super::writer::hash_blocks(&unknown, &mut computed);
+            for (slot, h) in slots.into_iter().zip(computed) {
+                hashed[slot] = h;
+            }
+        }
         let mut compare = || -> Result<(), StoreError> {
             for (h, b) in hashed.iter().zip(&blocks) {
                 self.check(|_| *h)?;
@@ -869,6 +980,10 @@ impl Store {
             .map(|m| self.delta_index(m))
             .collect::<Result<Vec<_>, _>>()?;
         let pieces = extent_map(&layers, size);
+        let blocks = Blocks {
+            bs: u64::from(leaf.block_size),
+            size,
+        };
         // Every restored block is checked against the hash the leaf recorded for it when it
         // was captured: records that are each intact but assembled wrongly (a damaged or
         // edited manifest, a bug in the chain logic) are caught before `Ok` is returned.
@@ -925,14 +1040,14 @@ impl Store {
             let (tx, rx) = mpsc::sync_channel::<Result<Vec<Fetched>, StoreError>>(4);
             let (chain, layers, pieces, streams) = (&chain, &layers, &pieces, &streams);
             s.spawn(move || {
-                if let Err(e) = self.read_spans(chain, layers, pieces, streams, &span_tx) {
+                if let Err(e) = self.read_spans(chain, layers, pieces, streams, blocks, &span_tx) {
                     let _ = span_tx.send(Err(e));
                 }
             });
             let check = &mut check;
             let checker =
                 s.spawn(
-                    move || match check_steps(layers, pieces, size, check, span_rx, &tx) {
+                    move || match check_steps(layers, pieces, blocks, check, span_rx, &tx) {
                         Ok(waits) => waits,
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -1008,6 +1123,7 @@ impl Store {
         layers: &[Vec<IndexEntry>],
         pieces: &[Piece],
         streams: &[Option<Box<dyn BlobStream + '_>>],
+        blocks: Blocks,
         tx: &mpsc::SyncSender<Result<Step, StoreError>>,
     ) -> Result<(), StoreError> {
         let (plans, starts) = plan_spans(layers, pieces);
@@ -1050,19 +1166,23 @@ impl Store {
                     else {
                         return;
                     };
-                    // Each span's records are checked by the worker that read them, while
-                    // the bytes are still in its core's cache, and on both workers at once.
+                    // Each span's records are checked, and their whole blocks hashed, by the
+                    // worker that read them, while the bytes are still in its core's cache,
+                    // and on both workers at once.
                     let read = read_span(chain, layers, streams, &plan, &mut buf).and_then(|()| {
                         let buf = Arc::new(buf);
                         pool.lock().unwrap_or_else(|p| p.into_inner()).sent(&buf);
-                        let span = Span {
+                        let mut span = Span {
                             layer: plan.layer,
                             first: plan.first,
                             end: plan.end,
                             pos: plan.start,
                             buf,
+                            hashes: Vec::new(),
+                            hashed: Vec::new(),
                         };
                         check_span(&chain[span.layer], &layers[span.layer], &span)?;
+                        hash_span(&layers[span.layer], &mut span, blocks)?;
                         Ok(span)
                     });
                     // The receiver may be gone (the restore stopped): nothing to do.
@@ -1491,6 +1611,31 @@ mod tests {
             );
         }
         assert_eq!(starts.len(), 3);
+    }
+
+    #[test]
+    fn whole_blocks_inside_a_record_and_their_known_hashes() {
+        let b = Blocks {
+            bs: 16384,
+            size: 5 * 16384 + 4096,
+        };
+        assert_eq!(b.inside(0, 16384), (0, 1));
+        assert_eq!(b.inside(4096, 16384), (16384, 0));
+        assert_eq!(b.inside(4096, 3 * 16384 + 100), (16384, 2));
+        // The short last block is whole up to the image's end, not before it.
+        assert_eq!(b.inside(5 * 16384, 5 * 16384 + 4096), (5 * 16384, 1));
+        assert_eq!(b.inside(5 * 16384, 5 * 16384 + 2048), (5 * 16384, 0));
+        assert_eq!(b.inside(0, u64::MAX), (0, 6));
+        let hashes = [[1u8; 32], [2u8; 32]];
+        let k = Known {
+            first: 16384,
+            hashes: &hashes,
+        };
+        assert_eq!(k.get(16384, 16384), Some([1u8; 32]));
+        assert_eq!(k.get(2 * 16384, 16384), Some([2u8; 32]));
+        assert_eq!(k.get(3 * 16384, 16384), None);
+        assert_eq!(k.get(0, 16384), None);
+        assert_eq!(k.get(16384 + 4096, 16384), None);
     }
 
     #[test]
