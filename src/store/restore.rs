@@ -171,8 +171,8 @@ struct Span {
     pos: u64,
     buf: Arc<AlignedBuf>,
     /// The hashes of the image blocks that lie wholly inside one data record of the span
-    /// (hashed by the read worker), record after record; `hashed[i]` is where record
-    /// `first + i`'s begin.
+    /// (hashed by the read worker), record after record; record `first + i`'s hashes start
+    /// at `hashes[hashed[i]]`.
     hashes: Vec<[u8; super::format::HASH_LEN]>,
     hashed: Vec<usize>,
 }
@@ -243,8 +243,9 @@ fn hash_span(index: &[IndexEntry], span: &mut Span, blocks: Blocks) -> Result<()
 }
 
 /// What the reader stage hands the checker, in image order. A span may still be being read
-/// by a read worker: its bytes, with every record checked, arrive on the receiver. Pieces go in runs (indexes into the
-/// restore's pieces) so that a chain's many small pieces cost few hand-offs between threads.
+/// by a read worker: its bytes, every record checked, arrive on the receiver. Pieces go in
+/// runs (indexes into the restore's pieces), so that a chain's many small pieces cost few
+/// hand-offs between threads.
 enum Step {
     Span(mpsc::Receiver<Result<Span, StoreError>>),
     Pieces(std::ops::Range<usize>),
@@ -752,7 +753,9 @@ impl Known<'_> {
 }
 
 /// Checks a restored image block by block, in order, against the hashes its leaf snapshot
-/// recorded at capture time. Fed from the read-ahead thread, so hashing overlaps writing.
+/// recorded at capture time, on the checker thread, so hashing overlaps writing. The read
+/// workers hash the blocks that lie inside one record ([`Known`]); the checker hashes the
+/// blocks assembled from several pieces.
 /// A block recorded as [`STALE_HASH`] (its hash was not known: an incremental stored only
 /// part of it, see `capture_extents`) is checked by its records' CRC32s alone.
 struct BlockCheck {
