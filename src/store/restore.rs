@@ -676,9 +676,7 @@ impl Out<'_> {
     fn zero(&mut self, block_dev: bool, off: u64, len: u64) -> Result<(), StoreError> {
         self.flush()?;
         if let Some(t) = self.target {
-            zero_range(t, block_dev, off, len)?;
-            // Only a block device gets zeros written; a file gets a hole punched.
-            let written = if block_dev { len } else { 0 };
+            let written = zero_range(t, block_dev, off, len)?;
             self.writeback.wrote_at(t, off + len, written);
         }
         Ok(())
@@ -713,14 +711,15 @@ fn pwrite(target: &File, off: u64, data: &[u8]) -> Result<(), StoreError> {
 }
 
 /// Zeroes `[off, off+len)` of the target: punch a hole, or write zeros where that is refused.
-fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), StoreError> {
+/// Returns the bytes written (0 for a hole).
+fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<u64, StoreError> {
     if len == 0 {
-        return Ok(());
+        return Ok(0);
     }
     if !block_dev {
         let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         if fallocate(target.as_raw_fd(), mode, off as i64, len as i64).is_ok() {
-            return Ok(());
+            return Ok(0);
         }
     }
     let zeros = vec![0u8; (1 << 20).min(len) as usize];
@@ -730,7 +729,7 @@ fn zero_range(target: &File, block_dev: bool, off: u64, len: u64) -> Result<(), 
         pwrite(target, pos, &zeros[..n])?;
         pos += n as u64;
     }
-    Ok(())
+    Ok(len)
 }
 
 /// Hashes of whole blocks of one record that a read worker computed: block `first + k * bs`
@@ -1035,8 +1034,9 @@ impl Store {
         let (started, mut writer_waited) = (Instant::now(), Duration::ZERO);
         // Three stages, so reading, checking and writing overlap: a reader stage issues large
         // preads of runs of needed records (planned up front, read ahead by two threads, each
-        // checking the header and CRC32 of every record it read), a checker thread checks
-        // every assembled block's BLAKE3 (hashing on two threads), and this thread writes the
+        // checking the header and CRC32 of every record it read and hashing the whole blocks
+        // inside each), a checker thread compares every block's BLAKE3 with the recorded one
+        // (hashing the blocks assembled from several pieces), and this thread writes the
         // checked bytes. Nothing reaches the writer before it has been checked.
         let checker_waits = std::thread::scope(|s| -> Result<CheckerWaits, StoreError> {
             let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
@@ -1092,8 +1092,12 @@ impl Store {
                     pos = p.offset + p.len;
                 }
             }
-            // Only a panic makes the join fail, and the scope passes that on anyway.
-            Ok(checker.join().unwrap_or_default())
+            // The checker's channel also closes when it panics: its panic must not pass for
+            // the end of a complete image (the scope re-raises only what it joins itself).
+            match checker.join() {
+                Ok(waits) => Ok(waits),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
         })?;
         out.flush()?;
         let streamed = started.elapsed();
@@ -1117,9 +1121,8 @@ impl Store {
 
     /// The reader stage of `assemble`: sends, in image order, runs of pieces, each piece
     /// preceded by the span of records it reads from when that span is not the last one sent
-    /// for its layer. The
-    /// spans are planned first and read ahead of the pieces by [`READ_WORKERS`] threads, at
-    /// most [`READ_AHEAD`] bytes of them waiting for the checker.
+    /// for its layer. The spans are planned first and read ahead of the pieces by
+    /// [`READ_WORKERS`] threads, at most [`READ_AHEAD`] bytes of them waiting for the checker.
     fn read_spans(
         &self,
         chain: &[Manifest],
