@@ -647,6 +647,54 @@ fn rollback_forgets_change_tracking_before_rewriting_the_image() {
     ]);
 }
 
+/// A snapshot whose tracking base cannot be recorded removes the old base: a base naming an
+/// older snapshot must not outlive the bitmap generation it described (a bitmap made anew
+/// restarts its generations and could match it again). The next snapshot rescans and verifies.
+#[test]
+fn a_failed_tracking_base_write_leaves_no_stale_base() {
+    if !root_or_skip("a_failed_tracking_base_write_leaves_no_stale_base") || !have_tool("qemu-io") {
+        return;
+    }
+    let mut d = Daemon::start("");
+    let (n, uri) = d.nbd_volume("16M");
+    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    assert!(ok, "{out}");
+    let s1 = d.snapshot(&n, true)["snapshot_id"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+    let base = d.state_dir.join("volumes").join(format!("{n}.cbt-base"));
+    let recorded = std::fs::read_to_string(&base).expect("a tracking base after a snapshot");
+    assert!(recorded.contains(&s1), "{recorded}");
+    d.ok(&["detach-volumes", "-v", &n]);
+    d.failpoints = "nbd.cbt-base.rename=return".into();
+    d.restart();
+    d.ok(&["attach-volumes", "-v", &n]);
+    let (ok, out) = qemu_io(&uri, &["write -P 0x22 4M 1M"]);
+    assert!(ok, "{out}");
+    // The snapshot itself succeeds (the base only saves a rescan); the old base is gone.
+    let s2 = d.snapshot(&n, false);
+    assert_eq!(s2["parent_id"], s1.as_str(), "{s2}");
+    assert!(
+        !base.exists(),
+        "a stale tracking base survived a failed base write: {:?}",
+        std::fs::read_to_string(&base)
+    );
+    d.ok(&["detach-volumes", "-v", &n]);
+    d.failpoints.clear();
+    d.restart();
+    d.ok(&["attach-volumes", "-v", &n]);
+    let (ok, out) = qemu_io(&uri, &["write -P 0x33 8M 1M"]);
+    assert!(ok, "{out}");
+    let s3 = d.snapshot(&n, false);
+    d.job(&[
+        "verify-snapshots",
+        "-s",
+        s3["snapshot_id"].as_str().expect("id"),
+    ]);
+    assert!(base.exists(), "no tracking base after a good snapshot");
+}
+
 /// fsyncgate: once an fsync of an NBD export failed, no later FLUSH or FUA write of it may
 /// succeed (the kernel may have dropped the pages), nor a snapshot of the volume, until the
 /// export is re-opened (detach + attach).
