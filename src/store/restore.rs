@@ -765,8 +765,6 @@ struct BlockCheck {
     /// Start of the block being assembled, and its bytes so far.
     start: u64,
     buf: Vec<u8>,
-    /// Hashes of a run of whole blocks being checked.
-    hashed: Vec<[u8; super::format::HASH_LEN]>,
 }
 
 impl BlockCheck {
@@ -782,7 +780,6 @@ impl BlockCheck {
             size: leaf.volume_size,
             start: 0,
             buf: Vec::with_capacity(leaf.block_size as usize),
-            hashed: Vec::new(),
         })
     }
 
@@ -856,55 +853,23 @@ impl BlockCheck {
     }
 
     /// Checks the whole blocks at the front of `bytes` (at least one; the buffer is empty),
-    /// taking the hashes `known` has and hashing the others on two threads; returns what is
-    /// left.
+    /// taking each block's hash from `known` (the read worker hashed every block that lies
+    /// inside one record, so a whole block of one piece always is) or hashing it here;
+    /// returns what is left.
     fn whole_blocks<'b>(
         &mut self,
-        bytes: &'b [u8],
+        mut bytes: &'b [u8],
         known: Known<'_>,
     ) -> Result<&'b [u8], StoreError> {
-        let mut blocks: Vec<&[u8]> = Vec::new();
-        let mut hashed = std::mem::take(&mut self.hashed);
-        hashed.clear();
-        // The blocks whose hash is not known, and where each goes in `hashed`.
-        let (mut unknown, mut slots) = (Vec::new(), Vec::new());
-        let mut at = 0usize;
-        let mut start = self.start;
-        while start < self.size {
-            let len = self.block.min(self.size - start) as usize;
-            if bytes.len() - at < len {
-                break;
-            }
-            let block = &bytes[at..at + len];
-            blocks.push(block);
-            match known.get(start, self.block) {
-                Some(h) => hashed.push(h),
-                None => {
-                    slots.push(hashed.len());
-                    unknown.push(block);
-                    hashed.push(super::writer::ZERO_HASH);
-                }
-            }
-            at += len;
-            start += len as u64;
+        while self.start < self.size {
+            let len = self.block_len() as usize;
+            let Some(block) = bytes.get(..len) else { break };
+            let hash = known.get(self.start, self.block);
+            self.check(|_| hash.unwrap_or_else(|| super::writer::hash_block(block)))?;
+            self.start += len as u64;
+            bytes = &bytes[len..];
         }
-        if !unknown.is_empty() {
-            let mut computed = vec![super::writer::ZERO_HASH; unknown.len()];
-            super::writer::hash_blocks(&unknown, &mut computed);
-            for (slot, h) in slots.into_iter().zip(computed) {
-                hashed[slot] = h;
-            }
-        }
-        let mut compare = || -> Result<(), StoreError> {
-            for (h, b) in hashed.iter().zip(&blocks) {
-                self.check(|_| *h)?;
-                self.start += b.len() as u64;
-            }
-            Ok(())
-        };
-        let r = compare();
-        self.hashed = hashed;
-        r.map(|()| &bytes[at..])
+        Ok(bytes)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {

@@ -32,30 +32,6 @@ pub fn hash_block(block: &[u8]) -> [u8; HASH_LEN] {
     }
 }
 
-/// `hash_block` of each of `blocks` into `out` (same length). Two threads take batches of
-/// about 256 KiB from a shared queue when there is more than one batch, so a thread that is
-/// scheduled out on a busy host does not hold the other back.
-pub(crate) fn hash_blocks(blocks: &[&[u8]], out: &mut [[u8; HASH_LEN]]) {
-    let bs = blocks.first().map_or(1, |b| b.len().max(1));
-    let batch = (256 << 10) / bs + 1;
-    let work = std::sync::Mutex::new(out.chunks_mut(batch).zip(blocks.chunks(batch)));
-    let hash_batches = || loop {
-        let next = work.lock().unwrap_or_else(|e| e.into_inner()).next();
-        let Some((hs, bl)) = next else { break };
-        for (h, b) in hs.iter_mut().zip(bl) {
-            *h = hash_block(b);
-        }
-    };
-    if blocks.len() > batch {
-        thread::scope(|s| {
-            s.spawn(hash_batches);
-            hash_batches();
-        });
-    } else {
-        hash_batches();
-    }
-}
-
 /// True when every byte is zero (OR-folds 64-byte lanes so the compiler vectorizes it).
 pub fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(64);
