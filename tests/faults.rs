@@ -585,6 +585,19 @@ fn nbd_and_lazy_sites() {
     matrix("nbd_and_lazy_sites", &["nbd.", "lazy."]);
 }
 
+/// An attached 16M NBD volume holding 1 MiB of 0x11 at offset 0, and a full snapshot of it:
+/// (volume id, NBD URI, snapshot id).
+fn nbd_volume_with_full(d: &Daemon) -> (String, String, String) {
+    let (n, uri) = d.nbd_volume("16M");
+    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    assert!(ok, "{out}");
+    let s1 = d.snapshot(&n, true)["snapshot_id"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+    (n, uri, s1)
+}
+
 /// A rollback rewrites the image behind the change tracking, so the tracking base must be
 /// gone before the first byte changes: a daemon killed in the middle of the rewrite (whose
 /// resumed job may then fail) must not leave a base the next snapshot would trust.
@@ -596,13 +609,7 @@ fn rollback_forgets_change_tracking_before_rewriting_the_image() {
         return;
     }
     let mut d = Daemon::start("");
-    let (n, uri) = d.nbd_volume("16M");
-    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M"]);
-    assert!(ok, "{out}");
-    let s1 = d.snapshot(&n, true)["snapshot_id"]
-        .as_str()
-        .expect("snapshot id")
-        .to_string();
+    let (n, uri, s1) = nbd_volume_with_full(&d);
     let (ok, out) = qemu_io(&uri, &["write -P 0x22 4M 1M"]);
     assert!(ok, "{out}");
     let base = d.state_dir.join("volumes").join(format!("{n}.cbt-base"));
@@ -656,13 +663,7 @@ fn a_failed_tracking_base_write_leaves_no_stale_base() {
         return;
     }
     let mut d = Daemon::start("");
-    let (n, uri) = d.nbd_volume("16M");
-    let (ok, out) = qemu_io(&uri, &["write -P 0x11 0 1M"]);
-    assert!(ok, "{out}");
-    let s1 = d.snapshot(&n, true)["snapshot_id"]
-        .as_str()
-        .expect("snapshot id")
-        .to_string();
+    let (n, uri, s1) = nbd_volume_with_full(&d);
     let base = d.state_dir.join("volumes").join(format!("{n}.cbt-base"));
     let recorded = std::fs::read_to_string(&base).expect("a tracking base after a snapshot");
     assert!(recorded.contains(&s1), "{recorded}");
