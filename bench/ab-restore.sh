@@ -12,7 +12,9 @@
 # --reflink=never` of the image into the same filesystem is timed.
 # Knobs (env): ROUNDS (3), DATA_MIB (2048), VOL_SIZE (4G), TMPBASE (/var/tmp), INCREMENTALS
 # (0; N: after the full, N rounds of 1 % random 4 KiB writes each followed by an incremental,
-# and the newest incremental is restored: a chain whose pieces interleave).
+# and the newest incremental is restored: a chain whose pieces interleave), KEEP_LOG (a path:
+# the daemons' log is copied there at the end; with BLOCKSNAP_LOG=blocksnap=debug it holds each
+# restore's stage times).
 set -euo pipefail
 
 BINS=${BINS:?set BINS to the release directories to compare}
@@ -32,6 +34,7 @@ PID=""
 cleanup() {
     set +e
     stop
+    [ -n "${KEEP_LOG:-}" ] && cp "$WORK/daemon.log" "$KEEP_LOG"
     # loop devices backed by the daemon's volumes, then the rig's own
     losetup -l -n -O NAME,BACK-FILE | awk -v w="$WORK/mnt" 'index($2, w) == 1 {print $1}' |
         while read -r d; do losetup -d "$d"; done

@@ -591,3 +591,40 @@ fn a_large_sparse_volume_compares_by_its_extents() {
     img.read_exact_at(&mut want, size - (3 << 20)).unwrap();
     assert_eq!(buf, want);
 }
+
+/// Restore clones from a private copy of the delta on a cloner thread: a clone that fails
+/// there fails the restore with its own error, naming the target range, and leaves no
+/// volume behind; without the fault the same restore is identical.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_clone_failing_on_the_cloner_thread_fails_the_restore() {
+    if !root_or_skip("a_clone_failing_on_the_cloner_thread_fails_the_restore")
+        || !have_tool("mkfs.xfs")
+    {
+        return;
+    }
+    let fs = ScratchFs::new("xfs", "512M");
+    let mut d = Daemon::start_with_state_dir(&fs.path().join("state"), "");
+    // 16 MiB of random data in 1 MiB aligned records: the restore writes nothing, it clones.
+    let (vol, _dev, full_id) = volume_with_full_snapshot(&d, &fs.path(), "32M", 16 << 20);
+    d.ok(&["detach-volumes", "-v", &vol]);
+    let volumes_before = d.ok(&["describe-volumes"])["total_count"].clone();
+    // The first clone (made by the writer itself, to learn that sharing works) passes; the
+    // second, the cloner thread's first, fails.
+    d.failpoints = "restore.target.write=1*off->return".into();
+    d.restart();
+    let v = d.ok(&["create-volume-from-snapshot", "-s", &full_id, "-N", "r"]);
+    let job = d.wait_job(v["job_id"].as_str().unwrap());
+    assert_eq!(job["status"], "failed", "{job}");
+    let msg = job["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("injected I/O error") && msg.contains("restore target"),
+        "the cloner's own error is not reported: {msg}"
+    );
+    assert!(!msg.contains("cloner stopped"), "{msg}");
+    assert_eq!(d.ok(&["describe-volumes"])["total_count"], volumes_before);
+    d.failpoints.clear();
+    d.restart();
+    let want = sha256(&d.image(&vol));
+    assert_eq!(d.restore_sha(&full_id), want);
+}

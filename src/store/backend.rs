@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,14 @@ pub trait BlobStream: Send + Sync {
     /// Offsets must be multiples of 4 KiB, and `len` too unless the range ends the blob. Kind
     /// `Unsupported` means nothing changed and the caller must write the bytes.
     fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()>;
+    /// A private copy of this blob that shares all its extents (a reflink into an unnamed
+    /// file of the same filesystem, gone when dropped or after a crash), to make `clone_to`s
+    /// from while this blob is read: on xfs a clone locks its source file, so clones and
+    /// reads of one file wait for each other. `None` (the default) where the blob cannot be
+    /// shared that way; the caller then clones from this blob itself.
+    fn private_copy(&self) -> io::Result<Option<Box<dyn BlobStream>>> {
+        Ok(None)
+    }
 }
 
 /// `open_stream` of a backend without handles: every read is a `Backend::read_at`, and
@@ -77,17 +85,44 @@ impl<B: Backend + ?Sized> BlobStream for KeyStream<'_, B> {
     }
 }
 
-/// A blob file of `FsBackend` opened once for a stream of reads.
-struct FsStream(File);
+/// A blob file of `FsBackend` opened once for a stream of reads, and the directory it is in.
+struct FsStream {
+    file: File,
+    dir: PathBuf,
+}
 
 impl BlobStream for FsStream {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
 
     fn clone_to(&self, offset: u64, len: u64, dst: &File, dst_offset: u64) -> io::Result<()> {
-        crate::sys::reflink::ficlone_range(&self.0, offset, len, dst, dst_offset)
+        crate::sys::reflink::ficlone_range(&self.file, offset, len, dst, dst_offset)
             .map_err(reflink_io)
+    }
+
+    fn private_copy(&self) -> io::Result<Option<Box<dyn BlobStream>>> {
+        // O_TMPFILE: an inode without a name in the blob's directory (so on its filesystem),
+        // freed on the last close or, after a crash, by the filesystem's own recovery.
+        let copy = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(&self.dir)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match crate::sys::reflink::ficlone(&self.file, &copy) {
+            Ok(()) => Ok(Some(Box::new(FsStream {
+                file: copy,
+                dir: self.dir.clone(),
+            }))),
+            Err(e) if e.is_not_supported() => Ok(None),
+            Err(e) => Err(reflink_io(e)),
+        }
     }
 }
 
@@ -385,7 +420,8 @@ impl Backend for FsBackend {
     }
 
     fn open_stream<'a>(&'a self, key: &str) -> io::Result<Box<dyn BlobStream + 'a>> {
-        let file = File::open(self.path(key)?)?;
+        let path = self.path(key)?;
+        let file = File::open(&path)?;
         // A larger read-ahead window; only a hint, so a refusal changes nothing.
         let _ = posix_fadvise(
             file.as_raw_fd(),
@@ -393,7 +429,10 @@ impl Backend for FsBackend {
             0,
             PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
         );
-        Ok(Box::new(FsStream(file)))
+        let dir = path
+            .parent()
+            .map_or_else(|| self.root.clone(), Path::to_path_buf);
+        Ok(Box::new(FsStream { file, dir }))
     }
 
     fn size(&self, key: &str) -> io::Result<u64> {

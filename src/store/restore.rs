@@ -525,11 +525,12 @@ struct Out<'a> {
     streams: &'a [Option<Box<dyn BlobStream + 'a>>],
     share: bool,
     shared_once: bool,
-    /// Clones not made yet, made by `clone_pending` (see `share_range`).
-    pending: Vec<PendingClone>,
+    /// Clones not yet passed to the cloner thread (see `share_range`), and its channel.
+    batch: Vec<PendingClone>,
+    cloner: Option<mpsc::SyncSender<Vec<PendingClone>>>,
 }
 
-/// A clone `share_range` put off: `len` bytes of layer `layer`'s delta at `src_off` to `off`.
+/// A clone `share_range` passed on: `len` bytes of layer `layer`'s delta at `src_off` to `off`.
 struct PendingClone {
     layer: usize,
     src_off: u64,
@@ -537,9 +538,9 @@ struct PendingClone {
     off: u64,
 }
 
-/// Clones put off before they are made mid-restore (32 bytes each; 1 MiB records make this
-/// 16 GiB of data).
-const PENDING_CLONES: usize = 16 << 10;
+/// Clones passed to the cloner thread at once, and batches waiting for it at most.
+const CLONE_BATCH: usize = 64;
+const CLONE_QUEUE: usize = 16;
 
 const OUT_BUF: usize = 4 << 20;
 const DIRECT_WRITE: usize = 512 << 10;
@@ -580,11 +581,9 @@ impl Out<'_> {
 
     /// Clones `len` bytes of layer `layer`'s delta at `src_off` to the target at `off`; false
     /// when the bytes must be written instead. The first clone is made at once, to learn
-    /// whether this filesystem shares extents at all; after it succeeded, clones are put off
-    /// and made together by `clone_pending` once the reads are done (or `PENDING_CLONES` are
-    /// waiting): on xfs a FICLONERANGE and the reader's preads of the same delta contend for
-    /// the file, and the clones took 0.3–0.5 ms each during a restore against ~0.02 ms when
-    /// made alone.
+    /// whether this filesystem shares extents at all; after it succeeded, clones are passed
+    /// in batches to the cloner thread ([`clone_batches`]), which makes them while the reads
+    /// go on.
     fn share_range(
         &mut self,
         layer: usize,
@@ -595,15 +594,15 @@ impl Out<'_> {
         let Some(t) = self.target else {
             return Ok(false);
         };
-        if self.shared_once {
-            self.pending.push(PendingClone {
+        if self.shared_once && self.cloner.is_some() {
+            self.batch.push(PendingClone {
                 layer,
                 src_off,
                 len,
                 off,
             });
-            if self.pending.len() >= PENDING_CLONES {
-                self.clone_pending()?;
+            if self.batch.len() >= CLONE_BATCH {
+                self.send_batch()?;
             }
             return Ok(true);
         }
@@ -622,19 +621,17 @@ impl Out<'_> {
         }
     }
 
-    /// Makes the clones `share_range` put off. Sharing worked for the first clone of this
-    /// target, so a refusal now is an error like a failed write.
-    fn clone_pending(&mut self) -> Result<(), StoreError> {
-        let Some(t) = self.target else {
+    /// Passes the clones gathered to the cloner thread.
+    fn send_batch(&mut self) -> Result<(), StoreError> {
+        if self.batch.is_empty() {
             return Ok(());
-        };
-        for c in self.pending.drain(..) {
-            failpoint::check("restore.target.write").map_err(target_err(c.off, c.off + c.len))?;
-            stream(self.streams, c.layer)?
-                .clone_to(c.src_off, c.len, t, c.off)
-                .map_err(target_err(c.off, c.off + c.len))?;
         }
-        Ok(())
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(CLONE_BATCH));
+        match &self.cloner {
+            Some(tx) if tx.send(batch).is_ok() => Ok(()),
+            // The cloner stopped on an error, which `assemble` reports.
+            _ => Err(StoreError::Invalid("restore: the cloner stopped".into())),
+        }
     }
 
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -681,6 +678,56 @@ impl Out<'_> {
         }
         Ok(())
     }
+}
+
+/// The cloner stage of `assemble`: makes the clones the writer passes on, in batches, while
+/// the reads go on. On xfs a FICLONERANGE locks its source file, so clones from a delta and
+/// the read workers' preads of it wait for each other (0.3–0.5 ms a clone during a restore
+/// against ~0.02 ms alone). Each clone therefore comes from a private copy of the delta
+/// ([`BlobStream::private_copy`], made once per layer: a reflink of the whole committed,
+/// never modified blob, so its bytes are the ones read and checked) or, where no copy can be
+/// made, from the delta itself. Sharing worked for the writer's first clone, so a refusal now
+/// is an error like a failed write. Returns the time spent cloning.
+fn clone_batches(
+    streams: &[Option<Box<dyn BlobStream + '_>>],
+    target: &File,
+    batches: mpsc::Receiver<Vec<PendingClone>>,
+) -> Result<Duration, StoreError> {
+    let mut copies: Vec<Option<Option<Box<dyn BlobStream>>>> =
+        streams.iter().map(|_| None).collect();
+    let mut busy = Duration::ZERO;
+    for batch in batches {
+        let t = Instant::now();
+        for c in batch {
+            let err = target_err(c.off, c.off + c.len);
+            let copy = copies.get_mut(c.layer).ok_or_else(|| {
+                StoreError::Invalid(format!("restore: no layer {} to clone from", c.layer))
+            })?;
+            let copy = match copy {
+                Some(copy) => copy,
+                None => copy.insert(match stream(streams, c.layer)?.private_copy() {
+                    Ok(copy) => copy,
+                    Err(e) => {
+                        tracing::debug!(
+                            layer = c.layer,
+                            "restore clones from the delta itself (no private copy: {e})"
+                        );
+                        None
+                    }
+                }),
+            };
+            let source: &dyn BlobStream = match copy.as_deref() {
+                Some(copy) => copy,
+                None => stream(streams, c.layer)?,
+            };
+            failpoint::check("restore.target.write").map_err(target_err(c.off, c.off + c.len))?;
+            source
+                .clone_to(c.src_off, c.len, target, c.off)
+                .map_err(err)?;
+        }
+        busy += t.elapsed();
+    }
+    Ok(busy)
 }
 
 /// Layer `layer`'s open delta (open for every layer a piece reads from).
@@ -985,16 +1032,6 @@ impl Store {
                 }
             }
         }
-        let mut out = Out {
-            target,
-            start: 0,
-            buf: Vec::with_capacity(OUT_BUF),
-            writeback: Streamer::new(WRITEBACK_STEP, WRITEBACK_LAG),
-            streams: &streams,
-            share: target.is_some() && !block_dev,
-            shared_once: false,
-            pending: Vec::new(),
-        };
         let mut pos = 0u64;
         let (started, mut writer_waited) = (Instant::now(), Duration::ZERO);
         // Three stages, so reading, checking and writing overlap: a reader stage issues large
@@ -1002,8 +1039,9 @@ impl Store {
         // checking the header and CRC32 of every record it read and hashing the whole blocks
         // inside each), a checker thread compares every block's BLAKE3 with the recorded one
         // (hashing the blocks assembled from several pieces), and this thread writes the
-        // checked bytes. Nothing reaches the writer before it has been checked.
-        let checker_waits = std::thread::scope(|s| -> Result<CheckerWaits, StoreError> {
+        // checked bytes, passing the ranges it shares with a delta to a cloner thread. Nothing
+        // reaches the writer before it has been checked.
+        let (checker_waits, cloning) = std::thread::scope(|s| {
             let (span_tx, span_rx) = mpsc::sync_channel::<Result<Step, StoreError>>(2);
             let (tx, rx) = mpsc::sync_channel::<Result<Vec<Fetched>, StoreError>>(4);
             let (chain, layers, pieces, streams) = (&chain, &layers, &pieces, &streams);
@@ -1023,53 +1061,94 @@ impl Store {
                         }
                     },
                 );
-            loop {
-                let t = Instant::now();
-                let Ok(run) = rx.recv() else { break };
-                writer_waited += t.elapsed();
-                for Fetched { piece: p, data } in run? {
-                    if progress.cancelled() {
-                        return Err(StoreError::Cancelled { id: id.clone() });
-                    }
-                    if p.offset > pos && mode == RestoreMode::Overwrite {
-                        out.zero(block_dev, pos, p.offset - pos)?;
-                    }
-                    match data {
-                        None => {
-                            if mode == RestoreMode::Overwrite {
-                                out.zero(block_dev, p.offset, p.len)?;
-                            }
-                        }
-                        Some((buf, from)) => {
-                            let bytes = &buf[from..from + p.len as usize];
-                            match p.src {
-                                Src::Data { layer, rec } => {
-                                    let e = &layers[layer][rec];
-                                    let file_off =
-                                        e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
-                                    out.write_record(p.offset, bytes, layer, file_off)?;
-                                }
-                                Src::Zero => out.write(p.offset, bytes)?,
-                            }
-                        }
-                    }
-                    progress.advance(p.offset + p.len - pos);
-                    pos = p.offset + p.len;
+            // The writer's state lives in this scope: when it ends, even by a panic, its
+            // channel to the cloner closes before the scope waits for the cloner.
+            let (cloner, clone_tx) = match target {
+                Some(t) if !block_dev => {
+                    let (clone_tx, clone_rx) = mpsc::sync_channel(CLONE_QUEUE);
+                    let cloner = s.spawn(move || clone_batches(streams, t, clone_rx));
+                    (Some(cloner), Some(clone_tx))
                 }
-            }
+                _ => (None, None),
+            };
+            let mut out = Out {
+                target,
+                start: 0,
+                buf: Vec::with_capacity(OUT_BUF),
+                writeback: Streamer::new(WRITEBACK_STEP, WRITEBACK_LAG),
+                streams,
+                share: target.is_some() && !block_dev,
+                shared_once: false,
+                batch: Vec::new(),
+                cloner: clone_tx,
+            };
+            let written = (|| -> Result<(), StoreError> {
+                loop {
+                    let t = Instant::now();
+                    let Ok(run) = rx.recv() else { break };
+                    writer_waited += t.elapsed();
+                    for Fetched { piece: p, data } in run? {
+                        if progress.cancelled() {
+                            return Err(StoreError::Cancelled { id: id.clone() });
+                        }
+                        if p.offset > pos && mode == RestoreMode::Overwrite {
+                            out.zero(block_dev, pos, p.offset - pos)?;
+                        }
+                        match data {
+                            None => {
+                                if mode == RestoreMode::Overwrite {
+                                    out.zero(block_dev, p.offset, p.len)?;
+                                }
+                            }
+                            Some((buf, from)) => {
+                                let bytes = &buf[from..from + p.len as usize];
+                                match p.src {
+                                    Src::Data { layer, rec } => {
+                                        let e = &layers[layer][rec];
+                                        let file_off =
+                                            e.file_pos + RECORD_HEADER_LEN + (p.offset - e.offset);
+                                        out.write_record(p.offset, bytes, layer, file_off)?;
+                                    }
+                                    Src::Zero => out.write(p.offset, bytes)?,
+                                }
+                            }
+                        }
+                        progress.advance(p.offset + p.len - pos);
+                        pos = p.offset + p.len;
+                    }
+                }
+                if pos < size && mode == RestoreMode::Overwrite {
+                    out.zero(block_dev, pos, size - pos)?;
+                }
+                out.flush()?;
+                out.send_batch()
+            })();
+            // Stop the other stages: the checker's sends fail, and the cloner ends once it
+            // has made every clone it was passed.
+            drop(rx);
+            drop(out);
+            let streamed = started.elapsed();
+            let cloned = cloner.map(|c| match c.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            });
             // The checker's channel also closes when it panics: its panic must not pass for
             // the end of a complete image (the scope re-raises only what it joins itself).
-            match checker.join() {
-                Ok(waits) => Ok(waits),
+            let waits = match checker.join() {
+                Ok(waits) => waits,
                 Err(panic) => std::panic::resume_unwind(panic),
-            }
+            };
+            // A failed clone stops the writer with a bare "the cloner stopped": report the
+            // cloner's own error first.
+            let cloning = cloned.transpose()?;
+            written?;
+            Ok::<_, StoreError>((waits, (streamed, cloning)))
         })?;
-        out.flush()?;
-        let streamed = started.elapsed();
-        out.clone_pending()?;
+        let (streamed, cloning) = cloning;
         tracing::debug!(
             ?streamed,
-            cloned = ?started.elapsed() - streamed,
+            cloner_tail = ?started.elapsed() - streamed,
+            cloner_busy = ?cloning.unwrap_or_default(),
             ?writer_waited,
             checker_waited = ?checker_waits,
             pieces = pieces.len(),
@@ -1077,9 +1156,6 @@ impl Store {
         );
         progress.advance(size - pos);
         let Some(target) = target else { return Ok(()) };
-        if pos < size && mode == RestoreMode::Overwrite {
-            out.zero(block_dev, pos, size - pos)?;
-        }
         failpoint::check("restore.target.fsync").map_err(target_err(0, size))?;
         target.sync_all().map_err(target_err(0, size))
     }

@@ -1544,6 +1544,44 @@ fn capture_and_restore_share_extents_on_xfs() {
     assert_eq!(digest(&c.img), c.digests[&sid(3)]);
 }
 
+/// `private_copy` of a file blob: on xfs an unnamed reflink copy that reads the same bytes,
+/// can be cloned from, and leaves nothing in the blob's directory; on ext4 (no reflink) none.
+#[test]
+fn private_copies_of_blobs_share_their_extents_and_have_no_name() {
+    if !crate::sys::test_util::root_or_skip(
+        "private_copies_of_blobs_share_their_extents_and_have_no_name",
+    ) {
+        return;
+    }
+    use super::backend::{Backend, FsBackend};
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let bytes: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    for (fstype, shares) in [("xfs", true), ("ext4", false)] {
+        let fs = crate::sys::test_util::ScratchFs::new(fstype, 512 * MIB);
+        let b = FsBackend::new(&fs.mountpoint().join("store"));
+        let mut w = b.put("snapshots/ss-1/delta.0").unwrap();
+        w.write_all(&bytes).unwrap();
+        w.commit().unwrap();
+        let names = || b.list("snapshots/").unwrap();
+        let before = names();
+        let stream = b.open_stream("snapshots/ss-1/delta.0").unwrap();
+        let copy = stream.private_copy().unwrap();
+        assert_eq!(copy.is_some(), shares, "{fstype}");
+        if let Some(copy) = copy {
+            let mut got = vec![0u8; bytes.len()];
+            copy.read_at(0, &mut got).unwrap();
+            assert_eq!(got, bytes, "{fstype}: the copy reads other bytes");
+            let target = sparse(fs.mountpoint(), "target", 0);
+            copy.clone_to(64 * 1024, 128 * 1024, &target, 0).unwrap();
+            let mut cloned = vec![0u8; 128 * 1024];
+            target.read_exact_at(&mut cloned, 0).unwrap();
+            assert_eq!(cloned[..], bytes[64 * 1024..192 * 1024]);
+            assert_eq!(names(), before, "{fstype}: the copy has a name");
+        }
+    }
+}
+
 trait ZeroAt {
     fn write_all_at_zeros(&self, off: u64, len: usize);
 }
