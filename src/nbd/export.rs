@@ -79,6 +79,15 @@ pub trait Export: Send + Sync + 'static {
     fn read_cached(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
         None
     }
+
+    /// The open file that holds exactly what [`read_at`](Self::read_at) returns for
+    /// `[offset, offset + len)`, at the same offsets, so that a server may send those bytes
+    /// straight from the page cache (`crate::sys::splice`) instead of reading them into a
+    /// buffer first. `None` (the default) where reads are computed, or for a range that is
+    /// not inside the export.
+    fn read_file(&self, _offset: u64, _len: u64) -> Option<&File> {
+        None
+    }
 }
 
 /// Longest run of extents one `block_status` call returns; clients ask again for more.
@@ -246,6 +255,11 @@ impl Export for FileExport {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64, libc::EINVAL)?;
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_file(&self, offset: u64, len: u64) -> Option<&File> {
+        self.check_range(offset, len, libc::EINVAL).ok()?;
+        Some(&self.file)
     }
 
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {

@@ -13,6 +13,7 @@
 //! protocol violation ends that connection only.
 
 use crate::buf::AlignedBuf;
+use crate::sys::splice::SplicePipe;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -735,10 +736,16 @@ impl ReadPool {
                     }
                     let mut out = Vec::new();
                     let mut broken = false;
+                    let mut pipe = None;
                     loop {
                         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((handle, command)) = job else { break };
                         if broken {
+                            continue;
+                        }
+                        let read = (handle, command, structured);
+                        if let Some(sent) = spliced_read(&*export, read, &mut pipe, &writer) {
+                            broken = sent.is_err();
                             continue;
                         }
                         serve_command(&*export, handle, command, &[], structured, false, &mut out);
@@ -758,6 +765,81 @@ impl ReadPool {
         }
         Ok(pool)
     }
+}
+
+/// Least READ a connection sends by splice: below it, a copy costs less than the calls.
+const SPLICE_MIN: u32 = 64 * 1024;
+/// The pipe each read thread splices through: a 1 MiB read not aligned to a page and
+/// its one extra page fit.
+const SPLICE_PIPE: usize = 2 << 20;
+
+/// Whether `command` is a READ the read threads send by splice ([`spliced_read`]).
+fn splices(export: &dyn Export, command: &Command) -> bool {
+    matches!(*command, Command::Read { offset, len, .. }
+        if len >= SPLICE_MIN && export.read_file(offset, u64::from(len)).is_some())
+}
+
+/// Sends the reply to READ `(handle, command, structured)` with its data spliced from the
+/// export's file (`crate::sys::splice`): the server copies none of it. The data is in the
+/// pipe before the header is written, so a read that fails never follows a success header;
+/// it is then served the usual way. `None`: nothing was sent and the caller serves the
+/// command itself (not a large READ of a file, a structured reply that would describe
+/// holes, a range the pipe cannot hold, or a failed read). `Some(Err)`: the socket failed
+/// mid-reply. `pipe` is made on first use and dropped after any failure.
+fn spliced_read(
+    export: &dyn Export,
+    (handle, command, structured): (u64, Command, bool),
+    pipe: &mut Option<SplicePipe>,
+    writer: &Mutex<BlockingConn>,
+) -> Option<io::Result<()>> {
+    if !splices(export, &command) {
+        return None;
+    }
+    let Command::Read { offset, len, df } = command else {
+        return None;
+    };
+    let file = export.read_file(offset, u64::from(len))?;
+    // Without DF a structured reply sends holes as hole chunks (see `read_structured`).
+    if structured
+        && !df
+        && read_segments(export, offset, u64::from(len))
+            .iter()
+            .any(|s| s.2)
+    {
+        return None;
+    }
+    if pipe.is_none() {
+        *pipe = SplicePipe::new(SPLICE_PIPE).ok();
+    }
+    let p = pipe.as_mut()?;
+    let n = len as usize;
+    if !p.fits(offset, n) {
+        return None;
+    }
+    if p.fill(file, offset, n).is_err() {
+        *pipe = None;
+        return None;
+    }
+    let mut header = Vec::with_capacity(28);
+    if structured {
+        // One data chunk that is also the last: no NONE chunk after it.
+        let kind = proto::REPLY_TYPE_OFFSET_DATA;
+        header.extend_from_slice(&proto::chunk_header(
+            proto::REPLY_FLAG_DONE,
+            kind,
+            handle,
+            len + 8,
+        ));
+        header.extend_from_slice(&offset.to_be_bytes());
+    } else {
+        header.extend_from_slice(&proto::simple_reply(handle, 0));
+    }
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let sent = w.write_all(&header).and_then(|()| p.drain_to(w.as_fd(), n));
+    if sent.is_err() {
+        *pipe = None;
+    }
+    Some(sent)
 }
 
 /// Bytes read from the socket and not yet consumed: `buf[start..end]`.
@@ -949,6 +1031,11 @@ impl Connection {
                     command,
                     payload,
                 })?;
+            }
+            // Large reads of a file go to the read threads, which send them by splice.
+            Ok(command) if splices(&*self.export, &command) => {
+                self.input.consume(need);
+                self.queue_read(header.handle, command)?;
             }
             Ok(command) => {
                 let payload = &self.input.data()[proto::REQUEST_HEADER_LEN..need];
@@ -1462,6 +1549,14 @@ impl BlockingConn {
         match self {
             BlockingConn::Unix(s) => s.write_all(buf),
             BlockingConn::Tcp(s) => s.write_all(buf),
+        }
+    }
+
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            BlockingConn::Unix(s) => s.as_fd(),
+            BlockingConn::Tcp(s) => s.as_fd(),
         }
     }
 

@@ -1018,6 +1018,11 @@ impl<E: Export> Export for TrackedExport<E> {
         self.inner.read_cached(buf, offset)
     }
 
+    // Reads never pass through the tracking: they are the inner export's.
+    fn read_file(&self, offset: u64, len: u64) -> Option<&std::fs::File> {
+        self.inner.read_file(offset, len)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let _state = self.before_mutation(offset, buf.len() as u64)?;

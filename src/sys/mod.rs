@@ -4,7 +4,8 @@
 //! `blkdev` (block device size and flush, device numbers), `freeze` (FIFREEZE/FITHAW with an
 //! owning guard), `reflink` (FICLONE, FICLONERANGE), `fiemap` (extent maps, shared
 //! extents), `process` (PR_SET_IO_FLUSHER), `nbd_netlink` (the nbd driver's generic netlink
-//! family), `uio` (page-cache-only reads, RWF_NOWAIT) and `writeback` (sync_file_range behind
+//! family), `uio` (page-cache-only reads, RWF_NOWAIT), `splice` (file to socket through a
+//! pipe, without copying) and `writeback` (sync_file_range behind
 //! streamed writes). Ioctl numbers come from nix's macros, argument
 //! structs are `#[repr(C)]` with compile-time size checks, and only safe functions are exported.
 //!
@@ -18,6 +19,7 @@ pub mod loopdev;
 pub mod nbd_netlink;
 pub mod process;
 pub mod reflink;
+pub mod splice;
 pub mod uio;
 pub mod writeback;
 
