@@ -736,15 +736,23 @@ impl ReadPool {
                     }
                     let mut out = Vec::new();
                     let mut broken = false;
-                    let mut pipe = None;
+                    let mut splicer = Splicer::default();
                     loop {
                         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((handle, command)) = job else { break };
                         if broken {
                             continue;
                         }
+                        // A panic of the export is answered by `serve_command` below.
                         let read = (handle, command, structured);
-                        if let Some(sent) = spliced_read(&*export, read, &mut pipe, &writer) {
+                        let spliced = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            spliced_read(&*export, read, &mut splicer, &writer)
+                        }))
+                        .unwrap_or_else(|_| {
+                            splicer = Splicer::default();
+                            None
+                        });
+                        if let Some(sent) = spliced {
                             broken = sent.is_err();
                             continue;
                         }
@@ -769,14 +777,26 @@ impl ReadPool {
 
 /// Least READ a connection sends by splice: below it, a copy costs less than the calls.
 const SPLICE_MIN: u32 = 64 * 1024;
-/// The pipe each read thread splices through: a 1 MiB read not aligned to a page and
-/// its one extra page fit.
+/// The pipe each read thread asks for: a 1 MiB read not aligned to a page fits. Without
+/// CAP_SYS_RESOURCE a pipe is held to /proc/sys/fs/pipe-max-size (1 MiB by default), and
+/// only page-aligned reads of up to 1 MiB fit ([`SplicePipe::fits`]).
 const SPLICE_PIPE: usize = 2 << 20;
+/// The largest READ sent by splice; larger ones are copied.
+const SPLICE_MAX: u32 = SPLICE_PIPE as u32;
 
 /// Whether `command` is a READ the read threads send by splice ([`spliced_read`]).
 fn splices(export: &dyn Export, command: &Command) -> bool {
     matches!(*command, Command::Read { offset, len, .. }
-        if len >= SPLICE_MIN && export.read_file(offset, u64::from(len)).is_some())
+        if (SPLICE_MIN..=SPLICE_MAX).contains(&len)
+            && export.read_file(offset, u64::from(len)).is_some())
+}
+
+/// A read thread's means to splice replies: its pipe, made on first use and dropped after
+/// any failure; `off` once the export's file refused splice.
+#[derive(Default)]
+struct Splicer {
+    pipe: Option<SplicePipe>,
+    off: bool,
 }
 
 /// Sends the reply to READ `(handle, command, structured)` with its data spliced from the
@@ -785,14 +805,15 @@ fn splices(export: &dyn Export, command: &Command) -> bool {
 /// it is then served the usual way. `None`: nothing was sent and the caller serves the
 /// command itself (not a large READ of a file, a structured reply that would describe
 /// holes, a range the pipe cannot hold, or a failed read). `Some(Err)`: the socket failed
-/// mid-reply. `pipe` is made on first use and dropped after any failure.
+/// mid-reply; it is then shut down, since the client could not tell the rest of the stream
+/// from the torn reply.
 fn spliced_read(
     export: &dyn Export,
     (handle, command, structured): (u64, Command, bool),
-    pipe: &mut Option<SplicePipe>,
+    splicer: &mut Splicer,
     writer: &Mutex<BlockingConn>,
 ) -> Option<io::Result<()>> {
-    if !splices(export, &command) {
+    if splicer.off || !splices(export, &command) {
         return None;
     }
     let Command::Read { offset, len, df } = command else {
@@ -808,36 +829,35 @@ fn spliced_read(
     {
         return None;
     }
-    if pipe.is_none() {
-        *pipe = SplicePipe::new(SPLICE_PIPE).ok();
-    }
-    let p = pipe.as_mut()?;
-    let n = len as usize;
-    if !p.fits(offset, n) {
-        return None;
-    }
-    if p.fill(file, offset, n).is_err() {
-        *pipe = None;
-        return None;
-    }
     let mut header = Vec::with_capacity(28);
     if structured {
         // One data chunk that is also the last: no NONE chunk after it.
-        let kind = proto::REPLY_TYPE_OFFSET_DATA;
-        header.extend_from_slice(&proto::chunk_header(
-            proto::REPLY_FLAG_DONE,
-            kind,
-            handle,
-            len + 8,
-        ));
+        let (flags, kind) = (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA);
+        header.extend_from_slice(&proto::chunk_header(flags, kind, handle, len + 8));
         header.extend_from_slice(&offset.to_be_bytes());
     } else {
         header.extend_from_slice(&proto::simple_reply(handle, 0));
     }
+    if splicer.pipe.is_none() {
+        splicer.pipe = SplicePipe::new(SPLICE_PIPE).ok();
+    }
+    let pipe = splicer.pipe.as_mut()?;
+    let n = len as usize;
+    if !pipe.fits(offset, n) {
+        return None;
+    }
+    if let Err(e) = pipe.fill(file, offset, n) {
+        splicer.off = e.raw_os_error() == Some(libc::EINVAL);
+        splicer.pipe = None;
+        return None;
+    }
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let sent = w.write_all(&header).and_then(|()| p.drain_to(w.as_fd(), n));
+    let sent = w
+        .write_all(&header)
+        .and_then(|()| pipe.drain_to(w.as_fd(), n).map_err(|(_, e)| e));
     if sent.is_err() {
-        *pipe = None;
+        splicer.pipe = None;
+        let _ = w.shutdown(Shutdown::Both);
     }
     Some(sent)
 }
@@ -1580,10 +1600,21 @@ trait IntoBlocking {
     fn into_blocking(self) -> io::Result<BlockingConn>;
 }
 
+/// The send buffer asked for a connection in the transmission phase: room for several
+/// 1 MiB read replies, so a reply is not sent in many small steps, each waiting for the
+/// client to take the last (the kernel caps it at `net.core.wmem_max`; a refusal is only
+/// slower).
+const SEND_BUFFER: usize = 4 << 20;
+
+fn transmission_socket(fd: std::os::fd::BorrowedFd<'_>) {
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER);
+}
+
 impl IntoBlocking for tokio::net::UnixStream {
     fn into_blocking(self) -> io::Result<BlockingConn> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
+        transmission_socket(std::os::fd::AsFd::as_fd(&s));
         Ok(BlockingConn::Unix(s))
     }
 }
@@ -1592,6 +1623,7 @@ impl IntoBlocking for tokio::net::TcpStream {
     fn into_blocking(self) -> io::Result<BlockingConn> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
+        transmission_socket(std::os::fd::AsFd::as_fd(&s));
         Ok(BlockingConn::Tcp(s))
     }
 }

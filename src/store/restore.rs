@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -538,6 +539,10 @@ struct PendingClone {
     off: u64,
 }
 
+/// What `Out::send_batch` fails with once the cloner thread has stopped on an error (which
+/// `assemble` then reports instead).
+const CLONER_STOPPED: &str = "restore: the cloner stopped";
+
 /// Clones passed to the cloner thread at once, and batches waiting for it at most.
 const CLONE_BATCH: usize = 64;
 const CLONE_QUEUE: usize = 16;
@@ -630,7 +635,7 @@ impl Out<'_> {
         match &self.cloner {
             Some(tx) if tx.send(batch).is_ok() => Ok(()),
             // The cloner stopped on an error, which `assemble` reports.
-            _ => Err(StoreError::Invalid("restore: the cloner stopped".into())),
+            _ => Err(StoreError::Invalid(CLONER_STOPPED.into())),
         }
     }
 
@@ -683,43 +688,30 @@ impl Out<'_> {
 /// The cloner stage of `assemble`: makes the clones the writer passes on, in batches, while
 /// the reads go on. On xfs a FICLONERANGE locks its source file, so clones from a delta and
 /// the read workers' preads of it wait for each other (0.3–0.5 ms a clone during a restore
-/// against ~0.02 ms alone). Each clone therefore comes from a private copy of the delta
-/// ([`BlobStream::private_copy`], made once per layer: a reflink of the whole committed,
-/// never modified blob, so its bytes are the ones read and checked) or, where no copy can be
-/// made, from the delta itself. Sharing worked for the writer's first clone, so a refusal now
-/// is an error like a failed write. Returns the time spent cloning.
+/// against ~0.02 ms alone). Each clone therefore comes from the layer's private copy of its
+/// delta where there is one (`private_copies`), else from the delta itself. Sharing worked
+/// for the writer's first clone, so a refusal now is an error like a failed write. Stops
+/// early, with nothing more cloned, once `stop` is set (the restore failed). Returns the
+/// time spent cloning.
 fn clone_batches(
     streams: &[Option<Box<dyn BlobStream + '_>>],
+    copies: &[Option<Box<dyn BlobStream>>],
     target: &File,
     batches: mpsc::Receiver<Vec<PendingClone>>,
+    stop: &AtomicBool,
 ) -> Result<Duration, StoreError> {
-    let mut copies: Vec<Option<Option<Box<dyn BlobStream>>>> =
-        streams.iter().map(|_| None).collect();
     let mut busy = Duration::ZERO;
     for batch in batches {
         let t = Instant::now();
         for c in batch {
-            let err = target_err(c.off, c.off + c.len);
-            let copy = copies.get_mut(c.layer).ok_or_else(|| {
-                StoreError::Invalid(format!("restore: no layer {} to clone from", c.layer))
-            })?;
-            let copy = match copy {
-                Some(copy) => copy,
-                None => copy.insert(match stream(streams, c.layer)?.private_copy() {
-                    Ok(copy) => copy,
-                    Err(e) => {
-                        tracing::debug!(
-                            layer = c.layer,
-                            "restore clones from the delta itself (no private copy: {e})"
-                        );
-                        None
-                    }
-                }),
-            };
-            let source: &dyn BlobStream = match copy.as_deref() {
+            if stop.load(Ordering::Acquire) {
+                return Ok(busy);
+            }
+            let source: &dyn BlobStream = match copies.get(c.layer).and_then(Option::as_deref) {
                 Some(copy) => copy,
                 None => stream(streams, c.layer)?,
             };
+            let err = target_err(c.off, c.off + c.len);
             failpoint::check("restore.target.write").map_err(target_err(c.off, c.off + c.len))?;
             source
                 .clone_to(c.src_off, c.len, target, c.off)
@@ -728,6 +720,42 @@ fn clone_batches(
         busy += t.elapsed();
     }
     Ok(busy)
+}
+
+/// A private copy of each delta a clone may come from: the layers with a data piece of at
+/// least [`SHARE_MIN`] bytes ([`BlobStream::private_copy`]: a reflink of the whole
+/// committed, never modified blob, so its bytes are the ones the reads check). `None` for
+/// the other layers; none at all where no copy can be made (no reflink here, or an error,
+/// logged): clones then come from the delta itself.
+fn private_copies(
+    streams: &[Option<Box<dyn BlobStream + '_>>],
+    layers: &[Vec<IndexEntry>],
+    pieces: &[Piece],
+) -> Vec<Option<Box<dyn BlobStream>>> {
+    let mut wanted = vec![false; layers.len()];
+    for p in pieces {
+        if let (Src::Data { layer, .. }, true) = (p.src, p.len >= SHARE_MIN) {
+            if let Some(w) = wanted.get_mut(layer) {
+                *w = true;
+            }
+        }
+    }
+    let mut copies: Vec<Option<Box<dyn BlobStream>>> = Vec::with_capacity(layers.len());
+    for (layer, wanted) in wanted.into_iter().enumerate() {
+        let copy = match streams.get(layer).and_then(Option::as_deref) {
+            Some(delta) if wanted => delta.private_copy().unwrap_or_else(|e| {
+                tracing::debug!(layer, "restore clones from the delta itself ({e})");
+                None
+            }),
+            _ => None,
+        };
+        if wanted && copy.is_none() {
+            // No reflink here (or a failure): the other layers' copies would fail alike.
+            return Vec::new();
+        }
+        copies.push(copy);
+    }
+    copies
 }
 
 /// Layer `layer`'s open delta (open for every layer a piece reads from).
@@ -1032,6 +1060,13 @@ impl Store {
                 }
             }
         }
+        // Private copies of the deltas that clones may come from (see `clone_batches`), made
+        // before the reads start: on xfs the copy locks the delta for a moment.
+        let copies: Vec<Option<Box<dyn BlobStream>>> = match target {
+            Some(_) if !block_dev => private_copies(&streams, &layers, &pieces),
+            _ => Vec::new(),
+        };
+        let stop_cloning = AtomicBool::new(false);
         let mut pos = 0u64;
         let (started, mut writer_waited) = (Instant::now(), Duration::ZERO);
         // Three stages, so reading, checking and writing overlap: a reader stage issues large
@@ -1066,7 +1101,8 @@ impl Store {
             let (cloner, clone_tx) = match target {
                 Some(t) if !block_dev => {
                     let (clone_tx, clone_rx) = mpsc::sync_channel(CLONE_QUEUE);
-                    let cloner = s.spawn(move || clone_batches(streams, t, clone_rx));
+                    let (copies, stop) = (&copies, &stop_cloning);
+                    let cloner = s.spawn(move || clone_batches(streams, copies, t, clone_rx, stop));
                     (Some(cloner), Some(clone_tx))
                 }
                 _ => (None, None),
@@ -1117,31 +1153,41 @@ impl Store {
                         pos = p.offset + p.len;
                     }
                 }
+                Ok(())
+            })();
+            // Stop the checker (its sends fail) and wait for it. Its channel also closes when
+            // it panics: that panic must not pass for the end of a complete image, so it is
+            // re-raised (the scope re-raises only what it joins itself) before the tail of
+            // the target is touched.
+            drop(rx);
+            let waits = match checker.join() {
+                Ok(waits) => waits,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            let written = written.and_then(|()| {
                 if pos < size && mode == RestoreMode::Overwrite {
                     out.zero(block_dev, pos, size - pos)?;
                 }
                 out.flush()?;
                 out.send_batch()
-            })();
-            // Stop the other stages: the checker's sends fail, and the cloner ends once it
-            // has made every clone it was passed.
-            drop(rx);
+            });
+            // The cloner ends once it has made every clone it was passed, or at once when
+            // the restore failed.
+            if written.is_err() {
+                stop_cloning.store(true, Ordering::Release);
+            }
             drop(out);
             let streamed = started.elapsed();
             let cloned = cloner.map(|c| match c.join() {
                 Ok(r) => r,
                 Err(panic) => std::panic::resume_unwind(panic),
             });
-            // The checker's channel also closes when it panics: its panic must not pass for
-            // the end of a complete image (the scope re-raises only what it joins itself).
-            let waits = match checker.join() {
-                Ok(waits) => waits,
-                Err(panic) => std::panic::resume_unwind(panic),
+            let cloning = match (written, cloned.transpose()) {
+                // A failed clone stops the writer with a bare "the cloner stopped".
+                (Err(StoreError::Invalid(m)), Err(e)) if m == CLONER_STOPPED => return Err(e),
+                (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+                (Ok(()), Ok(cloning)) => cloning,
             };
-            // A failed clone stops the writer with a bare "the cloner stopped": report the
-            // cloner's own error first.
-            let cloning = cloned.transpose()?;
-            written?;
             Ok::<_, StoreError>((waits, (streamed, cloning)))
         })?;
         let (streamed, cloning) = cloning;

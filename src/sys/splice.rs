@@ -12,24 +12,27 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-/// The pages splice puts in a pipe buffer each: one page per buffer (`filemap_splice_read`).
-const PAGE: usize = 4096;
-
-/// A pipe for one thread's spliced replies. It is empty between [`SplicePipe::fill`] and
-/// [`SplicePipe::drain_to`] pairs; after a failure of either it holds unknown bytes and
-/// must be dropped.
+/// A pipe for one thread's spliced replies: [`fill`](SplicePipe::fill) it with file bytes,
+/// then [`drain_to`](SplicePipe::drain_to) a socket. It is empty between such rounds; after
+/// a failure of either it holds unknown bytes and must be dropped.
 #[derive(Debug)]
 pub struct SplicePipe {
     rd: OwnedFd,
     wr: OwnedFd,
     /// What the pipe holds, in bytes (its buffers times the page size).
     capacity: usize,
+    /// The page size: splice fills one pipe buffer per page touched (`filemap_splice_read`).
+    page: usize,
 }
 
 impl SplicePipe {
     /// A pipe of at least `want` bytes where the kernel allows it (an unprivileged process
     /// is held to /proc/sys/fs/pipe-max-size, 1 MiB by default), else of what it allows.
     pub fn new(want: usize) -> io::Result<SplicePipe> {
+        let page = match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+            Ok(Some(p)) => usize::try_from(p).unwrap_or(4096),
+            _ => 4096,
+        };
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         let mut capacity = 0;
         for size in [want, 1 << 20] {
@@ -46,14 +49,19 @@ impl SplicePipe {
             let got = fcntl(wr.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)?;
             capacity = usize::try_from(got).unwrap_or(0);
         }
-        Ok(SplicePipe { rd, wr, capacity })
+        Ok(SplicePipe {
+            rd,
+            wr,
+            capacity,
+            page,
+        })
     }
 
     /// Whether `len` bytes at file offset `offset` fit in the pipe at once (splice fills
     /// one buffer per page touched, so a range not starting on a page takes one more).
     pub fn fits(&self, offset: u64, len: usize) -> bool {
-        let head = (offset % PAGE as u64) as usize;
-        (head + len).div_ceil(PAGE) <= self.capacity / PAGE
+        let head = (offset % self.page as u64) as usize;
+        (head + len).div_ceil(self.page) <= self.capacity / self.page
     }
 
     /// Moves `len` bytes of `file` at `offset` into the empty pipe, waiting for the disk
@@ -89,22 +97,25 @@ impl SplicePipe {
         Ok(())
     }
 
-    /// Sends the `len` bytes `fill` put in the pipe to `sock` (blocking), all of them.
-    pub fn drain_to(&mut self, sock: BorrowedFd<'_>, len: usize) -> io::Result<()> {
-        let mut left = len;
-        while left > 0 {
+    /// Sends the `len` bytes `fill` put in the pipe to `sock` (blocking on the socket), all
+    /// of them. On failure, how many were sent.
+    pub fn drain_to(&mut self, sock: BorrowedFd<'_>, len: usize) -> Result<(), (usize, io::Error)> {
+        let mut sent = 0;
+        while sent < len {
+            // SPLICE_F_NONBLOCK: a pipe emptier than `len` says fails instead of waiting
+            // forever for a writer that is this very thread (the socket still blocks).
             match splice(
                 self.rd.as_fd(),
                 None,
                 sock,
                 None,
-                left,
-                SpliceFFlags::SPLICE_F_MOVE,
+                len - sent,
+                SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
             ) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => left -= n,
+                Ok(0) => return Err((sent, io::ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
                 Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err((sent, e.into())),
             }
         }
         Ok(())
@@ -137,15 +148,22 @@ mod tests {
             pipe.fill(&f, off, len).unwrap();
             pipe.drain_to(a.as_fd(), len).unwrap();
         }
+        // Draining more than the pipe holds fails instead of waiting.
+        pipe.fill(&f, 0, 1).unwrap();
+        let (sent, _) = pipe.drain_to(a.as_fd(), 2).unwrap_err();
+        assert_eq!(sent, 1);
         drop(a);
         let got = reader.join().unwrap();
-        let want: Vec<u8> = ranges
+        let mut want: Vec<u8> = ranges
             .iter()
             .flat_map(|&(o, l)| data[o as usize..o as usize + l].to_vec())
             .collect();
+        want.push(data[0]);
         assert!(got == want, "the socket got other bytes");
         // One page more than the pipe holds does not fit, and is refused.
+        let mut pipe = SplicePipe::new(2 << 20).unwrap();
         let cap = pipe.capacity;
+        assert!(pipe.fits(0, cap));
         assert!(!pipe.fits(1, cap));
         assert!(pipe.fill(&f, 1, cap).is_err());
         // Past the end of the file.
