@@ -641,6 +641,19 @@ pub fn hole_chunk(flags: u16, handle: u64, offset: u64, len: u32) -> [u8; 32] {
     out
 }
 
+/// The header of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: `len` bytes of data at `offset` follow.
+pub fn data_chunk_header(flags: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut out = [0u8; 28];
+    out[..20].copy_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        len + 8,
+    ));
+    out[20..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
 /// The final `NBD_REPLY_TYPE_NONE` chunk.
 pub fn done_chunk(handle: u64) -> [u8; 20] {
     chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)

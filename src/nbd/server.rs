@@ -813,12 +813,12 @@ fn spliced_read(
     splicer: &mut Splicer,
     writer: &Mutex<BlockingConn>,
 ) -> Option<io::Result<()>> {
-    if splicer.off || !splices(export, &command) {
-        return None;
-    }
     let Command::Read { offset, len, df } = command else {
         return None;
     };
+    if splicer.off || !(SPLICE_MIN..=SPLICE_MAX).contains(&len) {
+        return None;
+    }
     let file = export.read_file(offset, u64::from(len))?;
     // Without DF a structured reply sends holes as hole chunks (see `read_structured`).
     if structured
@@ -828,15 +828,6 @@ fn spliced_read(
             .any(|s| s.2)
     {
         return None;
-    }
-    let mut header = Vec::with_capacity(28);
-    if structured {
-        // One data chunk that is also the last: no NONE chunk after it.
-        let (flags, kind) = (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA);
-        header.extend_from_slice(&proto::chunk_header(flags, kind, handle, len + 8));
-        header.extend_from_slice(&offset.to_be_bytes());
-    } else {
-        header.extend_from_slice(&proto::simple_reply(handle, 0));
     }
     if splicer.pipe.is_none() {
         splicer.pipe = SplicePipe::new(SPLICE_PIPE).ok();
@@ -851,10 +842,19 @@ fn spliced_read(
         splicer.pipe = None;
         return None;
     }
+    // A structured reply is one data chunk that is also the last: no NONE chunk after it.
+    let (data_chunk, simple);
+    let header: &[u8] = if structured {
+        data_chunk = proto::data_chunk_header(proto::REPLY_FLAG_DONE, handle, offset, len);
+        &data_chunk
+    } else {
+        simple = proto::simple_reply(handle, 0);
+        &simple
+    };
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
     let sent = w
-        .write_all(&header)
-        .and_then(|()| pipe.drain_to(w.as_fd(), n).map_err(|(_, e)| e));
+        .write_all(header)
+        .and_then(|()| pipe.drain_to(w.as_fd(), n));
     if sent.is_err() {
         splicer.pipe = None;
         let _ = w.shutdown(Shutdown::Both);
@@ -1397,13 +1397,12 @@ fn read_structured(
             out.extend_from_slice(&proto::hole_chunk(0, handle, seg_off, seg_len as u32));
             continue;
         }
-        out.extend_from_slice(&proto::chunk_header(
+        out.extend_from_slice(&proto::data_chunk_header(
             0,
-            proto::REPLY_TYPE_OFFSET_DATA,
             handle,
-            seg_len as u32 + 8,
+            seg_off,
+            seg_len as u32,
         ));
-        out.extend_from_slice(&seg_off.to_be_bytes());
         let at = out.len();
         out.resize(at + seg_len as usize, 0);
         match read_aligned(read, &mut out[at..], seg_off) {

@@ -599,7 +599,7 @@ impl Out<'_> {
         let Some(t) = self.target else {
             return Ok(false);
         };
-        if self.shared_once && self.cloner.is_some() {
+        if self.shared_once {
             self.batch.push(PendingClone {
                 layer,
                 src_off,
@@ -711,11 +711,9 @@ fn clone_batches(
                 Some(copy) => copy,
                 None => stream(streams, c.layer)?,
             };
-            let err = target_err(c.off, c.off + c.len);
-            failpoint::check("restore.target.write").map_err(target_err(c.off, c.off + c.len))?;
-            source
-                .clone_to(c.src_off, c.len, target, c.off)
-                .map_err(err)?;
+            failpoint::check("restore.target.write")
+                .and_then(|()| source.clone_to(c.src_off, c.len, target, c.off))
+                .map_err(target_err(c.off, c.off + c.len))?;
         }
         busy += t.elapsed();
     }
