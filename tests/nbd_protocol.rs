@@ -241,6 +241,90 @@ fn pipelined_requests_are_all_answered() {
     }
 }
 
+/// Writes of every size around the ones received into buffers of their own (256 KiB to
+/// 4 MiB, written by another thread, buffers reused for smaller payloads), all in flight
+/// together with inline ones and a rejected one: each lands exactly where it was sent, and
+/// nothing else changes.
+#[test]
+fn large_writes_in_flight_together_land_exactly() {
+    use std::os::unix::fs::FileExt;
+    const FLAG_FUA: u16 = 1;
+    const KIB: u64 = 1024;
+    let size = 32 * MIB;
+    let s = Served::start(size);
+    let before: Vec<u8> = (0..size).map(|i| (i % 253) as u8 ^ 0xee).collect();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.image)
+        .unwrap();
+    f.write_all_at(&before, 0).unwrap();
+    // Lengths, from large to small so that reused buffers are longer than their payload.
+    let lens: [u64; 12] = [
+        4 * MIB,
+        4 * MIB + 4 * KIB,
+        2 * MIB,
+        MIB + 512,
+        MIB,
+        300 * KIB,
+        512 * KIB,
+        256 * KIB,
+        256 * KIB - 4 * KIB,
+        256 * KIB,
+        64 * KIB,
+        256 * KIB + 1,
+    ];
+    let mut want = before.clone();
+    let mut batch = Vec::new();
+    let mut off = 4096 + 7;
+    let request = |flags: u16, h: u64, off: u64, len: u64, data: &[u8]| {
+        let mut m = 0x25609513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&off.to_be_bytes());
+        m.extend_from_slice(&(len as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    };
+    for (h, &len) in lens.iter().enumerate() {
+        let data: Vec<u8> = (0..len)
+            .map(|i| ((i * 7 + h as u64 * 13) % 251) as u8)
+            .collect();
+        let flags = if h % 3 == 1 { FLAG_FUA } else { 0 };
+        batch.extend_from_slice(&request(flags, h as u64, off, len, &data));
+        want[off as usize..(off + len) as usize].copy_from_slice(&data);
+        // A gap the writes must leave alone.
+        off += len + 8 * KIB + 3;
+    }
+    assert!(off < size);
+    // A large write past the end is refused, its payload skipped, and the next served.
+    let refused = lens.len() as u64;
+    batch.extend_from_slice(&request(
+        0,
+        refused,
+        size - 4096,
+        512 * KIB,
+        &[9; 512 * 1024],
+    ));
+    let last = refused + 1;
+    batch.extend_from_slice(&request(0, last, 0, 4096, &[3; 4096]));
+    want[..4096].fill(3);
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&batch).unwrap());
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..=last {
+        let (errno, h) = c.status();
+        assert_eq!(errno != 0, h == refused, "reply {errno} to request {h}");
+        assert!(seen.insert(h), "two replies to {h}");
+    }
+    writer.join().unwrap();
+    c.request(CMD_DISC, 0, 99, 0, 0, &[]);
+    let got = read_range(&s.image, 0, size as usize);
+    let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "the image differs from what was written");
+}
+
 #[test]
 fn removing_an_export_disconnects_its_clients() {
     let s = Served::start(MIB);

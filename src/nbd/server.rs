@@ -563,11 +563,14 @@ async fn transmission(
 /// wait for the disk goes to the connection's read pool (threads that may block, so cold
 /// reads still reach the disk in parallel), and a write that must first wait for a sync
 /// of its own (a tracked export's first write to a region) goes to the slow lane, one
-/// thread that makes the write intents of all it holds durable with one sync.
+/// thread that makes the write intents of all it holds durable with one sync. Large
+/// writes are received straight into buffers of their own and written by the write lane,
+/// so that the next payload is received while this one is copied into the page cache.
 /// Each reply is written whole under the writer's lock, so replies never interleave.
 /// Memory per connection is bounded: the input buffer holds at most one maximal write
 /// beyond `INPUT_BUF`, the output at most one maximal read beyond `OUT_FLUSH`, the slow
-/// lane at most `LANE_JOBS` writes of at most `LANE_MAX_WRITE` bytes.
+/// lane at most `LANE_JOBS` writes of at most `LANE_MAX_WRITE` bytes, the write lane at
+/// most `WRITE_BUFFERS` buffers of at most `WRITE_MAX` bytes.
 struct Connection {
     export: Arc<dyn Export>,
     caps: SessionCaps,
@@ -578,6 +581,7 @@ struct Connection {
     /// Replies in `out`.
     replies: usize,
     lane: Option<SlowLane>,
+    writes: Option<WriteLane>,
     reads: Option<ReadPool>,
     /// Helper threads mark themselves PR_SET_IO_FLUSHER (a kernel client's connection).
     io_flusher: bool,
@@ -661,6 +665,78 @@ fn write_locked(writer: &Mutex<BlockingConn>, bytes: &[u8]) -> io::Result<()> {
     // cannot trust the stream anyway; the next write fails or is garbage to it.
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
     w.write_all(bytes)
+}
+
+/// Large writes, each received into a buffer of its own, written by a thread of the
+/// connection: see [`Connection`].
+struct WriteLane {
+    tx: mpsc::SyncSender<LargeWrite>,
+    /// Buffers the thread is done with.
+    free: mpsc::Receiver<Vec<u8>>,
+    /// Buffers made so far: queued, being written, or free.
+    buffers: usize,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A WRITE whose payload is `payload[..len]` (the buffer may be longer: buffers are reused).
+struct LargeWrite {
+    handle: u64,
+    command: Command,
+    payload: Vec<u8>,
+    len: usize,
+}
+
+/// Least WRITE received into a buffer of its own and written by the write lane: below it,
+/// the hand-off costs more than the overlap gains.
+const WRITE_MIN: u32 = 256 * 1024;
+/// Larger writes are served inline.
+const WRITE_MAX: u32 = 4 << 20;
+/// Most buffers of the write lane (each at most `WRITE_MAX` bytes).
+const WRITE_BUFFERS: usize = 4;
+
+impl WriteLane {
+    fn start(
+        export: Arc<dyn Export>,
+        structured: bool,
+        writer: Arc<Mutex<BlockingConn>>,
+        io_flusher: bool,
+    ) -> io::Result<WriteLane> {
+        let (tx, rx) = mpsc::sync_channel::<LargeWrite>(WRITE_BUFFERS);
+        let (free_tx, free) = mpsc::channel::<Vec<u8>>();
+        let thread = std::thread::Builder::new()
+            .name("nbd-write".into())
+            .spawn(move || {
+                if io_flusher {
+                    mark_io_flusher();
+                }
+                let mut out = Vec::new();
+                let mut broken = false;
+                while let Ok(job) = rx.recv() {
+                    // The socket is gone: only drain, so the connection never waits.
+                    if !broken {
+                        let payload = &job.payload[..job.len];
+                        serve_command(
+                            &*export,
+                            job.handle,
+                            job.command,
+                            payload,
+                            structured,
+                            false,
+                            &mut out,
+                        );
+                        broken = write_locked(&writer, &out).is_err();
+                        out.clear();
+                    }
+                    let _ = free_tx.send(job.payload);
+                }
+            })?;
+        Ok(WriteLane {
+            tx,
+            free,
+            buffers: 0,
+            thread,
+        })
+    }
 }
 
 /// Runs one command, turning a panic in the export into an EIO reply. `false` when
@@ -964,6 +1040,7 @@ impl Connection {
             out: Vec::with_capacity(OUT_FLUSH),
             replies: 0,
             lane: None,
+            writes: None,
             reads: None,
             io_flusher: false,
         })
@@ -981,6 +1058,10 @@ impl Connection {
             drop(lane.tx);
             let _ = lane.thread.join();
         }
+        if let Some(lane) = self.writes.take() {
+            drop(lane.tx);
+            let _ = lane.thread.join();
+        }
         if let Some(pool) = self.reads.take() {
             drop(pool.tx);
             for t in pool.threads {
@@ -992,7 +1073,12 @@ impl Connection {
 
     fn serve(&mut self) -> Result<(), NbdError> {
         loop {
-            let need = match next_request(self.input.data(), &self.caps)? {
+            let next = next_request(self.input.data(), &self.caps)?;
+            if let Some((handle, command, len)) = self.large_write(&next) {
+                self.receive_write(handle, command, len)?;
+                continue;
+            }
+            let need = match next {
                 Next::Request(n) if self.input.len() >= n => n,
                 next => {
                     // Nothing whole to serve: answer everything so far before waiting.
@@ -1077,6 +1163,98 @@ impl Connection {
             }
         }
         Ok(true)
+    }
+
+    /// The WRITE at the head of the input (`next`), if the write lane takes it: of
+    /// `WRITE_MIN..=WRITE_MAX` bytes, and not one for the slow lane.
+    fn large_write(&self, next: &Next) -> Option<(u64, Command, usize)> {
+        let Next::Request(n) = *next else { return None };
+        let payload = n - proto::REQUEST_HEADER_LEN;
+        if payload < WRITE_MIN as usize || payload > WRITE_MAX as usize {
+            return None;
+        }
+        let header = proto::parse_request_header(header_of(self.input.data())).ok()?;
+        match proto::check_request(&header, &self.caps) {
+            Ok(command @ Command::Write { offset, len, .. })
+                if !(len <= LANE_MAX_WRITE
+                    && self.export.write_needs_sync(offset, u64::from(len))) =>
+            {
+                Some((header.handle, command, len as usize))
+            }
+            _ => None,
+        }
+    }
+
+    /// Receives the payload of the WRITE at the head of the input (`len` bytes, buffered
+    /// or still on the wire) into a buffer of its own and queues it for the write lane.
+    fn receive_write(&mut self, handle: u64, command: Command, len: usize) -> Result<(), NbdError> {
+        let mut payload = self.write_buffer()?;
+        if payload.len() < len {
+            payload.resize(len, 0);
+        }
+        self.input.consume(proto::REQUEST_HEADER_LEN);
+        let mut got = len.min(self.input.len());
+        payload[..got].copy_from_slice(&self.input.data()[..got]);
+        self.input.consume(got);
+        if got < len {
+            // Answer what is done before waiting for the rest.
+            self.send_replies()?;
+        }
+        while got < len {
+            match self.conn.read(&mut payload[got..len]) {
+                Ok(0) => {
+                    let eof = io::ErrorKind::UnexpectedEof.into();
+                    return Err(conn_err("write payload", eof));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(conn_err("write payload", e)),
+            }
+        }
+        let job = LargeWrite {
+            handle,
+            command,
+            payload,
+            len,
+        };
+        match &self.writes {
+            Some(lane) => {
+                let tx = lane.tx.clone();
+                self.hand_off(&tx, job)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A buffer for a large write: a free one, a new one while fewer than `WRITE_BUFFERS`
+    /// exist, or else the next one the write lane is done with (replies sent meanwhile).
+    fn write_buffer(&mut self) -> Result<Vec<u8>, NbdError> {
+        if self.writes.is_none() {
+            let lane = WriteLane::start(
+                Arc::clone(&self.export),
+                self.caps.structured,
+                Arc::clone(&self.writer),
+                self.io_flusher,
+            )
+            .map_err(|e| conn_err("start the write thread", e))?;
+            self.writes = Some(lane);
+        }
+        let gone = || conn_err("write", io::Error::other("write thread stopped"));
+        let Some(lane) = self.writes.as_mut() else {
+            return Err(gone());
+        };
+        if let Ok(buf) = lane.free.try_recv() {
+            return Ok(buf);
+        }
+        if lane.buffers < WRITE_BUFFERS {
+            lane.buffers += 1;
+            return Ok(Vec::new());
+        }
+        self.send_replies()?;
+        match &self.writes {
+            Some(lane) => lane.free.recv().map_err(|_| gone()),
+            None => Err(gone()),
+        }
     }
 
     fn queue_slow_write(&mut self, job: SlowWrite) -> Result<(), NbdError> {
