@@ -7,6 +7,7 @@ mod nbd_support;
 use std::io::Write;
 use std::time::Duration;
 
+use blocksnap::nbd::{Export, FileExport, TrackedExport};
 use nbd_support::*;
 
 const MIB: u64 = 1 << 20;
@@ -243,15 +244,25 @@ fn pipelined_requests_are_all_answered() {
 
 /// Writes of every size around the ones received into buffers of their own (256 KiB to
 /// 4 MiB, written by another thread, buffers reused for smaller payloads), all in flight
-/// together with inline ones and a rejected one: each lands exactly where it was sent, and
-/// nothing else changes.
+/// together with inline ones and a rejected one, then NBD_CMD_DISC at once: every write is
+/// answered before the server closes, each lands exactly where it was sent, and nothing
+/// else changes. Against a plain file and a tracked export (whose first writes to a region
+/// wait for their write intents).
 #[test]
 fn large_writes_in_flight_together_land_exactly() {
+    large_writes_land_exactly(Served::start(32 * MIB));
+    large_writes_land_exactly(Served::start_with(32 * MIB, |image| {
+        let bitmap = image.with_extension("cbt");
+        let t = TrackedExport::open(FileExport::open(image).unwrap(), &bitmap).unwrap();
+        std::sync::Arc::new(t) as std::sync::Arc<dyn Export>
+    }));
+}
+
+fn large_writes_land_exactly(s: Served) {
     use std::os::unix::fs::FileExt;
     const FLAG_FUA: u16 = 1;
     const KIB: u64 = 1024;
     let size = 32 * MIB;
-    let s = Served::start(size);
     let before: Vec<u8> = (0..size).map(|i| (i % 253) as u8 ^ 0xee).collect();
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -276,10 +287,10 @@ fn large_writes_in_flight_together_land_exactly() {
     let mut want = before.clone();
     let mut batch = Vec::new();
     let mut off = 4096 + 7;
-    let request = |flags: u16, h: u64, off: u64, len: u64, data: &[u8]| {
+    let request = |kind: u16, flags: u16, h: u64, off: u64, len: u64, data: &[u8]| {
         let mut m = 0x25609513u32.to_be_bytes().to_vec();
         m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        m.extend_from_slice(&kind.to_be_bytes());
         m.extend_from_slice(&h.to_be_bytes());
         m.extend_from_slice(&off.to_be_bytes());
         m.extend_from_slice(&(len as u32).to_be_bytes());
@@ -291,7 +302,7 @@ fn large_writes_in_flight_together_land_exactly() {
             .map(|i| ((i * 7 + h as u64 * 13) % 251) as u8)
             .collect();
         let flags = if h % 3 == 1 { FLAG_FUA } else { 0 };
-        batch.extend_from_slice(&request(flags, h as u64, off, len, &data));
+        batch.extend_from_slice(&request(CMD_WRITE, flags, h as u64, off, len, &data));
         want[off as usize..(off + len) as usize].copy_from_slice(&data);
         // A gap the writes must leave alone.
         off += len + 8 * KIB + 3;
@@ -299,16 +310,19 @@ fn large_writes_in_flight_together_land_exactly() {
     assert!(off < size);
     // A large write past the end is refused, its payload skipped, and the next served.
     let refused = lens.len() as u64;
-    batch.extend_from_slice(&request(
+    let past_end = request(
+        CMD_WRITE,
         0,
         refused,
         size - 4096,
         512 * KIB,
         &[9; 512 * 1024],
-    ));
+    );
+    batch.extend_from_slice(&past_end);
     let last = refused + 1;
-    batch.extend_from_slice(&request(0, last, 0, 4096, &[3; 4096]));
+    batch.extend_from_slice(&request(CMD_WRITE, 0, last, 0, 4096, &[3; 4096]));
     want[..4096].fill(3);
+    batch.extend_from_slice(&request(CMD_DISC, 0, 99, 0, 0, &[]));
     let (mut c, _, _) = Raw::open(&s.sock, EXPORT, true, false);
     let mut w = c.s.try_clone().unwrap();
     let writer = std::thread::spawn(move || w.write_all(&batch).unwrap());
@@ -319,7 +333,10 @@ fn large_writes_in_flight_together_land_exactly() {
         assert!(seen.insert(h), "two replies to {h}");
     }
     writer.join().unwrap();
-    c.request(CMD_DISC, 0, 99, 0, 0, &[]);
+    assert!(
+        c.closed_by_server(),
+        "the server did not close after NBD_CMD_DISC"
+    );
     let got = read_range(&s.image, 0, size as usize);
     let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
     assert_eq!(first_bad, None, "the image differs from what was written");

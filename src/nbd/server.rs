@@ -660,20 +660,27 @@ impl SlowLane {
     }
 }
 
+/// Writes replies whole under the writer's lock. A failure shuts the socket down, so that
+/// the connection thread's next read fails too, and nothing is sent after a torn reply.
 fn write_locked(writer: &Mutex<BlockingConn>, bytes: &[u8]) -> io::Result<()> {
     // A panic while writing leaves at worst a torn reply, after which the client
     // cannot trust the stream anyway; the next write fails or is garbage to it.
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    w.write_all(bytes)
+    let sent = w.write_all(bytes);
+    if sent.is_err() {
+        let _ = w.shutdown(Shutdown::Both);
+    }
+    sent
 }
 
 /// Large writes, each received into a buffer of its own, written by a thread of the
 /// connection: see [`Connection`].
 struct WriteLane {
     tx: mpsc::SyncSender<LargeWrite>,
-    /// Buffers the thread is done with.
+    /// Buffers the thread is done with, and those taken back from it.
     free: mpsc::Receiver<Vec<u8>>,
-    /// Buffers made so far: queued, being written, or free.
+    spare: Vec<Vec<u8>>,
+    /// Buffers made so far: queued, being written, or spare.
     buffers: usize,
     thread: std::thread::JoinHandle<()>,
 }
@@ -693,6 +700,8 @@ const WRITE_MIN: u32 = 256 * 1024;
 const WRITE_MAX: u32 = 4 << 20;
 /// Most buffers of the write lane (each at most `WRITE_MAX` bytes).
 const WRITE_BUFFERS: usize = 4;
+/// Spare buffers larger than this are given back while the connection waits for requests.
+const WRITE_KEEP: usize = 1 << 20;
 
 impl WriteLane {
     fn start(
@@ -733,9 +742,31 @@ impl WriteLane {
         Ok(WriteLane {
             tx,
             free,
+            spare: Vec::new(),
             buffers: 0,
             thread,
         })
+    }
+
+    /// A buffer for a payload: a spare one, a new one while fewer than `WRITE_BUFFERS`
+    /// exist, or `None` when all are in use.
+    fn try_buffer(&mut self) -> Option<Vec<u8>> {
+        self.spare.extend(self.free.try_iter());
+        if let Some(buf) = self.spare.pop() {
+            return Some(buf);
+        }
+        (self.buffers < WRITE_BUFFERS).then(|| {
+            self.buffers += 1;
+            Vec::new()
+        })
+    }
+
+    /// Gives back the memory of spare buffers larger than `WRITE_KEEP`.
+    fn shrink(&mut self) {
+        self.spare.extend(self.free.try_iter());
+        let before = self.spare.len();
+        self.spare.retain(|b| b.len() <= WRITE_KEEP);
+        self.buffers -= before - self.spare.len();
     }
 }
 
@@ -1084,6 +1115,9 @@ impl Connection {
                     // Nothing whole to serve: answer everything so far before waiting.
                     self.send_replies()?;
                     self.input.shrink();
+                    if let Some(lane) = &mut self.writes {
+                        lane.shrink();
+                    }
                     let need = match next {
                         Next::Request(n) => n,
                         Next::Header => proto::REQUEST_HEADER_LEN,
@@ -1166,29 +1200,47 @@ impl Connection {
     }
 
     /// The WRITE at the head of the input (`next`), if the write lane takes it: of
-    /// `WRITE_MIN..=WRITE_MAX` bytes, and not one for the slow lane.
-    fn large_write(&self, next: &Next) -> Option<(u64, Command, usize)> {
+    /// `WRITE_MIN..=WRITE_MAX` bytes, and not one for the slow lane. Starts the lane; a
+    /// lane that cannot start leaves the write to be served inline.
+    fn large_write(&mut self, next: &Next) -> Option<(u64, Command, usize)> {
         let Next::Request(n) = *next else { return None };
         let payload = n - proto::REQUEST_HEADER_LEN;
         if payload < WRITE_MIN as usize || payload > WRITE_MAX as usize {
             return None;
         }
         let header = proto::parse_request_header(header_of(self.input.data())).ok()?;
-        match proto::check_request(&header, &self.caps) {
+        let write = match proto::check_request(&header, &self.caps) {
             Ok(command @ Command::Write { offset, len, .. })
                 if !(len <= LANE_MAX_WRITE
                     && self.export.write_needs_sync(offset, u64::from(len))) =>
             {
-                Some((header.handle, command, len as usize))
+                (header.handle, command, len as usize)
             }
-            _ => None,
+            _ => return None,
+        };
+        if self.writes.is_none() {
+            let lane = WriteLane::start(
+                Arc::clone(&self.export),
+                self.caps.structured,
+                Arc::clone(&self.writer),
+                self.io_flusher,
+            );
+            match lane {
+                Ok(lane) => self.writes = Some(lane),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start an NBD write thread; writing inline");
+                    return None;
+                }
+            }
         }
+        Some(write)
     }
 
     /// Receives the payload of the WRITE at the head of the input (`len` bytes, buffered
-    /// or still on the wire) into a buffer of its own and queues it for the write lane.
+    /// or still on the wire) into a buffer of its own and queues it for the write lane,
+    /// which [`Connection::large_write`] started.
     fn receive_write(&mut self, handle: u64, command: Command, len: usize) -> Result<(), NbdError> {
-        let mut payload = self.write_buffer()?;
+        let (tx, mut payload) = self.write_buffer()?;
         if payload.len() < len {
             payload.resize(len, 0);
         }
@@ -1217,42 +1269,23 @@ impl Connection {
             payload,
             len,
         };
-        match &self.writes {
-            Some(lane) => {
-                let tx = lane.tx.clone();
-                self.hand_off(&tx, job)
-            }
-            None => Ok(()),
-        }
+        self.hand_off(&tx, job)
     }
 
-    /// A buffer for a large write: a free one, a new one while fewer than `WRITE_BUFFERS`
-    /// exist, or else the next one the write lane is done with (replies sent meanwhile).
-    fn write_buffer(&mut self) -> Result<Vec<u8>, NbdError> {
-        if self.writes.is_none() {
-            let lane = WriteLane::start(
-                Arc::clone(&self.export),
-                self.caps.structured,
-                Arc::clone(&self.writer),
-                self.io_flusher,
-            )
-            .map_err(|e| conn_err("start the write thread", e))?;
-            self.writes = Some(lane);
-        }
+    /// The write lane's queue and a buffer for a payload; when all buffers are in use,
+    /// waits for the next one the lane is done with (replies sent meanwhile).
+    fn write_buffer(&mut self) -> Result<(mpsc::SyncSender<LargeWrite>, Vec<u8>), NbdError> {
         let gone = || conn_err("write", io::Error::other("write thread stopped"));
         let Some(lane) = self.writes.as_mut() else {
             return Err(gone());
         };
-        if let Ok(buf) = lane.free.try_recv() {
-            return Ok(buf);
-        }
-        if lane.buffers < WRITE_BUFFERS {
-            lane.buffers += 1;
-            return Ok(Vec::new());
+        let tx = lane.tx.clone();
+        if let Some(buf) = lane.try_buffer() {
+            return Ok((tx, buf));
         }
         self.send_replies()?;
         match &self.writes {
-            Some(lane) => lane.free.recv().map_err(|_| gone()),
+            Some(lane) => Ok((tx, lane.free.recv().map_err(|_| gone())?)),
             None => Err(gone()),
         }
     }
