@@ -467,6 +467,23 @@ fn mark_io_flusher() {
     }
 }
 
+/// Starts a helper thread of a connection; it marks itself PR_SET_IO_FLUSHER when the
+/// connection serves the kernel's client.
+fn spawn_helper(
+    name: &str,
+    io_flusher: bool,
+    body: impl FnOnce() + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if io_flusher {
+                mark_io_flusher();
+            }
+            body()
+        })
+}
+
 /// The transmission flags this server advertises.
 fn transmission_flags(structured: bool, read_only: bool) -> u16 {
     // Every connection shares one Export and `flush` reaches the backing store, so a
@@ -612,50 +629,45 @@ impl SlowLane {
         io_flusher: bool,
     ) -> io::Result<SlowLane> {
         let (tx, rx) = mpsc::sync_channel::<SlowWrite>(LANE_JOBS);
-        let thread = std::thread::Builder::new()
-            .name("nbd-intent".into())
-            .spawn(move || {
-                if io_flusher {
-                    mark_io_flusher();
+        let thread = spawn_helper("nbd-intent", io_flusher, move || {
+            let mut jobs = Vec::new();
+            let mut ranges = Vec::new();
+            let mut out = Vec::new();
+            let mut broken = false;
+            while let Ok(job) = rx.recv() {
+                jobs.push(job);
+                while jobs.len() < LANE_JOBS {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
                 }
-                let mut jobs = Vec::new();
-                let mut ranges = Vec::new();
-                let mut out = Vec::new();
-                let mut broken = false;
-                while let Ok(job) = rx.recv() {
-                    jobs.push(job);
-                    while jobs.len() < LANE_JOBS {
-                        match rx.try_recv() {
-                            Ok(job) => jobs.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    if broken {
-                        // The socket is gone: only drain, so the connection never waits.
-                        jobs.clear();
-                        continue;
-                    }
-                    ranges.clear();
-                    ranges.extend(jobs.iter().filter_map(|j| match j.command {
-                        Command::Write { offset, len, .. } => Some((offset, u64::from(len))),
-                        _ => None,
-                    }));
-                    export.prepare_writes(&ranges);
-                    for job in jobs.drain(..) {
-                        serve_command(
-                            &*export,
-                            job.handle,
-                            job.command,
-                            &job.payload,
-                            structured,
-                            false,
-                            &mut out,
-                        );
-                    }
-                    broken = write_locked(&writer, &out).is_err();
-                    out.clear();
+                if broken {
+                    // The socket is gone: only drain, so the connection never waits.
+                    jobs.clear();
+                    continue;
                 }
-            })?;
+                ranges.clear();
+                ranges.extend(jobs.iter().filter_map(|j| match j.command {
+                    Command::Write { offset, len, .. } => Some((offset, u64::from(len))),
+                    _ => None,
+                }));
+                export.prepare_writes(&ranges);
+                for job in jobs.drain(..) {
+                    serve_command(
+                        &*export,
+                        job.handle,
+                        job.command,
+                        &job.payload,
+                        structured,
+                        false,
+                        &mut out,
+                    );
+                }
+                broken = write_locked(&writer, &out).is_err();
+                out.clear();
+            }
+        })?;
         Ok(SlowLane { tx, thread })
     }
 }
@@ -712,33 +724,28 @@ impl WriteLane {
     ) -> io::Result<WriteLane> {
         let (tx, rx) = mpsc::sync_channel::<LargeWrite>(WRITE_BUFFERS);
         let (free_tx, free) = mpsc::channel::<Vec<u8>>();
-        let thread = std::thread::Builder::new()
-            .name("nbd-write".into())
-            .spawn(move || {
-                if io_flusher {
-                    mark_io_flusher();
+        let thread = spawn_helper("nbd-write", io_flusher, move || {
+            let mut out = Vec::new();
+            let mut broken = false;
+            while let Ok(job) = rx.recv() {
+                // The socket is gone: only drain, so the connection never waits.
+                if !broken {
+                    let payload = &job.payload[..job.len];
+                    serve_command(
+                        &*export,
+                        job.handle,
+                        job.command,
+                        payload,
+                        structured,
+                        false,
+                        &mut out,
+                    );
+                    broken = write_locked(&writer, &out).is_err();
+                    out.clear();
                 }
-                let mut out = Vec::new();
-                let mut broken = false;
-                while let Ok(job) = rx.recv() {
-                    // The socket is gone: only drain, so the connection never waits.
-                    if !broken {
-                        let payload = &job.payload[..job.len];
-                        serve_command(
-                            &*export,
-                            job.handle,
-                            job.command,
-                            payload,
-                            structured,
-                            false,
-                            &mut out,
-                        );
-                        broken = write_locked(&writer, &out).is_err();
-                        out.clear();
-                    }
-                    let _ = free_tx.send(job.payload);
-                }
-            })?;
+                let _ = free_tx.send(job.payload);
+            }
+        })?;
         Ok(WriteLane {
             tx,
             free,
@@ -835,42 +842,37 @@ impl ReadPool {
         };
         for _ in 0..READ_THREADS {
             let (export, writer, rx) = (Arc::clone(export), Arc::clone(writer), Arc::clone(&rx));
-            let thread = std::thread::Builder::new()
-                .name("nbd-read".into())
-                .spawn(move || {
-                    if io_flusher {
-                        mark_io_flusher();
+            let thread = spawn_helper("nbd-read", io_flusher, move || {
+                let mut out = Vec::new();
+                let mut broken = false;
+                let mut splicer = Splicer::default();
+                loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((handle, command)) = job else { break };
+                    if broken {
+                        continue;
                     }
-                    let mut out = Vec::new();
-                    let mut broken = false;
-                    let mut splicer = Splicer::default();
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((handle, command)) = job else { break };
-                        if broken {
-                            continue;
-                        }
-                        // A panic of the export is answered by `serve_command` below.
-                        let read = (handle, command, structured);
-                        let spliced = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            spliced_read(&*export, read, &mut splicer, &writer)
-                        }))
-                        .unwrap_or_else(|_| {
-                            splicer = Splicer::default();
-                            None
-                        });
-                        if let Some(sent) = spliced {
-                            broken = sent.is_err();
-                            continue;
-                        }
-                        serve_command(&*export, handle, command, &[], structured, false, &mut out);
-                        broken = write_locked(&writer, &out).is_err();
-                        out.clear();
-                        if out.capacity() > KEEP_BUF {
-                            out.shrink_to(OUT_FLUSH);
-                        }
+                    // A panic of the export is answered by `serve_command` below.
+                    let read = (handle, command, structured);
+                    let spliced = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        spliced_read(&*export, read, &mut splicer, &writer)
+                    }))
+                    .unwrap_or_else(|_| {
+                        splicer = Splicer::default();
+                        None
+                    });
+                    if let Some(sent) = spliced {
+                        broken = sent.is_err();
+                        continue;
                     }
-                });
+                    serve_command(&*export, handle, command, &[], structured, false, &mut out);
+                    broken = write_locked(&writer, &out).is_err();
+                    out.clear();
+                    if out.capacity() > KEEP_BUF {
+                        out.shrink_to(OUT_FLUSH);
+                    }
+                }
+            });
             match thread {
                 Ok(t) => pool.threads.push(t),
                 // Fewer threads still serve; none at all is an error.
