@@ -672,13 +672,22 @@ impl SlowLane {
     }
 }
 
-/// Writes replies whole under the writer's lock. A failure shuts the socket down, so that
-/// the connection thread's next read fails too, and nothing is sent after a torn reply.
+/// Writes replies whole under the writer's lock ([`send_locked`]).
 fn write_locked(writer: &Mutex<BlockingConn>, bytes: &[u8]) -> io::Result<()> {
+    send_locked(writer, |w| w.write_all(bytes))
+}
+
+/// Sends replies with `send` under the writer's lock, so replies never interleave. A
+/// failure shuts the socket down: the connection thread's next read fails too, and
+/// nothing is sent after a torn reply.
+fn send_locked(
+    writer: &Mutex<BlockingConn>,
+    send: impl FnOnce(&mut BlockingConn) -> io::Result<()>,
+) -> io::Result<()> {
     // A panic while writing leaves at worst a torn reply, after which the client
     // cannot trust the stream anyway; the next write fails or is garbage to it.
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let sent = w.write_all(bytes);
+    let sent = send(&mut w);
     if sent.is_err() {
         let _ = w.shutdown(Shutdown::Both);
     }
@@ -914,8 +923,7 @@ struct Splicer {
 /// it is then served the usual way. `None`: nothing was sent and the caller serves the
 /// command itself (not a large READ of a file, a structured reply that would describe
 /// holes, a range the pipe cannot hold, or a failed read). `Some(Err)`: the socket failed
-/// mid-reply; it is then shut down, since the client could not tell the rest of the stream
-/// from the torn reply.
+/// mid-reply and was shut down ([`send_locked`]).
 fn spliced_read(
     export: &dyn Export,
     (handle, command, structured): (u64, Command, bool),
@@ -960,13 +968,12 @@ fn spliced_read(
         simple = proto::simple_reply(handle, 0);
         &simple
     };
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    let sent = w
-        .write_all(header)
-        .and_then(|()| pipe.drain_to(w.as_fd(), n));
+    let sent = send_locked(writer, |w| {
+        w.write_all(header)?;
+        pipe.drain_to(w.as_fd(), n)
+    });
     if sent.is_err() {
         splicer.pipe = None;
-        let _ = w.shutdown(Shutdown::Both);
     }
     Some(sent)
 }
