@@ -362,6 +362,78 @@ fn removing_an_export_disconnects_its_clients() {
     assert_eq!(c.option_reply().0, (1 << 31) + 6);
 }
 
+/// A file export whose writes take `delay` each: requests a connection has read are
+/// still being written well after the client sees the first replies.
+struct SlowWrites {
+    inner: FileExport,
+    delay: Duration,
+}
+
+impl Export for SlowWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_trim)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<blocksnap::nbd::Extent>> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+#[test]
+fn removing_an_export_returns_once_its_connections_stopped_writing() {
+    const WRITES: u64 = 20;
+    let s = Served::start_with(MIB, |path| {
+        std::sync::Arc::new(SlowWrites {
+            inner: FileExport::open(path).unwrap(),
+            delay: Duration::from_millis(20),
+        }) as std::sync::Arc<dyn Export>
+    });
+    let (mut c, _, _) = Raw::open(&s.sock, EXPORT, false, false);
+    c.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Writes of 4 KiB to one place, each with its own byte, sent at once: the server has
+    // read them all when the export is removed after the first reply, and each one still
+    // to be written changes the image.
+    let mut batch = Vec::new();
+    for h in 0..WRITES {
+        batch.extend_from_slice(&0x25609513u32.to_be_bytes());
+        batch.extend_from_slice(&0u16.to_be_bytes());
+        batch.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        batch.extend_from_slice(&h.to_be_bytes());
+        batch.extend_from_slice(&0u64.to_be_bytes());
+        batch.extend_from_slice(&4096u32.to_be_bytes());
+        batch.extend(std::iter::repeat_n(h as u8 + 1, 4096));
+    }
+    c.s.write_all(&batch).unwrap();
+    assert_eq!(c.simple_reply(), (0, 0));
+    s.server.remove_export(EXPORT).unwrap();
+    let at_return = read_range(&s.image, 0, 4096);
+    // Every write read before the removal is answered, then the server closes.
+    for h in 1..WRITES {
+        assert_eq!(c.simple_reply(), (0, h));
+    }
+    assert!(c.closed_by_server());
+    assert_eq!(
+        at_return,
+        vec![WRITES as u8; 4096],
+        "remove_export returned before the writes its connection had read were done"
+    );
+}
+
 #[test]
 fn shutdown_answers_in_flight_requests_then_disconnects() {
     let mut s = Served::start(MIB);

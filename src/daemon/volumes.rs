@@ -307,10 +307,20 @@ impl Manager {
     pub(super) fn unexpose(&self, v: &VolumeRow) -> Result<(), ApiError> {
         match Backend::parse(&v.backend) {
             Some(Backend::Nbd) => {
-                let _ = self.nbd.remove_export(&v.id);
+                // Returns once the export's connections have ended: nothing they had read
+                // can change the image after the volume is detached (or rolled back).
+                let removed = self.nbd.remove_export(&v.id);
+                // Closed trackers also refuse the writes of a connection still stuck.
                 self.set_tracker(&v.id, None);
                 self.drop_lazy(&v.id);
-                Ok(())
+                match removed {
+                    Err(e @ crate::nbd::NbdError::ExportStillInUse { .. }) => Err(ApiError::new(
+                        e.kind(),
+                        format!("volume {}: {}", v.id, message_chain(&e)),
+                    )),
+                    // Not exported (nothing to end), or removed and every connection ended.
+                    _ => Ok(()),
+                }
             }
             _ => volume::detach_loop(
                 std::path::Path::new(&v.device),

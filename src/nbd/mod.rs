@@ -50,6 +50,15 @@ pub enum NbdError {
     ExportExists { name: String },
     #[error("No export named {name:?}")]
     ExportNotFound { name: String },
+    #[error(
+        "Export {name:?} was removed, but {connections} connection(s) still use it after \
+         {waited_s} s"
+    )]
+    ExportStillInUse {
+        name: String,
+        connections: usize,
+        waited_s: u64,
+    },
     #[error("Client broke the NBD protocol")]
     Protocol {
         #[source]
@@ -137,7 +146,9 @@ impl NbdError {
             | NbdError::InvalidExportName { .. }
             | NbdError::Protocol { .. }
             | NbdError::BadBlock { .. } => ErrorKind::InvalidArgument,
-            NbdError::ExportExists { .. } | NbdError::EpochOpen => ErrorKind::Busy,
+            NbdError::ExportExists { .. }
+            | NbdError::ExportStillInUse { .. }
+            | NbdError::EpochOpen => ErrorKind::Busy,
             NbdError::ExportNotFound { .. } | NbdError::NoEpoch => ErrorKind::NotFound,
             NbdError::Connection { .. } | NbdError::HandshakeTimeout => ErrorKind::Unavailable,
             NbdError::Kernel { source, .. } => source.kind(),

@@ -20,8 +20,8 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -41,6 +41,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_OPTIONS: usize = 256;
 /// Time given to in-flight replies after the reader stops, before the socket is dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long removing an export waits for its connections to end: past the drain, their
+/// sockets are cut, so only a connection stuck in the export's own I/O is still there.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Most descriptors sent in one block status reply.
 const MAX_DESCRIPTORS: usize = 1024;
 /// Zero extents smaller than this are sent as data rather than as hole chunks.
@@ -63,8 +66,61 @@ struct Slot {
     export: Arc<dyn Export>,
     /// Set to true when the export is removed; its connections watch it and close.
     removed: watch::Sender<bool>,
+    /// The connections serving it; its removal waits until they have ended.
+    users: Arc<Users>,
     /// The /dev/nbdN this export is connected to, if any: disconnected when dropped.
     kernel: Option<KernelDevice>,
+}
+
+/// Counts the connections using an export, so that its removal can wait for them.
+#[derive(Default)]
+struct Users {
+    count: Mutex<usize>,
+    ended: Condvar,
+}
+
+/// One connection's use of an export, counted in [`Users`] until dropped.
+struct InUse(Arc<Users>);
+
+impl Users {
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        // A counter cannot be left half-updated by a panic.
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(users: &Arc<Users>) -> InUse {
+        *users.lock() += 1;
+        InUse(Arc::clone(users))
+    }
+
+    /// Waits until no connection uses the export, at most `timeout`; returns how many
+    /// still do (0: all ended).
+    fn wait_idle(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut count = self.lock();
+        while *count > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            count = self
+                .ended
+                .wait_timeout(count, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *count
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut count = self.0.lock();
+        *count -= 1;
+        if *count == 0 {
+            self.0.ended.notify_all();
+        }
+    }
 }
 
 impl NbdServer {
@@ -100,6 +156,7 @@ impl NbdServer {
             Slot {
                 export,
                 removed,
+                users: Arc::default(),
                 kernel: None,
             },
         );
@@ -107,7 +164,10 @@ impl NbdServer {
     }
 
     /// Removes an export; its connected clients are disconnected once their in-flight
-    /// requests are answered, its /dev/nbdN (if any) with NBD_CMD_DISCONNECT.
+    /// requests are answered, its /dev/nbdN (if any) with NBD_CMD_DISCONNECT. Returns once
+    /// every connection to it has ended (so no request of theirs can still reach the
+    /// export), or fails with `ExportStillInUse` after [`REMOVE_TIMEOUT`]; new clients
+    /// are refused from the start either way. Blocks: call it off the async runtime.
     pub fn remove_export(&self, name: &str) -> Result<(), NbdError> {
         let slot = self
             .exports()
@@ -116,7 +176,17 @@ impl NbdServer {
                 name: name.to_string(),
             })?;
         slot.removed.send_replace(true);
-        Ok(())
+        let users = Arc::clone(&slot.users);
+        // Disconnects the kernel's device, if any: its connection ends on NBD_CMD_DISC.
+        drop(slot);
+        match users.wait_idle(REMOVE_TIMEOUT) {
+            0 => Ok(()),
+            connections => Err(NbdError::ExportStillInUse {
+                name: name.to_string(),
+                connections,
+                waited_s: REMOVE_TIMEOUT.as_secs(),
+            }),
+        }
     }
 
     /// Where the kernel has the nbd driver, also connects export `name` to a /dev/nbdN
@@ -178,7 +248,7 @@ impl NbdServer {
         name: &str,
         socket: std::os::unix::net::UnixStream,
     ) -> Result<Negotiated, NbdError> {
-        let (export, _) = self.lookup(name).ok_or_else(|| NbdError::ExportNotFound {
+        let (export, _, in_use) = self.lookup(name).ok_or_else(|| NbdError::ExportNotFound {
             name: name.to_string(),
         })?;
         let caps = SessionCaps {
@@ -195,6 +265,8 @@ impl NbdServer {
         std::thread::Builder::new()
             .name("nbd-kernel".into())
             .spawn(move || {
+                // Held until the connection and its helper threads are done.
+                let _in_use = in_use;
                 mark_io_flusher();
                 let r = Connection::new(export, caps, BlockingConn::Unix(socket), Vec::new())
                     .map(Connection::io_flusher)
@@ -213,11 +285,16 @@ impl NbdServer {
         self.exports().keys().cloned().collect()
     }
 
-    /// Looks an export up and subscribes to its removal, atomically.
-    fn lookup(&self, name: &str) -> Option<(Arc<dyn Export>, watch::Receiver<bool>)> {
-        self.exports()
-            .get(name)
-            .map(|s| (Arc::clone(&s.export), s.removed.subscribe()))
+    /// Looks an export up, subscribes to its removal and counts a user of it, atomically
+    /// (so a removal either refuses this lookup or waits for the returned [`InUse`]).
+    fn lookup(&self, name: &str) -> Option<(Arc<dyn Export>, watch::Receiver<bool>, InUse)> {
+        self.exports().get(name).map(|s| {
+            (
+                Arc::clone(&s.export),
+                s.removed.subscribe(),
+                Users::enter(&s.users),
+            )
+        })
     }
 
     /// Serves clients on a unix socket until `shutdown` completes, then disconnects them
@@ -342,7 +419,7 @@ impl NbdServer {
                 proto::OPT_EXPORT_NAME => {
                     // This option cannot fail politely: an unknown export ends the session.
                     let name = proto::parse_export_name(&data)?;
-                    let (export, removed) = self
+                    let (export, removed, in_use) = self
                         .lookup(&name)
                         .ok_or(NbdError::ExportNotFound { name: name.clone() })?;
                     let flags = transmission_flags(structured, export.read_only());
@@ -352,6 +429,7 @@ impl NbdServer {
                     return Ok(Some(Session {
                         export,
                         removed,
+                        in_use,
                         structured,
                         block_status,
                     }));
@@ -377,7 +455,7 @@ impl NbdServer {
                             let msg = format!("no export named {:?}", req.name);
                             out = err(proto::REP_ERR_UNKNOWN, &msg);
                         }
-                        Some((export, removed)) => {
+                        Some((export, removed, in_use)) => {
                             let flags = transmission_flags(structured, export.read_only());
                             out.extend(reply(
                                 proto::REP_INFO,
@@ -396,6 +474,7 @@ impl NbdServer {
                                 return Ok(Some(Session {
                                     export,
                                     removed,
+                                    in_use,
                                     structured,
                                     block_status,
                                 }));
@@ -509,6 +588,8 @@ fn transmission_flags(structured: bool, read_only: bool) -> u16 {
 struct Session {
     export: Arc<dyn Export>,
     removed: watch::Receiver<bool>,
+    /// Counts this connection as a user of the export until its thread ends.
+    in_use: InUse,
     structured: bool,
     block_status: bool,
 }
@@ -545,9 +626,12 @@ async fn transmission(
     let ctl = conn.try_clone().map_err(|s| conn_err("clone socket", s))?;
     let (done_tx, mut done_rx) = oneshot::channel();
     let export = Arc::clone(&session.export);
+    let in_use = session.in_use;
     std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
+            // Held until the connection and its helper threads are done.
+            let _in_use = in_use;
             let r = Connection::new(export, caps, conn, leftover)
                 .map_err(|e| conn_err("clone socket", e))
                 .and_then(Connection::run);
@@ -1851,6 +1935,26 @@ impl IntoBlocking for tokio::net::TcpStream {
 mod tests {
     use super::*;
     use crate::nbd::Extent;
+
+    #[test]
+    fn waiting_for_an_export_s_users_ends_when_the_last_leaves_or_times_out() {
+        let users = Arc::new(Users::default());
+        assert_eq!(users.wait_idle(Duration::ZERO), 0);
+        let (a, b) = (Users::enter(&users), Users::enter(&users));
+        assert_eq!(users.wait_idle(Duration::from_millis(20)), 2);
+        drop(a);
+        let leave = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(b);
+        });
+        let t = Instant::now();
+        assert_eq!(users.wait_idle(Duration::from_secs(20)), 0);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not woken by the last user"
+        );
+        leave.join().unwrap();
+    }
 
     #[test]
     fn reads_into_misaligned_destinations_go_through_the_scratch_buffer() {
