@@ -830,6 +830,11 @@ impl Known<'_> {
 /// blocks assembled from several pieces.
 /// A block recorded as [`STALE_HASH`] (its hash was not known: an incremental stored only
 /// part of it, see `capture_extents`) is checked by its records' CRC32s alone.
+/// Tests: the checker panics when it checks data of this snapshot (an id no other test
+/// uses), to prove that a checker's panic is raised before the target's tail is touched.
+#[cfg(test)]
+pub(super) static PANIC_CHECKING: Mutex<Option<SnapshotId>> = Mutex::new(None);
+
 struct BlockCheck {
     hashes: Option<super::hashes::HashReader>,
     id: SnapshotId,
@@ -904,6 +909,15 @@ impl BlockCheck {
     }
 
     fn data(&mut self, offset: u64, mut bytes: &[u8], known: Known<'_>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if PANIC_CHECKING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            == Some(&self.id)
+        {
+            panic!("injected panic of the restore checker");
+        }
         if offset != self.pos() {
             return Err(StoreError::Invalid(format!(
                 "restore check out of order at {offset}"

@@ -233,6 +233,32 @@ fn overwrite_restore_zeroes_old_data() {
     assert_eq!(digest(&target), c.digests[&sid(1)]);
 }
 
+#[test]
+fn a_checker_panic_is_raised_before_the_target_is_zeroed() {
+    use super::restore::PANIC_CHECKING;
+    let (store, _) = mem_store();
+    let mut c = Chain::new(4 * MIB);
+    // Data first, so the checker panics before anything was checked or written, and a
+    // tail that a rollback would zero.
+    scribble(&c.img, 0, 100_000, 1);
+    let n = 90_000_001;
+    c.snap(&store, n).unwrap();
+    let target = sparse(c.dir.path(), "old", 4 * MIB);
+    scribble(&target, 0, 4 * MIB as usize, 7);
+    let before = digest(&target);
+    *PANIC_CHECKING.lock().unwrap() = Some(sid(n));
+    let restore = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.restore(&sid(n), &target, RestoreMode::Overwrite, &NoProgress)
+    }));
+    *PANIC_CHECKING.lock().unwrap() = None;
+    assert!(restore.is_err(), "the checker's panic was not raised");
+    assert_eq!(
+        digest(&target),
+        before,
+        "the target was zeroed although nothing was checked"
+    );
+}
+
 fn build_chain(store: &Store, n: u32) -> Chain {
     build_chain_sized(store, n, 6 * MIB)
 }
