@@ -113,6 +113,27 @@ impl Jobs {
             .unwrap_or(true)
     }
 
+    /// Holds the job locks of `volume_ids` for a change made outside a job (detach,
+    /// resize): a job on one of them submitted meanwhile waits until the guards are
+    /// dropped. Refused (2500) while a job on one of them waits or runs.
+    pub fn hold_volumes(
+        &self,
+        volume_ids: &[&str],
+    ) -> Result<Vec<tokio::sync::OwnedMutexGuard<()>>, ApiError> {
+        // Each once (a volume named twice is locked once).
+        let ids: std::collections::BTreeSet<&str> = volume_ids.iter().copied().collect();
+        ids.into_iter()
+            .map(|id| {
+                let held = if self.volume_busy(id) {
+                    None
+                } else {
+                    self.lock_for(id).try_lock_owned().ok()
+                };
+                held.ok_or_else(|| ApiError::busy(format!("volume {id} has a job running")))
+            })
+            .collect()
+    }
+
     fn mark_busy(&self, keys: &[String], delta: isize) {
         if let Ok(mut busy) = self.busy.lock() {
             for k in keys {
@@ -306,6 +327,27 @@ pub fn cancelled_error() -> ApiError {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn volumes_held_outside_a_job_are_refused_to_others_until_released() {
+        let jobs = Jobs::new(2);
+        // A volume named twice is held once.
+        let held = jobs.hold_volumes(&["vol-a", "vol-a", "vol-b"]).unwrap();
+        assert_eq!(held.len(), 2);
+        assert!(jobs.hold_volumes(&["vol-b"]).is_err());
+        assert!(
+            jobs.lock_for("vol-a").try_lock().is_err(),
+            "a job could start"
+        );
+        drop(held);
+        drop(jobs.hold_volumes(&["vol-a", "vol-b"]).unwrap());
+        // A job waiting for its turn counts as running.
+        jobs.mark_busy(&["vol-a".to_string()], 1);
+        let e = jobs.hold_volumes(&["vol-a"]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        jobs.mark_busy(&["vol-a".to_string()], -1);
+        assert!(jobs.hold_volumes(&["vol-a"]).is_ok());
+    }
 
     #[tokio::test]
     async fn wait_ended_returns_at_the_end_or_the_timeout() {

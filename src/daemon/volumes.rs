@@ -289,10 +289,11 @@ impl Manager {
                 return Err(ApiError::busy(format!("volume {} is not attached", v.id)));
             }
             self.refuse_if_mounted(v, "detach")?;
-            if self.jobs().volume_busy(&v.id) {
-                return Err(ApiError::busy(format!("volume {} has a job running", v.id)));
-            }
         }
+        // No job starts on these volumes until they are detached: a snapshot must not open
+        // an epoch on an export whose connections are being waited for.
+        let ids: Vec<&str> = rows.iter().map(|v| v.id.as_str()).collect();
+        let _held = self.jobs().hold_volumes(&ids)?;
         for v in rows {
             self.unexpose(&v)?;
             self.update_volume(&v.id, |r| {
@@ -363,24 +364,27 @@ impl Manager {
                     v.id, v.size_bytes
                 )));
             }
-            if self.jobs().volume_busy(&v.id) {
-                return Err(ApiError::busy(format!("volume {} has a job running", v.id)));
-            }
         }
+        let ids: Vec<&str> = rows.iter().map(|v| v.id.as_str()).collect();
+        let _held = self.jobs().hold_volumes(&ids)?;
         for v in rows {
             let image = volume::image_path(&self.state_dir(), &v.id);
-            volume::grow_image(&image, size).map_err(|e| ApiError::from_volume(e, &v.id))?;
-            if v.attached {
-                match Backend::parse(&v.backend) {
-                    Some(Backend::Nbd) => {
-                        // New connections see the new size; re-register the export.
-                        self.unexpose(&v)?;
-                        self.expose(&v)?;
-                    }
-                    _ => volume::refresh_loop_capacity(std::path::Path::new(&v.device))
-                        .map_err(|e| ApiError::from_volume(e, &v.id))?,
-                }
+            // New connections see the new size: an attached nbd volume's export is removed
+            // (its connections ended) before the image grows and registered again after.
+            let exported = v.attached && matches!(Backend::parse(&v.backend), Some(Backend::Nbd));
+            if exported {
+                self.unexpose(&v)?;
             }
+            let grown =
+                volume::grow_image(&image, size).map_err(|e| ApiError::from_volume(e, &v.id));
+            if exported {
+                // Exported again even if the image could not grow (at its old size).
+                self.expose(&v)?;
+            } else if v.attached && grown.is_ok() {
+                volume::refresh_loop_capacity(std::path::Path::new(&v.device))
+                    .map_err(|e| ApiError::from_volume(e, &v.id))?;
+            }
+            grown?;
             self.update_volume(&v.id, |r| r.size_bytes = size)?;
         }
         Ok(serde_json::json!({}))

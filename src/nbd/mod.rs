@@ -51,14 +51,9 @@ pub enum NbdError {
     #[error("No export named {name:?}")]
     ExportNotFound { name: String },
     #[error(
-        "Export {name:?} was removed, but {connections} connection(s) still use it after \
-         {waited_s} s"
+        "Export {name:?} is still used by {connections} connection(s) from before its removal"
     )]
-    ExportStillInUse {
-        name: String,
-        connections: usize,
-        waited_s: u64,
-    },
+    ExportStillInUse { name: String, connections: usize },
     #[error("Client broke the NBD protocol")]
     Protocol {
         #[source]

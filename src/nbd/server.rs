@@ -41,8 +41,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_OPTIONS: usize = 256;
 /// Time given to in-flight replies after the reader stops, before the socket is dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long removing an export waits for its connections to end: past the drain, their
-/// sockets are cut, so only a connection stuck in the export's own I/O is still there.
+/// How long removing an export waits for its connections to end. A client's connection is
+/// cut after `DRAIN_TIMEOUT`; the kernel's ends once told to disconnect. Past this, one is
+/// stuck (in the export's own I/O, or a kernel that does not let go).
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Most descriptors sent in one block status reply.
 const MAX_DESCRIPTORS: usize = 1024;
@@ -60,6 +61,9 @@ pub struct NbdServer {
 #[derive(Default)]
 struct Inner {
     exports: Mutex<BTreeMap<String, Slot>>,
+    /// Exports removed while connections still used them, by name: removing the name again
+    /// waits for those connections again, and it is not exported anew until they ended.
+    draining: Mutex<BTreeMap<String, Arc<Users>>>,
 }
 
 struct Slot {
@@ -86,6 +90,10 @@ impl Users {
     fn lock(&self) -> MutexGuard<'_, usize> {
         // A counter cannot be left half-updated by a panic.
         self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self) -> usize {
+        *self.lock()
     }
 
     fn enter(users: &Arc<Users>) -> InUse {
@@ -137,7 +145,16 @@ impl NbdServer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds an export under `name` (1..=4096 bytes of UTF-8 without NUL).
+    fn draining(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Users>>> {
+        // Single inserts, removals and lookups: nothing is left half-updated by a panic.
+        self.inner
+            .draining
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds an export under `name` (1..=4096 bytes of UTF-8 without NUL). Refused while
+    /// connections to an export removed under that name are still there.
     pub fn add_export(&self, name: &str, export: Arc<dyn Export>) -> Result<(), NbdError> {
         if name.is_empty() || name.len() > proto::MAX_STRING_LEN || name.contains('\0') {
             return Err(NbdError::InvalidExportName {
@@ -150,6 +167,21 @@ impl NbdServer {
                 name: name.to_string(),
             });
         }
+        let mut draining = self.draining();
+        if let Some(users) = draining.get(name) {
+            match users.count() {
+                0 => {
+                    draining.remove(name);
+                }
+                connections => {
+                    return Err(NbdError::ExportStillInUse {
+                        name: name.to_string(),
+                        connections,
+                    })
+                }
+            }
+        }
+        drop(draining);
         let (removed, _) = watch::channel(false);
         map.insert(
             name.to_string(),
@@ -167,26 +199,44 @@ impl NbdServer {
     /// requests are answered, its /dev/nbdN (if any) with NBD_CMD_DISCONNECT. Returns once
     /// every connection to it has ended (so no request of theirs can still reach the
     /// export), or fails with `ExportStillInUse` after [`REMOVE_TIMEOUT`]; new clients
-    /// are refused from the start either way. Blocks: call it off the async runtime.
+    /// are refused from the start either way. Removing it again after that failure waits
+    /// for those connections again. Blocks: call it off the async runtime.
     pub fn remove_export(&self, name: &str) -> Result<(), NbdError> {
-        let slot = self
-            .exports()
-            .remove(name)
-            .ok_or_else(|| NbdError::ExportNotFound {
-                name: name.to_string(),
-            })?;
-        slot.removed.send_replace(true);
-        let users = Arc::clone(&slot.users);
-        // Disconnects the kernel's device, if any: its connection ends on NBD_CMD_DISC.
-        drop(slot);
-        match users.wait_idle(REMOVE_TIMEOUT) {
-            0 => Ok(()),
-            connections => Err(NbdError::ExportStillInUse {
-                name: name.to_string(),
-                connections,
-                waited_s: REMOVE_TIMEOUT.as_secs(),
-            }),
+        self.remove_export_within(name, REMOVE_TIMEOUT)
+    }
+
+    fn remove_export_within(&self, name: &str, timeout: Duration) -> Result<(), NbdError> {
+        let removed = self.exports().remove(name);
+        let users = match removed {
+            Some(slot) => {
+                slot.removed.send_replace(true);
+                let users = Arc::clone(&slot.users);
+                // Disconnects the kernel's device, if any: its connection ends on
+                // NBD_CMD_DISC.
+                drop(slot);
+                users
+            }
+            None => self
+                .draining()
+                .get(name)
+                .cloned()
+                .ok_or_else(|| NbdError::ExportNotFound {
+                    name: name.to_string(),
+                })?,
+        };
+        let connections = users.wait_idle(timeout);
+        let mut draining = self.draining();
+        if connections == 0 {
+            if draining.get(name).is_some_and(|d| Arc::ptr_eq(d, &users)) {
+                draining.remove(name);
+            }
+            return Ok(());
         }
+        draining.insert(name.to_string(), users);
+        Err(NbdError::ExportStillInUse {
+            name: name.to_string(),
+            connections,
+        })
     }
 
     /// Where the kernel has the nbd driver, also connects export `name` to a /dev/nbdN
@@ -242,7 +292,8 @@ impl NbdServer {
     /// the size and flags returned here through netlink instead. The connection runs on
     /// threads of its own marked PR_SET_IO_FLUSHER (they serve a block device: memory
     /// reclaim must not wait for them) until the peer sends NBD_CMD_DISC or the socket's
-    /// read side is shut. The export's removal does not end it: its owner does.
+    /// read side is shut: when its `KernelDevice` is dropped, by `remove_export` (which
+    /// waits for it) or by its owner.
     pub fn serve_negotiated(
         &self,
         name: &str,
@@ -1176,7 +1227,9 @@ impl Connection {
     }
 
     fn run(mut self) -> Result<(), NbdError> {
-        let result = self.serve();
+        // Even after a panic the helpers are joined first: the connection (and its use of
+        // the export, which `remove_export` waits for) ends only when they have.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve()));
         // Requests handed to other threads are answered before the connection ends.
         if let Some(lane) = self.lane.take() {
             drop(lane.tx);
@@ -1192,7 +1245,7 @@ impl Connection {
                 let _ = t.join();
             }
         }
-        result
+        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     fn serve(&mut self) -> Result<(), NbdError> {
@@ -1935,6 +1988,44 @@ impl IntoBlocking for tokio::net::TcpStream {
 mod tests {
     use super::*;
     use crate::nbd::Extent;
+
+    #[test]
+    fn an_export_removed_while_in_use_is_waited_for_again_and_not_exported_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let export =
+            || -> Arc<dyn Export> { Arc::new(super::super::FileExport::open(&path).unwrap()) };
+        let server = NbdServer::new();
+        server.add_export("e", export()).unwrap();
+        // A connection's use of it, as the handshake takes it.
+        let (_, _, in_use) = server.lookup("e").unwrap();
+        let short = Duration::from_millis(30);
+        let busy = |r: Result<(), NbdError>| {
+            matches!(r, Err(NbdError::ExportStillInUse { connections: 1, .. }))
+        };
+        assert!(busy(server.remove_export_within("e", short)));
+        // Gone for new clients, but neither "not found" nor exported anew meanwhile.
+        assert!(server.lookup("e").is_none());
+        assert!(busy(server.remove_export_within("e", short)));
+        assert!(busy(server.add_export("e", export())));
+        drop(in_use);
+        server.remove_export_within("e", short).unwrap();
+        assert!(matches!(
+            server.remove_export_within("e", short),
+            Err(NbdError::ExportNotFound { .. })
+        ));
+        server.add_export("e", export()).unwrap();
+        // Ended connections need no second removal before the name is exported again.
+        let (_, _, in_use) = server.lookup("e").unwrap();
+        assert!(busy(server.remove_export_within("e", short)));
+        drop(in_use);
+        server.add_export("e", export()).unwrap();
+        server.remove_export_within("e", short).unwrap();
+    }
 
     #[test]
     fn waiting_for_an_export_s_users_ends_when_the_last_leaves_or_times_out() {
