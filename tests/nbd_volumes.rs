@@ -247,3 +247,33 @@ fn nbd_tcp_listener_on_loopback_serves_the_same_export() {
     assert_eq!(d.export_sha(&tcp, "tcp"), d.export_sha(&uri, "unix"));
     d.ok(&["detach-volumes", "-v", &vol]);
 }
+
+#[test]
+fn an_attached_nbd_volume_grows_under_its_clients_and_keeps_its_data() {
+    if !root_or_skip("an_attached_nbd_volume_grows_under_its_clients_and_keeps_its_data")
+        || !tools()
+    {
+        return;
+    }
+    let d = Daemon::start("");
+    let (vol, uri) = d.nbd_volume("8M");
+    qemu_io(&uri, "write -P 0x5a 1M 64k");
+    let full = d.snapshot(&vol, true);
+    // The export is removed (its connections end first), the image grows, the export is
+    // registered again at the new size.
+    d.ok(&["resize-volumes", "-v", &vol, "-s", "16M"]);
+    assert_eq!(d.describe_volume(&vol)["size_bytes"], 16 << 20);
+    let uri = d.nbd_uri(&vol);
+    let size = sh(&format!("nbdinfo --size '{uri}'"));
+    assert_eq!(size.trim(), (16u64 << 20).to_string());
+    qemu_io(&uri, "read -P 0x5a 1M 64k");
+    qemu_io(&uri, "write -P 0x6b 12M 64k");
+    // The next snapshot of the grown volume holds both.
+    let sha = d.export_sha(&uri, "grown");
+    let grown = d.snapshot(&vol, false);
+    assert_eq!(grown["parent_id"], full["snapshot_id"], "{grown}");
+    assert_eq!(d.restore_sha(grown["snapshot_id"].as_str().unwrap()), sha);
+    d.ok(&["detach-volumes", "-v", &vol]);
+    d.ok(&["attach-volumes", "-v", &vol]);
+    qemu_io(&d.nbd_uri(&vol), "read -P 0x6b 12M 64k");
+}

@@ -129,7 +129,11 @@ impl Jobs {
                 } else {
                     self.lock_for(id).try_lock_owned().ok()
                 };
-                held.ok_or_else(|| ApiError::busy(format!("volume {id} has a job running")))
+                held.ok_or_else(|| {
+                    ApiError::busy(format!(
+                        "volume {id} is busy: a job or another change is running on it"
+                    ))
+                })
             })
             .collect()
     }

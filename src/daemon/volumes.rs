@@ -214,6 +214,8 @@ impl Manager {
         self: &Arc<Self>,
         p: api::AttachVolumes,
     ) -> Result<serde_json::Value, ApiError> {
+        // Held first, so that the rows checked below are the ones changed.
+        let _held = self.hold_volumes(&p.volumes)?;
         let rows = self.volumes_in_state(&p.volumes, "attach-volumes")?;
         for v in &rows {
             if v.attached {
@@ -221,9 +223,6 @@ impl Manager {
                     "volume {} is already attached at {}",
                     v.id, v.device
                 )));
-            }
-            if self.jobs().volume_busy(&v.id) {
-                return Err(ApiError::busy(format!("volume {} has a job running", v.id)));
             }
         }
         for v in rows {
@@ -283,6 +282,10 @@ impl Manager {
         self: &Arc<Self>,
         p: api::DetachVolumes,
     ) -> Result<serde_json::Value, ApiError> {
+        // No job starts on these volumes until they are detached: a snapshot must not open
+        // an epoch on an export whose connections are being waited for. Held first, so
+        // that the rows checked below are the ones changed.
+        let _held = self.hold_volumes(&p.volumes)?;
         let rows = self.volumes_in_state(&p.volumes, "detach-volumes")?;
         for v in &rows {
             if !v.attached {
@@ -290,10 +293,6 @@ impl Manager {
             }
             self.refuse_if_mounted(v, "detach")?;
         }
-        // No job starts on these volumes until they are detached: a snapshot must not open
-        // an epoch on an export whose connections are being waited for.
-        let ids: Vec<&str> = rows.iter().map(|v| v.id.as_str()).collect();
-        let _held = self.jobs().hold_volumes(&ids)?;
         for v in rows {
             self.unexpose(&v)?;
             self.update_volume(&v.id, |r| {
@@ -331,6 +330,15 @@ impl Manager {
         }
     }
 
+    /// [`jobs::Jobs::hold_volumes`] of the volumes named in a request.
+    fn hold_volumes(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<tokio::sync::OwnedMutexGuard<()>>, ApiError> {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.jobs().hold_volumes(&ids)
+    }
+
     /// Refuses with 2500 naming the mountpoints while any filesystem of the volume is mounted.
     pub(super) fn refuse_if_mounted(&self, v: &VolumeRow, what: &str) -> Result<(), ApiError> {
         if v.attached && v.backend == "loop" && !v.device.is_empty() {
@@ -356,6 +364,7 @@ impl Manager {
             .ok_or_else(|| ApiError::bad("resize-volumes needs a size (-s)"))?
             .0;
         check_size(size)?;
+        let _held = self.hold_volumes(&p.volumes)?;
         let rows = self.volumes_in_state(&p.volumes, "resize-volumes")?;
         for v in &rows {
             if size < v.size_bytes {
@@ -364,9 +373,14 @@ impl Manager {
                     v.id, v.size_bytes
                 )));
             }
+            if self.is_lazy(&v.id) {
+                return Err(ApiError::busy(format!(
+                    "volume {} is served by its lazy restore, which is as large as the snapshot; \
+                     once the restore job has ended, detach and attach it once to resize it",
+                    v.id
+                )));
+            }
         }
-        let ids: Vec<&str> = rows.iter().map(|v| v.id.as_str()).collect();
-        let _held = self.jobs().hold_volumes(&ids)?;
         for v in rows {
             let image = volume::image_path(&self.state_dir(), &v.id);
             // New connections see the new size: an attached nbd volume's export is removed
@@ -375,8 +389,9 @@ impl Manager {
             if exported {
                 self.unexpose(&v)?;
             }
-            let grown =
-                volume::grow_image(&image, size).map_err(|e| ApiError::from_volume(e, &v.id));
+            let grown = volume::grow_image(&image, size)
+                .map_err(|e| ApiError::from_volume(e, &v.id))
+                .and_then(|()| self.update_volume(&v.id, |r| r.size_bytes = size));
             if exported {
                 // Exported again even if the image could not grow (at its old size).
                 self.expose(&v)?;
@@ -385,7 +400,6 @@ impl Manager {
                     .map_err(|e| ApiError::from_volume(e, &v.id))?;
             }
             grown?;
-            self.update_volume(&v.id, |r| r.size_bytes = size)?;
         }
         Ok(serde_json::json!({}))
     }

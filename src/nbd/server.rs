@@ -206,37 +206,40 @@ impl NbdServer {
     }
 
     fn remove_export_within(&self, name: &str, timeout: Duration) -> Result<(), NbdError> {
-        let removed = self.exports().remove(name);
-        let users = match removed {
+        let mut exports = self.exports();
+        let (users, slot) = match exports.remove(name) {
             Some(slot) => {
                 slot.removed.send_replace(true);
                 let users = Arc::clone(&slot.users);
-                // Disconnects the kernel's device, if any: its connection ends on
-                // NBD_CMD_DISC.
-                drop(slot);
-                users
+                // Draining from now on (under the exports lock, as `add_export` looks): the
+                // name is neither exported anew nor "not found" while its connections last.
+                self.draining().insert(name.to_string(), Arc::clone(&users));
+                (users, Some(slot))
             }
-            None => self
-                .draining()
-                .get(name)
-                .cloned()
-                .ok_or_else(|| NbdError::ExportNotFound {
+            None => {
+                let users = self.draining().get(name).cloned();
+                let users = users.ok_or_else(|| NbdError::ExportNotFound {
                     name: name.to_string(),
-                })?,
-        };
-        let connections = users.wait_idle(timeout);
-        let mut draining = self.draining();
-        if connections == 0 {
-            if draining.get(name).is_some_and(|d| Arc::ptr_eq(d, &users)) {
-                draining.remove(name);
+                })?;
+                (users, None)
             }
-            return Ok(());
+        };
+        drop(exports);
+        // Disconnects the kernel's device, if any: its connection ends on NBD_CMD_DISC.
+        drop(slot);
+        match users.wait_idle(timeout) {
+            0 => {
+                let mut draining = self.draining();
+                if draining.get(name).is_some_and(|d| Arc::ptr_eq(d, &users)) {
+                    draining.remove(name);
+                }
+                Ok(())
+            }
+            connections => Err(NbdError::ExportStillInUse {
+                name: name.to_string(),
+                connections,
+            }),
         }
-        draining.insert(name.to_string(), users);
-        Err(NbdError::ExportStillInUse {
-            name: name.to_string(),
-            connections,
-        })
     }
 
     /// Where the kernel has the nbd driver, also connects export `name` to a /dev/nbdN
@@ -2025,6 +2028,22 @@ mod tests {
         drop(in_use);
         server.add_export("e", export()).unwrap();
         server.remove_export_within("e", short).unwrap();
+
+        // While the first removal still waits, too.
+        server.add_export("e", export()).unwrap();
+        let (_, _, in_use) = server.lookup("e").unwrap();
+        let remover = {
+            let server = server.clone();
+            std::thread::spawn(move || server.remove_export_within("e", Duration::from_secs(20)))
+        };
+        while server.lookup("e").is_some() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(busy(server.add_export("e", export())));
+        assert!(busy(server.remove_export_within("e", short)));
+        drop(in_use);
+        remover.join().unwrap().unwrap();
+        server.add_export("e", export()).unwrap();
     }
 
     #[test]
