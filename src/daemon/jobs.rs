@@ -113,9 +113,9 @@ impl Jobs {
             .unwrap_or(true)
     }
 
-    /// Holds the job locks of `volume_ids` for a change made outside a job (detach,
-    /// resize): a job on one of them submitted meanwhile waits until the guards are
-    /// dropped. Refused (2500) while a job on one of them waits or runs.
+    /// Holds the job locks of `volume_ids` for a change made outside a job (attach,
+    /// detach, resize): a job on one of them submitted meanwhile waits until the guards
+    /// are dropped. Refused (2500) while a job on one of them waits or runs.
     pub fn hold_volumes(
         &self,
         volume_ids: &[&str],

@@ -824,17 +824,17 @@ impl Known<'_> {
     }
 }
 
+/// Tests: the checker panics when it checks data of this snapshot (an id no other test
+/// uses), to prove that a checker's panic is raised before the target's tail is touched.
+#[cfg(test)]
+pub(super) static PANIC_CHECKING: Mutex<Option<SnapshotId>> = Mutex::new(None);
+
 /// Checks a restored image block by block, in order, against the hashes its leaf snapshot
 /// recorded at capture time, on the checker thread, so hashing overlaps writing. The read
 /// workers hash the blocks that lie inside one record ([`Known`]); the checker hashes the
 /// blocks assembled from several pieces.
 /// A block recorded as [`STALE_HASH`] (its hash was not known: an incremental stored only
 /// part of it, see `capture_extents`) is checked by its records' CRC32s alone.
-/// Tests: the checker panics when it checks data of this snapshot (an id no other test
-/// uses), to prove that a checker's panic is raised before the target's tail is touched.
-#[cfg(test)]
-pub(super) static PANIC_CHECKING: Mutex<Option<SnapshotId>> = Mutex::new(None);
-
 struct BlockCheck {
     hashes: Option<super::hashes::HashReader>,
     id: SnapshotId,
